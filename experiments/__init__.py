@@ -1,0 +1,1 @@
+"""A/B experiments: assignment, analysis, dashboards, and the simulated feed world."""

@@ -1,0 +1,1 @@
+"""Online serving: Flask scorer, predictor, feature store, event bus, near-line consumer."""

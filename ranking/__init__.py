@@ -1,0 +1,1 @@
+"""Offline ranking: datasets, features, TorchRec multi-task models, LightGBM, registry."""

@@ -1,0 +1,17 @@
+"""Stratarank: a multi-objective ranking and real-time strategy engine.
+
+Dependencies are pinned in requirements.lock and installed by the Makefile with
+--no-deps (see the comment there); install_requires stays empty on purpose so that
+`pip install -e .` never resolves the CUDA fbgemm package behind torchrec's metadata.
+"""
+from setuptools import setup
+
+setup(
+    name="stratarank",
+    version="0.1.0",
+    description="Multi-objective ranking and real-time strategy engine for mixed human/LLM feeds",
+    python_requires=">=3.11",
+    packages=["strategy", "ranking", "online", "experiments", "stratarank"],
+    install_requires=[],
+    entry_points={"console_scripts": ["stratarank=stratarank.cli:main"]},
+)

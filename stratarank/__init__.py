@@ -1,0 +1,1 @@
+"""The stratarank command line."""

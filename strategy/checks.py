@@ -1,0 +1,132 @@
+"""Small typed checks shared by the request schema and the YAML loaders.
+
+Each check records a :class:`~strategy.errors.FieldError` on failure and returns ``None``,
+so a caller keeps going and reports every problem of an input at once.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import Errors, did_you_mean, join_path
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_ID_LEN = 256
+
+
+def type_name(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def check_keys(errs: Errors, obj: dict, path: str, allowed, required=()) -> None:
+    """Unknown keys (with a suggestion) and missing required keys."""
+    for key in obj:
+        if key not in allowed:
+            errs.add(
+                join_path(path, key),
+                f"unknown key '{key}'{did_you_mean(key, allowed)} (allowed: {', '.join(sorted(allowed))})",
+                "unknown_key",
+            )
+    for key in required:
+        if key not in obj:
+            errs.add(join_path(path, key), "required", "required")
+
+
+def as_dict(errs: Errors, value, path: str) -> dict | None:
+    if isinstance(value, dict):
+        return value
+    errs.add(path, f"expected an object, got {type_name(value)}", "type")
+    return None
+
+
+def as_list(errs: Errors, value, path: str, max_len: int | None = None) -> list | None:
+    if not isinstance(value, list):
+        errs.add(path, f"expected an array, got {type_name(value)}", "type")
+        return None
+    if max_len is not None and len(value) > max_len:
+        errs.add(path, f"at most {max_len} entries allowed, got {len(value)}", "too_many")
+        return None
+    return value
+
+
+def as_number(
+    errs: Errors,
+    value,
+    path: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+) -> float | int | None:
+    """A finite number (booleans rejected) within ``[lo, hi]`` (open ends optional)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        errs.add(path, f"expected {'an integer' if integer else 'a number'}, got {type_name(value)}", "type")
+        return None
+    if integer and not (isinstance(value, int) or float(value).is_integer()):
+        errs.add(path, f"expected an integer, got {value}", "type")
+        return None
+    if not math.isfinite(value):
+        errs.add(path, f"expected a finite number, got {value}", "range")
+        return None
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        errs.add(path, f"{value} is out of range {span}", "range")
+        return None
+    return int(value) if integer else value
+
+
+def as_str(
+    errs: Errors,
+    value,
+    path: str,
+    choices=None,
+    pattern: re.Pattern | None = None,
+    max_len: int = 10_000,
+) -> str | None:
+    if not isinstance(value, str):
+        errs.add(path, f"expected a string, got {type_name(value)}", "type")
+        return None
+    if choices is not None and value not in choices:
+        errs.add(
+            path,
+            f"'{value}' is not allowed{did_you_mean(value, choices)} (allowed: {', '.join(choices)})",
+            "choice",
+        )
+        return None
+    if pattern is not None and not pattern.match(value):
+        errs.add(path, f"'{value}' must match {pattern.pattern}", "pattern")
+        return None
+    if len(value) > max_len:
+        errs.add(path, f"at most {max_len} characters allowed, got {len(value)}", "too_long")
+        return None
+    return value
+
+
+def as_id(errs: Errors, value, path: str) -> str | None:
+    """An identifier: a non-empty string or an integer, normalised to ``str``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN:
+        return value
+    if isinstance(value, str):
+        errs.add(path, f"must be 1..{MAX_ID_LEN} characters", "invalid")
+    else:
+        errs.add(path, f"expected a string or integer id, got {type_name(value)}", "type")
+    return None
