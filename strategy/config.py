@@ -238,7 +238,8 @@ def strategy_from_dict(data, source: str = "<dict>", lines: dict[str, int] | Non
     name = as_str(errs, obj["strategy"], "strategy", pattern=NAME_RE) if "strategy" in obj else None
 
     objectives = _objectives(errs, obj.get("objectives")) if "objectives" in obj else ()
-    names = [o.name for o in objectives]
+    declared = obj.get("objectives")
+    names = [str(k) for k in declared] if isinstance(declared, dict) else []
 
     blend = Blend()
     if obj.get("blend") is not None:
