@@ -1,0 +1,320 @@
+"""The real-time scorer: a Flask application factory (``create_app(config)``), no module state.
+
+``POST /v1/rank`` runs, per request: validation → experiment assignment → risk rules → one
+batched real-time feature lookup → one batched model forward for all candidates and all
+objectives (with the fallback chain of ``online.predictor``) → the strategy's blend,
+guardrails, quotas, diversity and exploration → the response; the served slate is logged as
+impressions carrying the features the model saw (the feature log), and exposures go to the bus.
+
+Everything a request needs is read once from ``Serving``, an immutable snapshot that
+``/admin/reload`` replaces atomically, so a reload under load never fails a request.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from strategy import ValidationError, load_strategy, parse_events, parse_request, rank
+from strategy.blend import blend
+from strategy.errors import FieldError
+
+from .config import ServiceConfig
+from .metrics import Metrics
+from .openapi import openapi_document
+from .predictor import RankerChain
+from .ratelimit import TokenBuckets
+from .risk import RiskRules, load_risk
+
+log = logging.getLogger("stratarank.scorer")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, path: str = "", details=None, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.path = status, code, message, path
+        self.details, self.headers = details, headers or {}
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What one request reads: strategies, risk rules, rankers, experiments. Swapped whole."""
+
+    strategies: dict
+    default_strategy: str
+    risk: RiskRules
+    chain: RankerChain
+    assigner: object | None = None
+    loaded_at: float = field(default_factory=time.time)
+
+
+def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Serving:
+    """Load strategies, risk rules, experiments and models; raises on invalid configuration."""
+    strategies = {}
+    for path in config.strategy_files:
+        s = load_strategy(path)
+        strategies[s.name] = s
+    default = config.default_strategy or next(iter(strategies))
+    if default not in strategies:
+        raise ValidationError([FieldError("strategies.default", f"unknown strategy '{default}' "
+                                          f"(loaded: {', '.join(strategies)})", "unknown_strategy")])
+    risk = load_risk(config.risk_file) if config.risk_file else RiskRules()
+    if chain is None:
+        chain = RankerChain.load(config.registry, [config.model_name, config.fallback_name])
+    assigner = None
+    if config.experiments.get("file"):
+        from experiments.assignment import Assigner
+        from experiments.config import load_experiments
+
+        assigner = Assigner(load_experiments(config.experiments["file"]))
+    return Serving(strategies, default, risk, chain, assigner)
+
+
+class Scorer:
+    """The request logic, separate from HTTP plumbing so benchmarks can time it directly."""
+
+    def __init__(self, config: ServiceConfig, serving: Serving, bus=None, store=None, metrics: Metrics | None = None):
+        self.config, self.serving = config, serving
+        self.bus, self.store = bus, store
+        self.metrics = metrics or Metrics()
+        self.metrics.model_version = serving.chain.version
+        self._variant_cache: dict = {}
+
+    def swap(self, serving: Serving) -> None:
+        self._variant_cache = {}
+        self.serving = serving  # one reference assignment: atomic for concurrent readers
+        self.metrics.model_version = serving.chain.version
+
+    def _strategy_for(self, serving: Serving, req, assignments):
+        name = req.strategy or serving.default_strategy
+        if name not in serving.strategies:
+            raise ApiError(404, "unknown_strategy", f"unknown strategy '{name}' (known: {', '.join(serving.strategies)})",
+                           "strategy")
+        strategy = serving.strategies[name]
+        overrides = {}
+        for a in assignments:
+            overrides.update(getattr(a, "overrides", None) or {})
+        if not overrides:
+            return strategy
+        key = (id(serving), name, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in self._variant_cache:
+            self._variant_cache[key] = strategy.with_overrides(overrides)
+        return self._variant_cache[key]
+
+    def rank(self, body) -> dict:
+        serving = self.serving
+        req = parse_request(body, max_candidates=self.config.max_candidates)
+        assignments = serving.assigner.assign(req.user_id) if serving.assigner is not None else []
+        strategy = self._strategy_for(serving, req, assignments)
+        request_id = req.stable_id()
+
+        keep, dropped = serving.risk.screen(req.candidates)
+        cands = [req.candidates[i] for i in keep]
+        realtime = self._lookup(req.user_id, cands)
+        prediction = serving.chain.predict(
+            strategy, cands, lambda: self._frame(req, cands, realtime), realtime.get("item_counters"))
+        P = prediction.matrix
+        if serving.risk.max_per_creator is not None and cands:
+            capped, more = serving.risk.cap_creators(cands, blend(strategy, P))
+            dropped += more
+            cands, P = [cands[i] for i in capped], P[capped]
+        result = rank(strategy, replace(req, candidates=tuple(cands), request_id=request_id), P)
+        self.metrics.add(candidates=len(req.candidates), degraded=prediction.degraded)
+
+        experiments = [{"layer": a.layer, "experiment": a.experiment, "variant": a.variant} for a in assignments]
+        out = result.to_dict()
+        out["dropped"] = [{"item_id": i, "reason": r} for i, r in dropped] + out["dropped"]
+        out.update(model_version=prediction.served_by, experiments=experiments,
+                   degraded=prediction.degraded is not None)
+        self._log_impressions(req, request_id, strategy.name, prediction.served_by, experiments, result, cands, realtime)
+        return out
+
+    def events(self, body) -> int:
+        events = parse_events(body)
+        if self.bus is not None and events:
+            self.bus.publish("events", [e.to_dict() for e in events])
+        self.metrics.add(events=len(events))
+        return len(events)
+
+    # -------------------------------------------------------------- helpers
+
+    def _lookup(self, user_id: str, cands) -> dict:
+        """One batched real-time lookup for the user and all candidates (empty without a store)."""
+        if self.store is None or not cands:
+            return {}
+        rt = self.store.lookup(user_id, [c.item_id for c in cands], [c.creator_id for c in cands])
+        return {"recent_items": list(getattr(rt, "recent_items", []) or []),
+                "item_counters": getattr(rt, "item_counters", None)}
+
+    @staticmethod
+    def _frame(req, cands, realtime: dict):
+        """Model input rows: the same columns as the training logs' impressions."""
+        import pandas as pd
+
+        recent = realtime.get("recent_items") or []
+        rows = {
+            "user_id": [req.user_id] * len(cands),
+            "item_id": [c.item_id for c in cands],
+            "creator_id": [c.creator_id or "" for c in cands],
+            "topic": [c.topic or "" for c in cands],
+            "source": [c.source for c in cands],
+            "generator": [c.generator.model if c.generator else "" for c in cands],
+            "prior_score": [c.generator.prior_score if c.generator else np.nan for c in cands],
+            "text": [c.text or "" for c in cands],
+            "user_recent_items": [recent] * len(cands),
+        }
+        frame = pd.DataFrame(rows)
+        extra = {k for c in cands for k in c.features}
+        for key in sorted(extra - set(rows)):
+            frame[key] = [c.features.get(key, np.nan) for c in cands]
+        return frame
+
+    def _log_impressions(self, req, request_id, strategy_name, model_version, experiments, result, cands, realtime):
+        if self.bus is None or not result.items:
+            return
+        now = time.time()
+        by_id = {c.item_id: c for c in cands}
+        recent = realtime.get("recent_items") or []
+        records = []
+        for item in result.items:
+            cand = by_id[item.item_id]
+            records.append({
+                "request_id": request_id, "ts": now, "user_id": req.user_id, "item_id": item.item_id,
+                "position": item.rank - 1, "source": item.source, "strategy": strategy_name,
+                "model_version": model_version, "score": item.score, "propensity": item.propensity,
+                "experiments": experiments, "predictions": item.predictions,
+                "features": {"creator_id": cand.creator_id, "topic": cand.topic, "text": cand.text,
+                             "generator": cand.generator.model if cand.generator else None,
+                             "prior_score": cand.generator.prior_score if cand.generator else None,
+                             "user_recent_items": recent, **cand.features},
+            })
+        self.bus.publish("impressions", records)
+        if experiments:
+            self.bus.publish("exposures", [{"user_id": req.user_id, "ts": now, "request_id": request_id, **e}
+                                           for e in experiments])
+
+
+def create_app(config: ServiceConfig | None = None, *, serving: Serving | None = None, bus=None, store=None) -> Flask:
+    """The scorer app. ``bus``/``store`` default to the ones the config names."""
+    config = config or ServiceConfig()
+    app = Flask("stratarank")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    if bus is None and config.bus.get("url"):
+        from .bus import open_bus
+
+        bus = open_bus(**config.bus)
+    if store is None and config.store.get("url"):
+        from .features import open_store
+
+        store = open_store(config.store["url"])
+    scorer = Scorer(config, serving or build_serving(config), bus, store)
+    app.extensions["stratarank"] = scorer
+    limiter = TokenBuckets(config.rate_per_s, config.rate_burst) if config.rate_per_s else None
+
+    def client_id() -> str:
+        return request.headers.get("X-API-Key") or request.headers.get("X-Client-Id") or request.remote_addr or "-"
+
+    def guard_public():
+        if config.api_keys:
+            key = request.headers.get("X-API-Key", "")
+            if not any(hmac.compare_digest(key, k) for k in config.api_keys):
+                raise ApiError(401, "unauthorized", "a valid X-API-Key header is required", "headers.X-API-Key")
+        if limiter is not None:
+            wait = limiter.take(client_id())
+            if wait > 0:
+                raise ApiError(429, "rate_limited", "too many requests for this client", "",
+                               headers={"Retry-After": str(max(1, int(np.ceil(wait))))})
+
+    def json_body():
+        if not request.is_json:
+            raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json", "headers.Content-Type")
+        try:
+            return json.loads(request.get_data(cache=False))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}", "") from None
+
+    @app.before_request
+    def start_timer():
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def record(response):
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        scorer.metrics.observe(endpoint, response.status_code, time.perf_counter() - g.get("t0", time.perf_counter()))
+        return response
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        body = {"error": {"code": exc.code, "message": exc.message, "path": exc.path}}
+        if exc.details:
+            body["error"]["details"] = exc.details
+        return jsonify(body), exc.status, exc.headers
+
+    @app.errorhandler(ValidationError)
+    def validation_error(exc: ValidationError):
+        first = exc.errors[0]
+        body = {"error": {"code": first.code, "message": f"{first.path or '<body>'}: {first.message}",
+                          "path": first.path, "details": [e.to_dict() for e in exc.errors]}}
+        return jsonify(body), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}.get(exc.code, "http_error")
+        return jsonify({"error": {"code": code, "message": exc.description, "path": ""}}), exc.code
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):
+        log.exception("unhandled error")
+        return jsonify({"error": {"code": "internal", "message": "internal error", "path": ""}}), 500
+
+    @app.post("/v1/rank")
+    def rank_endpoint():
+        guard_public()
+        return jsonify(scorer.rank(json_body()))
+
+    @app.post("/v1/events")
+    def events_endpoint():
+        guard_public()
+        return jsonify({"accepted": scorer.events(json_body())}), 202
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz():
+        chain = scorer.serving.chain
+        body = {"ready": chain.ready, "model_version": chain.version, "load_errors": chain.load_errors}
+        return jsonify(body), 200 if chain.ready else 503
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(scorer.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(openapi_document())
+
+    @app.post("/admin/reload")
+    def reload():
+        if not config.admin_token:
+            raise ApiError(403, "admin_disabled", "no admin token is configured (auth.admin_token_env)", "")
+        header = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(header, f"Bearer {config.admin_token}"):
+            raise ApiError(401, "unauthorized", "Authorization: Bearer <admin token> required", "headers.Authorization")
+        try:
+            new = build_serving(config)
+        except ValidationError as exc:
+            raise ApiError(422, "reload_failed", f"configuration invalid, still serving the previous one: {exc}", "",
+                           details=[e.to_dict() for e in exc.errors]) from None
+        scorer.swap(new)
+        return jsonify({"reloaded": True, "model_version": new.chain.version, "strategies": sorted(new.strategies),
+                        "load_errors": new.chain.load_errors})
+
+    return app

@@ -1,0 +1,113 @@
+"""The scorer's configuration (``conf/service.yaml``), validated like every other input.
+
+Relative paths are resolved from the working directory. Secrets never live in the file:
+``auth.admin_token_env`` and ``auth.api_keys_env`` name environment variables.
+The ``bus``, ``store`` and ``nearline`` sections belong to the near-line modules and are
+passed through as mappings.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strategy.checks import as_dict, as_list, as_number, as_str, check_keys
+from strategy.config import read_yaml
+from strategy.errors import Errors
+
+SECTIONS = ("server", "strategies", "model", "risk", "auth", "rate_limit", "bus", "store", "nearline", "experiments")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+    max_candidates: int = 2000
+    max_body_bytes: int = 4 * 1024 * 1024
+    strategy_files: tuple[str, ...] = ("conf/objectives/feed.yaml",)
+    default_strategy: str | None = None
+    registry: str = "registry"
+    model_name: str | None = None
+    fallback_name: str | None = None
+    risk_file: str | None = None
+    admin_token: str | None = None
+    api_keys: frozenset = frozenset()
+    rate_per_s: float | None = None
+    rate_burst: float = 0.0
+    bus: dict = field(default_factory=lambda: {"url": "embedded://runs/bus"})
+    store: dict = field(default_factory=lambda: {"url": "memory://"})
+    nearline: dict = field(default_factory=dict)
+    experiments: dict = field(default_factory=dict)
+
+
+def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=None) -> ServiceConfig:
+    environ = os.environ if environ is None else environ
+    errs = Errors()
+    obj = as_dict(errs, {} if data is None else data, "")
+    if obj is None:
+        errs.raise_if_any(source, lines)
+    check_keys(errs, obj, "", SECTIONS)
+    out: dict = {}
+
+    server = as_dict(errs, obj.get("server") or {}, "server") or {}
+    check_keys(errs, server, "server", ("host", "port", "workers", "max_candidates", "max_body_bytes"))
+    if "host" in server:
+        out["host"] = as_str(errs, server["host"], "server.host", max_len=255)
+    for key, lo, hi in (("port", 0, 65535), ("workers", 1, 64), ("max_candidates", 1, 100_000),
+                        ("max_body_bytes", 1024, 1 << 30)):
+        if key in server:
+            out[key] = as_number(errs, server[key], f"server.{key}", lo=lo, hi=hi, integer=True)
+
+    strategies = as_dict(errs, obj.get("strategies") or {}, "strategies") or {}
+    check_keys(errs, strategies, "strategies", ("files", "default"))
+    if "files" in strategies:
+        files = as_list(errs, strategies["files"], "strategies.files") or []
+        out["strategy_files"] = tuple(as_str(errs, f, f"strategies.files[{i}]") or "" for i, f in enumerate(files))
+        if not files:
+            errs.add("strategies.files", "at least one strategy file is required", "required")
+    if "default" in strategies:
+        out["default_strategy"] = as_str(errs, strategies["default"], "strategies.default")
+
+    model = as_dict(errs, obj.get("model") or {}, "model") or {}
+    check_keys(errs, model, "model", ("registry", "name", "fallback"))
+    if "registry" in model:
+        out["registry"] = as_str(errs, model["registry"], "model.registry")
+    if model.get("name") is not None:
+        out["model_name"] = as_str(errs, model["name"], "model.name")
+    if model.get("fallback") is not None:
+        out["fallback_name"] = as_str(errs, model["fallback"], "model.fallback")
+
+    if obj.get("risk") is not None:
+        out["risk_file"] = as_str(errs, obj["risk"], "risk")
+
+    auth = as_dict(errs, obj.get("auth") or {}, "auth") or {}
+    check_keys(errs, auth, "auth", ("admin_token_env", "api_keys_env"))
+    token_env = as_str(errs, auth.get("admin_token_env", "STRATARANK_ADMIN_TOKEN"), "auth.admin_token_env")
+    keys_env = as_str(errs, auth.get("api_keys_env", "STRATARANK_API_KEYS"), "auth.api_keys_env")
+    if token_env:
+        out["admin_token"] = environ.get(token_env) or None
+    if keys_env:
+        out["api_keys"] = frozenset(k.strip() for k in environ.get(keys_env, "").split(",") if k.strip())
+
+    rate = as_dict(errs, obj.get("rate_limit") or {}, "rate_limit") or {}
+    check_keys(errs, rate, "rate_limit", ("per_second", "burst"))
+    if rate.get("per_second") is not None:
+        out["rate_per_s"] = as_number(errs, rate["per_second"], "rate_limit.per_second", lo=0, lo_open=True)
+        out["rate_burst"] = as_number(errs, rate.get("burst", out["rate_per_s"] or 1), "rate_limit.burst", lo=1)
+
+    for section in ("bus", "store", "nearline", "experiments"):
+        if obj.get(section) is not None:
+            value = as_dict(errs, obj[section], section)
+            if value is not None:
+                out[section] = value
+    errs.raise_if_any(source, lines)
+    return ServiceConfig(**out)
+
+
+def load_service_config(path: str | Path | None, environ=None) -> ServiceConfig:
+    """The config of ``path``, or the embedded defaults when ``path`` is None."""
+    if path is None:
+        return service_config_from_dict({}, environ=environ)
+    data, lines = read_yaml(path)
+    return service_config_from_dict(data, source=str(path), lines=lines, environ=environ)

@@ -1,0 +1,119 @@
+"""Per-objective predictions for a request's candidates, with a fallback chain that never goes dark.
+
+Order of preference: the registry's ``current`` TorchRec model → the LightGBM fallback → a
+prior/popularity order built from real-time counters and generator priors. A model that is
+missing, corrupt, lacks one of the strategy's objectives, raises or returns non-finite values
+is skipped, and the response is marked ``degraded`` with the cause.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger("stratarank.predictor")
+
+DEFAULT_BINARY_RATE = 0.02
+DEFAULT_REGRESSION_VALUE = 10.0
+PRIOR_STRENGTH = 50.0  # pseudo-impressions behind the base rate in the popularity order
+
+
+@dataclass
+class Prediction:
+    matrix: np.ndarray  # (N, K) in strategy objective order, natural units
+    served_by: str  # model name@version, or "prior"
+    degraded: str | None  # None, or why the primary model did not serve
+
+
+class PriorPredictor:
+    """The last resort: smoothed real-time rates per event, tilted by generator priors.
+
+    ``p_k = (count_k + m * base_k) / (impressions + m)`` for binary objectives and the smoothed
+    mean value for regressions; LLM candidates scale their binary rates by ``0.5 + prior_score``.
+    """
+
+    name = "prior"
+
+    def predict(self, strategy, candidates, counters: dict | None = None) -> np.ndarray:
+        n = len(candidates)
+        counters = counters or {}
+        shown = np.asarray(counters.get("impression", np.zeros(n)), dtype=np.float64)
+        prior = np.array([c.generator.prior_score if c.generator else 0.5 for c in candidates], dtype=np.float64)
+        out = np.empty((n, len(strategy.objectives)))
+        for k, obj in enumerate(strategy.objectives):
+            count = np.asarray(counters.get(obj.event, np.zeros(n)), dtype=np.float64)
+            if obj.type == "binary":
+                rate = (count + PRIOR_STRENGTH * DEFAULT_BINARY_RATE) / (shown + PRIOR_STRENGTH)
+                out[:, k] = np.clip(rate * (0.5 + prior) if obj.weight > 0 else rate, 0.0, 1.0)
+            else:
+                out[:, k] = (count + PRIOR_STRENGTH * DEFAULT_REGRESSION_VALUE) / (shown + PRIOR_STRENGTH)
+        return out
+
+
+class RankerChain:
+    """Holds the loaded models; ``predict`` walks them in order of preference."""
+
+    def __init__(self, models=(), load_errors=()):
+        self.models = list(models)  # objects with .name, .version, .objectives, .predict(frame)
+        self.load_errors = list(load_errors)
+        self.prior = PriorPredictor()
+
+    @property
+    def version(self) -> str:
+        return f"{self.models[0].name}@{self.models[0].version}" if self.models else "prior"
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models)
+
+    @classmethod
+    def load(cls, registry: str, refs) -> "RankerChain":
+        """Load each ``ref`` (TorchRec or LightGBM, told apart by the manifest); failures are kept."""
+        models, errors = [], []
+        for ref in refs:
+            if not ref:
+                continue
+            try:
+                models.append(load_ranker(registry, ref))
+            except Exception as exc:  # a missing or corrupt model must not stop the service
+                errors.append(f"{ref}: {type(exc).__name__}: {exc}")
+                log.warning("model %s not loaded: %s", ref, exc)
+        return cls(models, errors)
+
+    def predict(self, strategy, candidates, frame_fn, counters=None) -> Prediction:
+        """``frame_fn()`` builds the model input rows lazily (only when a model is there)."""
+        degraded = "no_model" if not self.models else None
+        frame = None
+        for rank_pos, model in enumerate(self.models):
+            columns = [model.objectives.index(o) if o in model.objectives else -1 for o in strategy.objective_names]
+            if -1 in columns:
+                degraded = degraded or "objectives_missing"
+                continue
+            try:
+                frame = frame_fn() if frame is None else frame
+                out = np.asarray(model.predict(frame), dtype=np.float64)[:, columns]
+            except Exception as exc:  # the service keeps answering on the next ranker
+                log.warning("model %s@%s failed: %s", model.name, model.version, exc)
+                degraded = degraded or "model_error"
+                continue
+            if out.shape != (len(candidates), len(columns)) or not np.isfinite(out).all():
+                degraded = degraded or "model_output_invalid"
+                continue
+            return Prediction(out, f"{model.name}@{model.version}", degraded if rank_pos else None)
+        return Prediction(self.prior.predict(strategy, candidates, counters), "prior", degraded or "no_model")
+
+
+def load_ranker(registry: str, ref: str):
+    """A registered ranker: TorchRec (``ranking.registry``) or LightGBM (manifest ``kind``)."""
+    import json
+
+    from ranking.registry import load_model, resolve
+
+    vdir = resolve(registry, ref)
+    manifest = json.loads((vdir / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("kind") == "lightgbm":
+        from ranking.lgbm import load_registered_lgbm
+
+        return load_registered_lgbm(vdir)
+    return load_model(registry, str(vdir))
