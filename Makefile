@@ -7,7 +7,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench clean system-deps
+
+# Services the integration tests start themselves: Redis and headless Chromium from Debian.
+# Installed once when missing (needs root, as on CI); without them those tests skip loudly.
+SYSTEM_BINS := redis-server chromium
+system-deps:
+	@missing=""; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server chromium >/dev/null; \
+	else echo "WARNING: missing$$missing (not root): the tests that need them will be skipped" >&2; fi
 
 venv: $(STAMP)
 
@@ -23,7 +34,7 @@ demo: $(STAMP)
 	$(VENV)/bin/stratarank rank --strategy conf/objectives/feed.yaml --input conf/examples/request.json --format table
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

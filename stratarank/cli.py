@@ -36,10 +36,14 @@ def cmd_validate(args) -> int:
     for name in args.files:
         try:
             data, lines = read_yaml(name)
+            if isinstance(data, dict) and "layers" in data and "objectives" not in data:  # an experiments file
+                from experiments.config import validate_experiments_file
+                print(f"{name}: OK {validate_experiments_file(name)}")
+                continue
             if not isinstance(data, dict) or "objectives" not in data:
                 raise ValidationError([FieldError(
-                    "", "not an objectives file: expected a mapping with top-level 'strategy' and 'objectives'",
-                    "kind", name, 1)])
+                    "", "not an objectives file: expected a mapping with top-level 'strategy' and 'objectives'"
+                    " (or an experiments file with top-level 'layers')", "kind", name, 1)])
             strategy = strategy_from_dict(data, source=name, lines=lines)
         except ValidationError as exc:
             failed = True
@@ -108,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", metavar="KEY=VALUE", help="e.g. objectives.like.weight=8 (repeatable)")
     p.add_argument("--format", choices=("json", "table"), default="json")
     p.set_defaults(func=cmd_rank)
+
+    from . import simulate  # simulated feed world -> Parquet logs (no torch import)
+    simulate.add_parser(sub)
+    from . import serve_cmd  # the scorer under gunicorn (imports happen inside the command)
+    serve_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,51 @@
+"""``stratarank serve``: the scorer under gunicorn (a production WSGI server), app factory per worker."""
+from __future__ import annotations
+
+import sys
+
+
+def cmd_serve(args) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from online.config import load_service_config
+    from strategy import ValidationError
+
+    try:
+        config = load_service_config(args.config)
+    except ValidationError as exc:
+        for err in exc.errors:
+            print(str(err), file=sys.stderr)
+        return 1
+    host = args.host or config.host
+    port = config.port if args.port is None else args.port
+    workers = args.workers or config.workers
+
+    class Server(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", args.threads)
+            self.cfg.set("worker_class", "gthread" if args.threads > 1 else "sync")
+            self.cfg.set("timeout", 30)
+            self.cfg.set("graceful_timeout", 10)
+            self.cfg.set("accesslog", None)
+            self.cfg.set("loglevel", "warning")
+
+        def load(self):
+            from online.app import create_app
+
+            return create_app(config)
+
+    print(f"stratarank scorer on http://{host}:{port} ({workers} workers)", flush=True)
+    Server().run()
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the real-time scorer (gunicorn)")
+    p.add_argument("--config", metavar="FILE", help="service YAML (default: embedded defaults)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--threads", type=int, default=1, help="threads per worker (gthread when > 1)")
+    p.set_defaults(func=cmd_serve)
