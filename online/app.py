@@ -200,8 +200,13 @@ class Scorer:
                                            for e in experiments])
 
 
-def create_app(config: ServiceConfig | None = None, *, serving: Serving | None = None, bus=None, store=None) -> Flask:
-    """The scorer app. ``bus``/``store`` default to the ones the config names."""
+def create_app(config: ServiceConfig | None = None, *, serving: Serving | None = None, bus=None, store=None,
+               on_reload=None) -> Flask:
+    """The scorer app. ``bus``/``store`` default to the ones the config names.
+
+    ``on_reload`` runs after this process swapped in a new ``Serving`` on ``/admin/reload``;
+    under gunicorn it asks the master for a graceful restart of the other workers.
+    """
     config = config or ServiceConfig()
     app = Flask("stratarank")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -314,6 +319,8 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
             raise ApiError(422, "reload_failed", f"configuration invalid, still serving the previous one: {exc}", "",
                            details=[e.to_dict() for e in exc.errors]) from None
         scorer.swap(new)
+        if on_reload is not None:
+            on_reload()
         return jsonify({"reloaded": True, "model_version": new.chain.version, "strategies": sorted(new.strategies),
                         "load_errors": new.chain.load_errors})
 

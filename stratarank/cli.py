@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_parser(sub)
     from . import serve_cmd  # the scorer under gunicorn (imports happen inside the command)
     serve_cmd.add_parser(sub)
+    from . import benchmark_cmd; benchmark_cmd.add_parser(sub)  # benchmark kuairand (lightgbm/torch inside)
     return parser
 
 

@@ -1,6 +1,8 @@
 """``stratarank serve``: the scorer under gunicorn (a production WSGI server), app factory per worker."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 
@@ -34,7 +36,9 @@ def cmd_serve(args) -> int:
         def load(self):
             from online.app import create_app
 
-            return create_app(config)
+            # /admin/reload swaps this worker in place, then SIGHUP makes the master replace the
+            # other workers gracefully (in-flight requests finish; new ones see the new config).
+            return create_app(config, on_reload=lambda: os.kill(os.getppid(), signal.SIGHUP))
 
     print(f"stratarank scorer on http://{host}:{port} ({workers} workers)", flush=True)
     Server().run()
