@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import simulate  # simulated feed world -> Parquet logs (no torch import)
     simulate.add_parser(sub)
+    from . import experiments_cmd; experiments_cmd.add_parser(sub)  # experiments analyze, dashboard (no torch)
     from . import serve_cmd  # the scorer under gunicorn (imports happen inside the command)
     serve_cmd.add_parser(sub)
     from . import benchmark_cmd; benchmark_cmd.add_parser(sub)  # benchmark kuairand (lightgbm/torch inside)
