@@ -64,14 +64,20 @@ def _seconds(ts) -> "np.ndarray":
 
 
 def _day_cuts(exposure_seconds, event_seconds) -> list[float]:
-    """End of each UTC day from the first exposure to the last exposure or event (at most MAX_CUTS)."""
+    """Cut times for the cumulative series: the end of each UTC day from the first exposure to the
+    last exposure or event (at most MAX_CUTS); for data spanning under two days (a closed-loop
+    demo runs for minutes) ten equal time slices instead."""
     import numpy as np
     if not len(exposure_seconds):
         return []
-    first = math.floor(float(np.nanmin(exposure_seconds)) / DAY) * DAY
+    first_ts = float(np.nanmin(exposure_seconds))
     last_ts = float(np.nanmax(exposure_seconds))
     if len(event_seconds):
         last_ts = max(last_ts, float(np.nanmax(event_seconds)))
+    if last_ts - first_ts < 2 * DAY:
+        step = max((last_ts - first_ts) / 10.0, 1.0)
+        return [float(first_ts + step * k) for k in range(1, 11)] + [last_ts + 1.0]
+    first = math.floor(first_ts / DAY) * DAY
     cuts = list(np.arange(first + DAY, last_ts + DAY, DAY))
     if cuts and cuts[-1] <= last_ts:
         cuts.append(cuts[-1] + DAY)
@@ -91,12 +97,15 @@ def build_results(config, exposures, events, pre_period=None, alpha: float = 0.0
     series: list[dict] = []
     if cumulative and len(exposures):
         xs, es = _seconds(exposures["ts"]), _seconds(events["ts"]) if len(events) else []
-        for cut in _day_cuts(xs, es):
+        cuts = _day_cuts(xs, es)
+        daily = len(cuts) > 1 and cuts[1] - cuts[0] >= DAY
+        for cut in cuts:
             sub_x = exposures[xs < cut]
             if not len(sub_x):
                 continue
             sub_e = events[es < cut] if len(events) else events
-            at = _dt.datetime.fromtimestamp(cut - 1, _dt.timezone.utc).date().isoformat()
+            moment = _dt.datetime.fromtimestamp(cut - 1, _dt.timezone.utc)
+            at = moment.date().isoformat() if daily else moment.strftime("%Y-%m-%d %H:%M:%S")
             for r in analyze(sub_x, sub_e, metrics, exps, pre_period=pre_period, alpha=alpha, correction=correction):
                 series.append({"experiment": r["experiment"], "variant": r["variant"], "metric": r["metric"],
                                "at": at, "users": r["users"], "control_users": r["control_users"],
@@ -274,7 +283,8 @@ def cumulative_plot(series: Sequence[Mapping], metrics: Sequence[str]) -> str | 
             ax.fill_between(x, lo, hi, color=col, alpha=0.15, lw=0)
             ax.plot(x, y, marker="o", ms=3, color=col, label=str(v))
             ax.set_xticks(x)
-            ax.set_xticklabels([s["at"][5:] for s in pts], fontsize=7, rotation=45 if len(pts) > 8 else 0)
+            labels = [s["at"][5:] if len(s["at"]) == 10 else s["at"][11:] for s in pts]  # MM-DD or HH:MM:SS
+            ax.set_xticklabels(labels, fontsize=7, rotation=45 if len(pts) > 8 else 0)
         ax.axhline(0, color="#333", lw=1, ls="--")
         _focus(ax, [s for s in series if s["metric"] == m])
         ax.set_ylabel("lift %")

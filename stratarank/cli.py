@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "table"), default="json")
     p.set_defaults(func=cmd_rank)
 
+    from . import train_cmd  # train, models list (torch is imported inside the commands)
+    train_cmd.add_parser(sub)
     from . import simulate  # simulated feed world -> Parquet logs (no torch import)
     simulate.add_parser(sub)
     from . import experiments_cmd; experiments_cmd.add_parser(sub)  # experiments analyze, dashboard (no torch)

@@ -1,0 +1,486 @@
+"""Feature spec (YAML) -> fitted :class:`FeatureEncoder` -> TorchRec ``KeyedJaggedTensor`` batches.
+
+One code path for training and serving: ``FeatureEncoder.transform(rows)`` takes a pandas
+DataFrame (a training log or the candidate rows of one online request) and returns a
+:class:`FeatureBatch` (dense tensor + ``KeyedJaggedTensor``). Fitted state (vocabularies,
+scaler mean/scale) is plain JSON, never pickle.
+
+Feature spec format (``conf/features/*.yaml``)::
+
+    name: sim
+    features:
+      - {name: user_id, type: id, column: user_id, dim: 16, max_vocab: 50000, min_count: 1}
+      - {name: recent_items, type: id_list, column: user_recent_items, table: item_id, max_len: 20}
+      - {name: text_tokens, type: text, column: text, buckets: 4096, max_len: 32, dim: 16}
+      - {name: prior_score, type: dense, column: prior_score, log1p: false}
+
+Feature types:
+
+- ``id``: one id per row -> an embedding row; index 0 is the out-of-vocabulary bucket (unseen,
+  rare (< ``min_count``) or missing ids). Vocabulary = the ``max_vocab`` most frequent ids.
+- ``id_list``: a list of ids per row (truncated to ``max_len``); ``table: other`` shares the
+  vocabulary and embedding table of the ``id`` feature ``other`` (a user's recent items use
+  the item table), else it owns a table.
+- ``text``: lower-cased word tokens hashed (crc32, stable across processes) into ``buckets``
+  rows (+1: row 0 is padding/none), so an LLM item with no history still has content features.
+- ``dense``: a number; optional ``log1p``; missing -> the training mean; standardised with
+  scikit-learn's ``StandardScaler`` (its ``mean_``/``scale_`` stored as lists).
+"""
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from strategy.checks import NAME_RE, as_dict, as_list, as_number, as_str, check_keys
+from strategy.config import read_yaml
+from strategy.errors import Errors, FieldError, ValidationError, did_you_mean, join_path
+
+FEATURE_TYPES = ("id", "id_list", "text", "dense")
+SPARSE_TYPES = ("id", "id_list", "text")
+FEATURE_KEYS = ("name", "type", "column", "dim", "max_vocab", "min_count", "table", "max_len", "buckets",
+                "log1p", "fill")
+TOKEN_RE = re.compile(r"[a-z0-9]+")
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """One feature of a spec (see the module docstring for the meaning of each field)."""
+
+    name: str
+    type: str
+    column: str
+    dim: int = 16
+    max_vocab: int = 100_000
+    min_count: int = 1
+    table: str | None = None
+    max_len: int = 32
+    buckets: int = 4096
+    log1p: bool = False
+    fill: float | None = None
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A validated feature spec; ``source``/``lines`` let data errors point at the YAML line."""
+
+    name: str
+    features: tuple[FeatureConfig, ...]
+    source: str | None = None
+    lines: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def sparse(self) -> tuple[FeatureConfig, ...]:
+        return tuple(f for f in self.features if f.type in SPARSE_TYPES)
+
+    @property
+    def dense(self) -> tuple[FeatureConfig, ...]:
+        return tuple(f for f in self.features if f.type == "dense")
+
+    @property
+    def columns(self) -> list[str]:
+        return sorted({f.column for f in self.features})
+
+    def to_dict(self) -> dict:
+        feats = []
+        for f in self.features:
+            d = {k: v for k, v in asdict(f).items() if v is not None}
+            feats.append(d)
+        return {"name": self.name, "features": feats}
+
+    def error(self, index: int, key: str, message: str, code: str) -> FieldError:
+        path = f"features[{index}].{key}"
+        line = self.lines.get(path) or self.lines.get(f"features[{index}]")
+        return FieldError(path, message, code, self.source, line)
+
+
+def feature_spec_from_dict(data, source: str | None = None, lines: dict | None = None) -> FeatureSpec:
+    """Validate a spec mapping; raises :class:`ValidationError` listing every problem."""
+    errs = Errors()
+    obj = as_dict(errs, data, "")
+    if obj is None:
+        errs.raise_if_any(source, lines)
+    check_keys(errs, obj, "", ("name", "features"), required=("features",))
+    name = as_str(errs, obj.get("name", "features"), "name", pattern=NAME_RE) or "features"
+    items = as_list(errs, obj.get("features", []), "features", max_len=1000) or []
+    feats: list[FeatureConfig] = []
+    seen: dict[str, FeatureConfig] = {}
+    for i, spec in enumerate(items):
+        path = f"features[{i}]"
+        spec = as_dict(errs, spec, path)
+        if spec is None:
+            continue
+        before = len(errs.items)
+        check_keys(errs, spec, path, FEATURE_KEYS, required=("name", "type"))
+        fname = as_str(errs, spec.get("name"), join_path(path, "name"), pattern=NAME_RE) if "name" in spec else None
+        ftype = as_str(errs, spec.get("type"), join_path(path, "type"), choices=FEATURE_TYPES) if "type" in spec else None
+        column = as_str(errs, spec.get("column", fname or ""), join_path(path, "column"), max_len=256)
+        if fname in seen:
+            errs.add(join_path(path, "name"), f"duplicate feature name '{fname}'", "duplicate")
+        kw = {}
+        for key, lo, hi in (("dim", 1, 1024), ("max_vocab", 1, 50_000_000), ("min_count", 1, 1_000_000),
+                            ("max_len", 1, 10_000), ("buckets", 1, 50_000_000)):
+            if key in spec:
+                v = as_number(errs, spec[key], join_path(path, key), lo=lo, hi=hi, integer=True)
+                if v is not None:
+                    kw[key] = v
+        if "log1p" in spec:
+            if isinstance(spec["log1p"], bool):
+                kw["log1p"] = spec["log1p"]
+            else:
+                errs.add(join_path(path, "log1p"), "expected true or false", "type")
+        if spec.get("fill") is not None:
+            v = as_number(errs, spec["fill"], join_path(path, "fill"))
+            if v is not None:
+                kw["fill"] = float(v)
+        if spec.get("table") is not None:
+            table = as_str(errs, spec["table"], join_path(path, "table"))
+            if table is not None:
+                if ftype != "id_list":
+                    errs.add(join_path(path, "table"), "only id_list features share a table", "invalid")
+                else:
+                    owners = {n: f for n, f in seen.items() if f.type == "id"}
+                    if table not in owners:
+                        errs.add(join_path(path, "table"),
+                                 f"unknown id feature '{table}'{did_you_mean(table, owners)} "
+                                 "(a shared table must be an earlier 'id' feature)", "unknown_table")
+                    else:
+                        kw["table"] = table
+        if len(errs.items) == before and fname and ftype and column:
+            f = FeatureConfig(fname, ftype, column, **kw)
+            seen[fname] = f
+            feats.append(f)
+    if not items:
+        errs.add("features", "at least one feature is required", "required")
+    errs.raise_if_any(source, lines)
+    return FeatureSpec(name, tuple(feats), source, dict(lines or {}))
+
+
+def load_feature_spec(path: str | Path) -> FeatureSpec:
+    """Read and validate a feature spec YAML file (errors carry file:line)."""
+    data, lines = read_yaml(path)
+    return feature_spec_from_dict(data, source=str(path), lines=lines)
+
+
+# ---------------------------------------------------------------- batches
+
+
+class FeatureBatch:
+    """Encoded rows: ``dense`` (N, D) float32 and per-key jagged ids, viewable as a KJT.
+
+    ``select(indices)`` gathers rows (for mini-batches); ``kjt`` builds the
+    ``KeyedJaggedTensor`` (keys in spec order, values int64, lengths int32).
+    """
+
+    def __init__(self, dense, keys, values, lengths):
+        import torch
+
+        self.dense = dense if isinstance(dense, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(dense))
+        self.keys = list(keys)
+        self.values = [np.asarray(v, dtype=np.int64) for v in values]
+        self.lengths = [np.asarray(ln, dtype=np.int32) for ln in lengths]
+        self._offsets = None
+
+    def __len__(self) -> int:
+        return int(self.dense.shape[0])
+
+    @property
+    def kjt(self):
+        import torch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        values = np.concatenate(self.values) if self.values else np.zeros(0, np.int64)
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int32)
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=self.keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths),
+            stride=len(self))
+
+    def select(self, idx) -> "FeatureBatch":
+        """Rows ``idx`` (an int array or a slice) as a new batch."""
+        if isinstance(idx, slice):
+            idx = np.arange(len(self))[idx]
+        idx = np.asarray(idx, dtype=np.int64)
+        if self._offsets is None:
+            self._offsets = [np.concatenate([[0], np.cumsum(ln, dtype=np.int64)]) for ln in self.lengths]
+        values, lengths = [], []
+        for v, ln, off in zip(self.values, self.lengths, self._offsets):
+            sel = ln[idx]
+            starts = off[idx]
+            total = int(sel.sum())
+            if total:
+                rep = np.repeat(starts - np.concatenate([[0], np.cumsum(sel[:-1], dtype=np.int64)]), sel)
+                values.append(v[rep + np.arange(total)])
+            else:
+                values.append(np.zeros(0, np.int64))
+            lengths.append(sel)
+        import torch
+
+        return FeatureBatch(self.dense[torch.from_numpy(idx)], self.keys, values, lengths)
+
+
+# ---------------------------------------------------------------- encoder
+
+
+def _as_str_ids(values) -> np.ndarray:
+    """Ids as strings (ints and strings alike: 12 and '12' are the same id)."""
+    s = pd.Series(values, copy=False)
+    if s.dtype.kind in "iu":
+        return s.astype(str).to_numpy(dtype=object)
+    if s.dtype.kind == "f":
+        out = np.empty(len(s), dtype=object)
+        ok = s.notna().to_numpy()
+        vals = s.to_numpy()
+        out[ok] = [str(int(v)) if float(v).is_integer() else str(v) for v in vals[ok]]
+        out[~ok] = None
+        return out
+    if s.dtype != object and pd.api.types.is_string_dtype(s.dtype):       # pandas str / arrow strings
+        return s.to_numpy(dtype=object, na_value=None)
+    arr = s.to_numpy(dtype=object)
+    kind = pd.api.types.infer_dtype(arr, skipna=True)
+    if kind in ("string", "empty"):                                        # already str (or missing)
+        if kind == "empty" or pd.isna(arr).any():
+            arr = arr.copy()
+            arr[pd.isna(arr)] = None
+        return arr
+    return np.array([None if v is None or (isinstance(v, float) and v != v) else str(v) for v in arr],
+                    dtype=object)
+
+
+def _flatten_lists(column: pd.Series, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A column of lists (lists, arrays, or None) -> flat values + per-row lengths (truncated)."""
+    flat: list = []
+    lengths = np.zeros(len(column), dtype=np.int32)
+    for i, v in enumerate(column.to_numpy(dtype=object)):
+        if v is None or (isinstance(v, float) and v != v):
+            continue
+        if isinstance(v, str):
+            v = [t for t in v.split(",") if t]
+        items = list(v)[:max_len]
+        lengths[i] = len(items)
+        flat.extend(items)
+    return np.asarray(flat, dtype=object), lengths
+
+
+def tokenize(text) -> list[str]:
+    """Lower-cased alphanumeric word tokens (the same at training and serving time)."""
+    if not isinstance(text, str):
+        return []
+    return TOKEN_RE.findall(text.lower())
+
+
+def hash_token(token: str, buckets: int) -> int:
+    """A stable hash (crc32) of a token into rows 1..buckets (0 is reserved)."""
+    return zlib.crc32(token.encode("utf-8")) % buckets + 1
+
+
+class FeatureEncoder:
+    """Fits vocabularies and scalers on training rows; encodes any rows the same way.
+
+    >>> enc = FeatureEncoder(spec).fit(train_df)
+    >>> batch = enc.transform(request_rows)      # FeatureBatch: .dense (N, D), .kjt
+    >>> enc.save("encoder.json"); FeatureEncoder.load("encoder.json")
+    """
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+        self.vocabs: dict[str, list[str]] = {}       # table name -> ids (row = position + 1)
+        self.scaler: dict[str, list[float]] = {}     # {"mean": [...], "scale": [...]}
+        self._index: dict[str, pd.Index] = {}
+        self._token_cache: dict[tuple[str, int], tuple] = {}
+        self.fitted = False
+
+    # ---- schema checks
+    def check_columns(self, frame: pd.DataFrame, what: str = "data") -> None:
+        """Every feature's column must exist in ``frame``; errors name the spec line."""
+        errors = []
+        cols = list(frame.columns)
+        for i, f in enumerate(self.spec.features):
+            if f.column not in frame.columns:
+                errors.append(self.spec.error(
+                    i, "column", f"feature '{f.name}' reads column '{f.column}', which is not in the {what}"
+                    f"{did_you_mean(f.column, cols)} (columns: {', '.join(map(str, cols[:40]))})",
+                    "unknown_column"))
+        if errors:
+            raise ValidationError(errors)
+
+    # ---- fit
+    def fit(self, frame: pd.DataFrame) -> "FeatureEncoder":
+        from sklearn.preprocessing import StandardScaler
+
+        self.check_columns(frame)
+        counts: dict[str, pd.Series] = {}
+        for f in self.spec.sparse:
+            if f.type == "text":
+                continue
+            if f.type == "id":
+                ids = pd.Series(_as_str_ids(frame[f.column])).dropna()
+            else:
+                flat, _ = _flatten_lists(frame[f.column], f.max_len)
+                ids = pd.Series(_as_str_ids(flat)).dropna()
+            vc = ids.value_counts()
+            t = f.table_name
+            counts[t] = vc if t not in counts else counts[t].add(vc, fill_value=0)
+        owners = {f.table_name: f for f in self.spec.sparse if f.type == "id" or (f.type == "id_list" and not f.table)}
+        for t, vc in counts.items():
+            owner = owners[t]
+            vc = vc[vc >= owner.min_count]
+            # most frequent first; ties broken by id so the vocabulary is deterministic
+            order = sorted(zip(vc.index, vc.to_numpy()), key=lambda kv: (-kv[1], kv[0]))[: owner.max_vocab]
+            self.vocabs[t] = [k for k, _ in order]
+        if self.spec.dense:
+            x = self._dense_raw(frame)
+            means = np.nanmean(x, axis=0) if len(x) else np.zeros(x.shape[1])
+            means = np.where(np.isfinite(means), means, 0.0)
+            x = np.where(np.isnan(x), means, x)
+            scaler = StandardScaler().fit(x)
+            self.scaler = {"mean": [float(v) for v in scaler.mean_], "scale": [float(v) for v in scaler.scale_],
+                           "fill": [float(v) for v in means]}
+        self._build_index()
+        self.fitted = True
+        return self
+
+    def _build_index(self) -> None:
+        self._index = {t: pd.Index(v) for t, v in self.vocabs.items()}
+
+    def _dense_raw(self, frame: pd.DataFrame) -> np.ndarray:
+        cols = []
+        for f in self.spec.dense:
+            v = pd.to_numeric(frame[f.column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            if f.log1p:
+                v = np.log1p(np.clip(v, 0, None))
+            if f.fill is not None:
+                v = np.where(np.isnan(v), f.fill, v)
+            cols.append(v)
+        return np.stack(cols, axis=1) if cols else np.zeros((len(frame), 0))
+
+    # ---- transform
+    def num_embeddings(self, f: FeatureConfig) -> int:
+        if f.type == "text":
+            return f.buckets + 1
+        return len(self.vocabs.get(f.table_name, ())) + 1
+
+    @property
+    def dense_dim(self) -> int:
+        return len(self.spec.dense)
+
+    @property
+    def sparse_keys(self) -> list[str]:
+        return [f.name for f in self.spec.sparse]
+
+    def _lookup(self, table: str, ids) -> np.ndarray:
+        idx = self._index[table].get_indexer(_as_str_ids(ids)) if len(ids) else np.zeros(0, np.int64)
+        return (np.asarray(idx, dtype=np.int64) + 1)  # -1 (unknown/missing) -> 0, the OOV row
+
+    def _text(self, column: pd.Series, f: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
+        codes, uniques = pd.factorize(column, use_na_sentinel=True)
+        per_unique = []
+        for text in uniques:
+            key = (text, f.buckets)
+            hit = self._token_cache.get(key)
+            if hit is None:
+                hit = np.array(sorted({hash_token(t, f.buckets) for t in tokenize(text)})[: f.max_len],
+                               dtype=np.int64)
+                if len(self._token_cache) < 200_000:
+                    self._token_cache[key] = hit
+            per_unique.append(hit)
+        ulen = np.array([len(h) for h in per_unique] + [0], dtype=np.int32)
+        lengths = ulen[codes]                           # code -1 (missing) -> the trailing 0
+        uoff = np.concatenate([[0], np.cumsum(ulen[:-1], dtype=np.int64)])
+        flat = np.concatenate(per_unique) if per_unique else np.zeros(0, np.int64)
+        total = int(lengths.sum())
+        if not total:
+            return np.zeros(0, np.int64), lengths
+        starts = uoff[np.where(codes < 0, len(per_unique), codes)]
+        rep = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]), lengths)
+        return flat[rep + np.arange(total)], lengths
+
+    def transform(self, frame: pd.DataFrame, allow_missing: bool = False) -> FeatureBatch:
+        """Encode rows (a training frame or one request's candidates) into a :class:`FeatureBatch`.
+
+        A spec column absent from ``frame`` is a :class:`ValidationError` naming it, unless
+        ``allow_missing`` (serving): then it counts as missing in every row (OOV id, empty list,
+        no tokens, the training mean) — exactly how a missing value in a present column encodes.
+        """
+        if not self.fitted:
+            raise RuntimeError("FeatureEncoder.transform called before fit/load")
+        if allow_missing:
+            absent = [c for c in self.spec.columns if c not in frame.columns]
+            if absent:
+                frame = frame.assign(**{c: pd.Series([None] * len(frame), index=frame.index, dtype=object)
+                                        for c in absent})
+        self.check_columns(frame, "rows")
+        n = len(frame)
+        keys, values, lengths = [], [], []
+        for f in self.spec.sparse:
+            if f.type == "id":
+                v = self._lookup(f.table_name, frame[f.column].to_numpy())
+                ln = np.ones(n, dtype=np.int32)
+            elif f.type == "id_list":
+                flat, ln = _flatten_lists(frame[f.column], f.max_len)
+                v = self._lookup(f.table_name, flat)
+            else:
+                v, ln = self._text(frame[f.column], f)
+            keys.append(f.name)
+            values.append(v)
+            lengths.append(ln)
+        if self.spec.dense:
+            x = self._dense_raw(frame)
+            mean = np.asarray(self.scaler["mean"])
+            x = np.where(np.isnan(x), np.asarray(self.scaler["fill"]), x)
+            x = (x - mean) / np.asarray(self.scaler["scale"])
+            dense = x.astype(np.float32)
+        else:
+            dense = np.zeros((n, 0), dtype=np.float32)
+        return FeatureBatch(dense, keys, values, lengths)
+
+    def fit_transform(self, frame: pd.DataFrame) -> FeatureBatch:
+        return self.fit(frame).transform(frame)
+
+    # ---- tables for the model
+    def embedding_bag_configs(self) -> list:
+        """One ``torchrec.EmbeddingBagConfig`` per table (shared tables list all their features)."""
+        from torchrec import EmbeddingBagConfig
+        from torchrec.modules.embedding_configs import PoolingType
+
+        tables: dict[str, dict] = {}
+        for f in self.spec.sparse:
+            t = f.table_name
+            if t not in tables:
+                owner = f if not f.table else next(g for g in self.spec.sparse if g.name == t)
+                tables[t] = {"num_embeddings": self.num_embeddings(owner), "embedding_dim": owner.dim,
+                             "features": []}
+            tables[t]["features"].append(f.name)
+        return [EmbeddingBagConfig(num_embeddings=v["num_embeddings"], embedding_dim=v["embedding_dim"],
+                                   name=f"t_{t}", feature_names=v["features"], pooling=PoolingType.MEAN)
+                for t, v in tables.items()]
+
+    # ---- state (JSON)
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "spec": self.spec.to_dict(), "vocabs": self.vocabs,
+                "scaler": self.scaler}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "FeatureEncoder":
+        enc = cls(feature_spec_from_dict(state["spec"], source="<encoder state>"))
+        enc.vocabs = {k: list(v) for k, v in state["vocabs"].items()}
+        enc.scaler = {k: list(v) for k, v in state.get("scaler", {}).items()}
+        enc._build_index()
+        enc.fitted = True
+        return enc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.state_dict()), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureEncoder":
+        return cls.from_state(json.loads(Path(path).read_text(encoding="utf-8")))

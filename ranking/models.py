@@ -1,0 +1,308 @@
+"""TorchRec multi-task rankers: shared-bottom, MMoE and PLE on one ``EmbeddingBagCollection``.
+
+Typed config dataclasses in TorchRec's style describe a model; :func:`build_model` builds it
+from a fitted :class:`~ranking.features.FeatureEncoder` (tables, dense width) and the
+objectives. Every architecture maps ``(dense (N, D), KeyedJaggedTensor)`` to logits (N, K),
+one tower per objective, K in objective order. Binary towers output logits (BCE with logits);
+regression towers output the *transformed* target (e.g. log1p of watch time; MSE).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from strategy.errors import Errors
+
+ARCHS = ("shared_bottom", "mmoe", "ple")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """One predicted objective: ``type`` binary|regression, ``transform`` identity|log1p,
+    ``loss_weight`` > 0 (not the blend weight), ``label`` the data column (default: the name, then
+    the ``event``)."""
+
+    name: str
+    type: str = "binary"
+    transform: str = "identity"
+    loss_weight: float = 1.0
+    label: str | None = None
+    event: str | None = None
+
+    def label_candidates(self) -> list[str]:
+        """Data columns that may hold this objective's label, in order of preference."""
+        return [c for c in dict.fromkeys((self.label, self.name, self.event)) if c]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The multi-task architecture.
+
+    - ``arch``: ``shared_bottom`` (one bottom MLP ``bottom`` then towers), ``mmoe`` (``num_experts``
+      experts of ``expert`` layers, one softmax gate per objective) or ``ple`` (``num_levels`` CGC
+      levels, each with ``num_shared_experts`` shared and ``num_task_experts`` per-objective experts).
+    - ``tower``: hidden layers of each objective's tower (a final Linear(., 1) is added).
+    """
+
+    arch: str = "mmoe"
+    bottom: tuple[int, ...] = (128, 64)
+    expert: tuple[int, ...] = (64, 32)
+    num_experts: int = 4
+    num_shared_experts: int = 2
+    num_task_experts: int = 1
+    num_levels: int = 1
+    tower: tuple[int, ...] = (32,)
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kw)
+
+
+MODEL_KEYS = tuple(ModelConfig.__dataclass_fields__)
+
+
+def model_config_from_dict(errs: Errors, data: dict, path: str = "model") -> ModelConfig | None:
+    """Validated :class:`ModelConfig` from a YAML mapping; problems go to ``errs``."""
+    from strategy.checks import as_dict, as_list, as_number, as_str, check_keys
+
+    obj = as_dict(errs, data, path)
+    if obj is None:
+        return None
+    before = len(errs.items)
+    check_keys(errs, obj, path, MODEL_KEYS)
+    kw = {}
+    if "arch" in obj:
+        kw["arch"] = as_str(errs, obj["arch"], f"{path}.arch", choices=ARCHS)
+    for key in ("bottom", "expert", "tower"):
+        if key in obj:
+            items = as_list(errs, obj[key], f"{path}.{key}", max_len=16) or []
+            vals = [as_number(errs, v, f"{path}.{key}[{i}]", lo=1, hi=8192, integer=True) for i, v in enumerate(items)]
+            if key != "tower" and not vals:
+                errs.add(f"{path}.{key}", "at least one layer is required", "required")
+            kw[key] = tuple(vals)
+    for key in ("num_experts", "num_shared_experts", "num_task_experts", "num_levels"):
+        if key in obj:
+            kw[key] = as_number(errs, obj[key], f"{path}.{key}", lo=1 if key != "num_shared_experts" else 0,
+                                hi=64, integer=True)
+    if "dropout" in obj:
+        kw["dropout"] = as_number(errs, obj["dropout"], f"{path}.dropout", lo=0, hi=1, hi_open=True)
+    if len(errs.items) != before:
+        return None
+    return ModelConfig(**kw)
+
+
+def mlp(in_dim: int, layers, dropout: float = 0.0, last_act: bool = True) -> nn.Sequential:
+    """Linear+ReLU(+Dropout) stack; ``last_act=False`` leaves the final Linear bare."""
+    mods: list[nn.Module] = []
+    dims = [in_dim, *layers]
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        mods.append(nn.Linear(a, b))
+        if last_act or i < len(dims) - 2:
+            mods.append(nn.ReLU())
+            if dropout:
+                mods.append(nn.Dropout(dropout))
+    return nn.Sequential(*mods)
+
+
+class Towers(nn.Module):
+    """One tower per objective: inputs (K, N, H) or (N, H) -> logits (N, K)."""
+
+    def __init__(self, in_dim: int, num_tasks: int, layers, dropout: float):
+        super().__init__()
+        self.towers = nn.ModuleList(
+            nn.Sequential(mlp(in_dim, layers, dropout), nn.Linear(layers[-1] if layers else in_dim, 1))
+            for _ in range(num_tasks))
+
+    def forward(self, inputs) -> torch.Tensor:
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
+            inputs = [inputs] * len(self.towers)
+        return torch.cat([t(x) for t, x in zip(self.towers, inputs)], dim=1)
+
+
+class SharedBottom(nn.Module):
+    def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig):
+        super().__init__()
+        self.bottom = mlp(in_dim, cfg.bottom, cfg.dropout)
+        self.towers = Towers(cfg.bottom[-1], num_tasks, cfg.tower, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.towers(self.bottom(x))
+
+
+class MMoE(nn.Module):
+    """Multi-gate mixture of experts (Ma et al., KDD 2018)."""
+
+    def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(mlp(in_dim, cfg.expert, cfg.dropout) for _ in range(cfg.num_experts))
+        self.gates = nn.ModuleList(nn.Linear(in_dim, cfg.num_experts) for _ in range(num_tasks))
+        self.towers = Towers(cfg.expert[-1], num_tasks, cfg.tower, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        experts = torch.stack([e(x) for e in self.experts], dim=1)              # (N, E, H)
+        mixed = [torch.bmm(torch.softmax(g(x), dim=-1).unsqueeze(1), experts).squeeze(1) for g in self.gates]
+        return self.towers(mixed)
+
+
+class CGC(nn.Module):
+    """One customized-gate-control level of PLE (Tang et al., RecSys 2020)."""
+
+    def __init__(self, in_dims: list[int], num_tasks: int, cfg: ModelConfig, last: bool):
+        super().__init__()
+        s, t = cfg.num_shared_experts, cfg.num_task_experts
+        shared_in = in_dims[-1]
+        self.shared = nn.ModuleList(mlp(shared_in, cfg.expert, cfg.dropout) for _ in range(s))
+        self.task = nn.ModuleList(
+            nn.ModuleList(mlp(in_dims[k], cfg.expert, cfg.dropout) for _ in range(t)) for k in range(num_tasks))
+        self.task_gates = nn.ModuleList(nn.Linear(in_dims[k], s + t) for k in range(num_tasks))
+        self.shared_gate = None if last else nn.Linear(shared_in, s + t * num_tasks)
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        shared_x = inputs[-1]
+        shared = [e(shared_x) for e in self.shared]
+        task_out = [[e(inputs[k]) for e in experts] for k, experts in enumerate(self.task)]
+        outs = []
+        for k, gate in enumerate(self.task_gates):
+            ex = torch.stack(task_out[k] + shared, dim=1)
+            w = torch.softmax(gate(inputs[k]), dim=-1).unsqueeze(1)
+            outs.append(torch.bmm(w, ex).squeeze(1))
+        if self.shared_gate is not None:
+            ex = torch.stack([e for tk in task_out for e in tk] + shared, dim=1)
+            w = torch.softmax(self.shared_gate(shared_x), dim=-1).unsqueeze(1)
+            outs.append(torch.bmm(w, ex).squeeze(1))
+        return outs
+
+
+class PLE(nn.Module):
+    """Progressive layered extraction: ``num_levels`` CGC levels, then towers."""
+
+    def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig):
+        super().__init__()
+        levels = []
+        dims = [in_dim] * (num_tasks + 1)
+        for level in range(cfg.num_levels):
+            last = level == cfg.num_levels - 1
+            levels.append(CGC(dims, num_tasks, cfg, last))
+            dims = [cfg.expert[-1]] * (num_tasks + 1)
+        self.levels = nn.ModuleList(levels)
+        self.num_tasks = num_tasks
+        self.towers = Towers(cfg.expert[-1], num_tasks, cfg.tower, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = [x] * (self.num_tasks + 1)
+        for level in self.levels:
+            inputs = level(inputs)
+        return self.towers(inputs[: self.num_tasks])
+
+
+class MultiTaskRanker(nn.Module):
+    """``EmbeddingBagCollection`` + dense features -> a multi-task body -> logits (N, K).
+
+    Args:
+        tables: ``torchrec.EmbeddingBagConfig`` list (from ``FeatureEncoder.embedding_bag_configs()``).
+        dense_dim: number of dense features D.
+        objectives: the K objectives, in output order.
+        config: the architecture.
+        device: where to build the tables (``torch.device("meta")`` before DMP sharding).
+    """
+
+    def __init__(self, tables, dense_dim: int, objectives, config: ModelConfig, device=None):
+        super().__init__()
+        from torchrec import EmbeddingBagCollection
+
+        self.objectives = tuple(objectives)
+        self.config = config
+        self.ebc = EmbeddingBagCollection(tables=list(tables), device=device)
+        # the body's input order: features in table order (a sharded EBC may return its keys in
+        # another order, so forward() reorders by name)
+        self.feature_order = [f for t in tables for f in t.feature_names]
+        emb_dim = sum(t.embedding_dim * len(t.feature_names) for t in tables)
+        in_dim = emb_dim + dense_dim
+        body = {"shared_bottom": SharedBottom, "mmoe": MMoE, "ple": PLE}[config.arch]
+        self.body = body(in_dim, len(self.objectives), config)
+
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        kt = self.ebc(sparse)
+        if list(kt.keys()) != self.feature_order:
+            d = kt.to_dict()
+            emb = torch.cat([d[f] for f in self.feature_order], dim=1)
+        else:
+            emb = kt.values()
+        return self.body(torch.cat([emb, dense], dim=1) if dense.shape[1] else emb)
+
+
+def build_model(encoder, objectives, config: ModelConfig, device=None) -> MultiTaskRanker:
+    """A :class:`MultiTaskRanker` whose tables match the fitted ``encoder``."""
+    return MultiTaskRanker(encoder.embedding_bag_configs(), encoder.dense_dim, objectives, config, device)
+
+
+def transform_labels(labels: np.ndarray, objectives) -> np.ndarray:
+    """Raw labels (N, K) -> training targets (log1p for log1p regressions)."""
+    out = np.asarray(labels, dtype=np.float32).copy()
+    for k, o in enumerate(objectives):
+        if o.transform == "log1p":
+            out[:, k] = np.log1p(np.clip(out[:, k], 0, None))
+    return out
+
+
+def to_natural(outputs: torch.Tensor, objectives) -> torch.Tensor:
+    """Model outputs (N, K) -> natural units: probabilities for binary, inverse-transformed values
+    (``expm1`` for log1p, clipped at 0) for regression."""
+    cols = []
+    for k, o in enumerate(objectives):
+        y = outputs[:, k]
+        if o.type == "binary":
+            y = torch.sigmoid(y)
+        elif o.transform == "log1p":
+            y = torch.expm1(y).clamp_min(0.0)
+        cols.append(y)
+    return torch.stack(cols, dim=1)
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of per-objective losses: BCE-with-logits (binary), MSE (regression)."""
+
+    def __init__(self, objectives):
+        super().__init__()
+        self.objectives = tuple(objectives)
+        self.register_buffer("weights", torch.tensor([o.loss_weight for o in objectives], dtype=torch.float32))
+        self.register_buffer("binary", torch.tensor([o.type == "binary" for o in objectives]))
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (total loss, per-objective losses (K,))."""
+        bce = nn.functional.binary_cross_entropy_with_logits(outputs, targets, reduction="none").mean(0)
+        mse = ((outputs - targets) ** 2).mean(0)
+        per = torch.where(self.binary, bce, mse)
+        return (per * self.weights).sum(), per.detach()
+
+
+class PlainMultiTaskRanker(nn.Module):
+    """The same shape in plain PyTorch (``nn.EmbeddingBag`` per table), for the benchmark."""
+
+    def __init__(self, tables, dense_dim: int, objectives, config: ModelConfig):
+        super().__init__()
+        self.tables = list(tables)
+        self.bags = nn.ModuleDict({t.name: nn.EmbeddingBag(t.num_embeddings, t.embedding_dim, mode="mean",
+                                                                include_last_offset=True)
+                                   for t in self.tables})
+        self.feature_table = [(f, t.name) for t in self.tables for f in t.feature_names]
+        emb_dim = sum(t.embedding_dim * len(t.feature_names) for t in tables)
+        body = {"shared_bottom": SharedBottom, "mmoe": MMoE, "ple": PLE}[config.arch]
+        self.body = body(emb_dim + dense_dim, len(objectives), config)
+
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        jts = sparse.to_dict()
+        embs = [self.bags[t](jts[f].values(), jts[f].offsets()) for f, t in self.feature_table]
+        return self.body(torch.cat(embs + [dense], dim=1))

@@ -1,0 +1,122 @@
+"""``stratarank train``, ``stratarank evaluate`` and ``stratarank models list``.
+
+Importing this module stays light (no torch): the heavy imports happen inside the commands.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def cmd_train(args) -> int:
+    """Train the model of a train config; ``--nproc N`` trains with DistributedModelParallel."""
+    from strategy.errors import ValidationError
+
+    for flag, value in (("--epochs", args.epochs), ("--max-rows", args.max_rows), ("--nproc", args.nproc)):
+        if value is not None and value < 1:
+            print(f"{flag}: must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        from ranking.train import load_train_config
+
+        cfg = load_train_config(args.config)
+        overrides = {}
+        if args.epochs is not None:
+            overrides["epochs"] = args.epochs
+        if args.max_rows is not None:
+            overrides["max_rows"] = args.max_rows
+        if overrides:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, **overrides))
+        if args.nproc > 1:
+            from ranking.distributed import train_distributed
+
+            summary = train_distributed(cfg, nproc=args.nproc, registry=args.registry,
+                                        progress=not args.no_progress, config_path=args.config,
+                                        overrides=overrides)
+        else:
+            from ranking.train import train_from_config
+
+            summary = train_from_config(cfg, registry=args.registry, progress=not args.no_progress)
+    except ValidationError as exc:
+        for err in exc.errors:
+            print(str(err), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "metrics"} |
+                         {"metrics": {s: summary["metrics"].get(s) for s in ("valid", "test")}}, indent=2))
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from ranking.registry import list_models
+
+    rows = list_models(args.registry)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models in {args.registry}")
+        return 0
+    print(f"{'':1} {'name':<20} {'version':<8} {'created':<21} {'arch':<14} metrics")
+    for r in rows:
+        kinds = r.get("metric_kinds", {})
+        metrics = ", ".join(f"{k} {kinds.get(k, '')} {v:.3f}".replace("  ", " ") if isinstance(v, (int, float))
+                            else f"{k} -" for k, v in r["metrics"].items())
+        print(f"{'*' if r['current'] else ' '} {r['name']:<20} {r['version']:<8} {r['created'] or '':<21} "
+              f"{r['arch'] or '':<14} {r['metric_split']}: {metrics}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluate a registered model on a split of a train config's data."""
+    from strategy.errors import ValidationError
+
+    try:
+        from ranking.registry import load_model
+        from ranking.train import evaluate_registered, load_train_config
+
+        loaded = load_model(args.registry, args.model)
+        cfg = load_train_config(args.config)
+        result = evaluate_registered(loaded, cfg, split=args.split)
+    except ValidationError as exc:
+        for err in exc.errors:
+            print(str(err), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['model']} on {result['split']} ({result['rows']:,} rows, predict {result['predict_seconds']:.2f} s)")
+    for name, m in result["metrics"].items():
+        print(f"  {name:<16} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register ``train`` and ``models`` on the ``stratarank`` sub-parsers."""
+    p = sub.add_parser("train", help="train a TorchRec multi-task ranker and register it")
+    p.add_argument("--config", required=True, metavar="FILE", help="a train config, e.g. conf/train/sim_mmoe.yaml")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes for DistributedModelParallel (table-wise sharding, gloo, CPU)")
+    p.add_argument("--registry", default=None, metavar="DIR", help="registry folder (default: the config's)")
+    p.add_argument("--epochs", type=int, default=None, help="override training.epochs")
+    p.add_argument("--max-rows", type=int, default=None, help="override training.max_rows (most recent train rows)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a registered model on a train config's test split")
+    p.add_argument("--model", required=True, metavar="REF", help="name (current), name@version or a version folder")
+    p.add_argument("--config", required=True, metavar="FILE", help="the train config whose data to use")
+    p.add_argument("--registry", default="registry", metavar="DIR")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("models", help="list registered models")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("list", help="list the registry's models and versions (* = current)")
+    q.add_argument("--registry", default="registry", metavar="DIR")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_models_list)
