@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -25,8 +26,11 @@ from strategy import ValidationError, load_strategy, parse_events, parse_request
 from strategy.blend import blend
 from strategy.errors import FieldError
 
+from experiments.assignment import merge_assignments
+
 from .config import ServiceConfig
 from .metrics import Metrics
+from .nearline import NearlineThread
 from .openapi import openapi_document
 from .predictor import RankerChain
 from .ratelimit import TokenBuckets
@@ -51,6 +55,7 @@ class Serving:
     risk: RiskRules
     chain: RankerChain
     assigner: object | None = None
+    variant_chains: dict = field(default_factory=dict)  # "name@version" picked by a variant -> chain
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -67,13 +72,16 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
     risk = load_risk(config.risk_file) if config.risk_file else RiskRules()
     if chain is None:
         chain = RankerChain.load(config.registry, [config.model_name, config.fallback_name])
-    assigner = None
+    assigner, variant_chains = None, {}
     if config.experiments.get("file"):
         from experiments.assignment import Assigner
         from experiments.config import load_experiments
 
-        assigner = Assigner(load_experiments(config.experiments["file"]))
-    return Serving(strategies, default, risk, chain, assigner)
+        experiments = load_experiments(config.experiments["file"])  # validates the overrides too
+        assigner = Assigner(experiments)
+        refs = {v.model for e in experiments.experiments for v in e.variants if v.model}
+        variant_chains = {ref: RankerChain.load(config.registry, [ref, config.fallback_name]) for ref in refs}
+    return Serving(strategies, default, risk, chain, assigner, variant_chains)
 
 
 class Scorer:
@@ -85,39 +93,47 @@ class Scorer:
         self.metrics = metrics or Metrics()
         self.metrics.model_version = serving.chain.version
         self._variant_cache: dict = {}
+        self.follower = None  # the in-process near-line thread feeding a private memory store
+
+    def close(self) -> None:
+        """Stop the near-line thread and flush and close the bus and store (worker shutdown)."""
+        if self.follower is not None:
+            self.follower.stop()
+        for part in (self.bus, self.store):
+            if part is not None:
+                part.close()
 
     def swap(self, serving: Serving) -> None:
         self._variant_cache = {}
         self.serving = serving  # one reference assignment: atomic for concurrent readers
         self.metrics.model_version = serving.chain.version
 
-    def _strategy_for(self, serving: Serving, req, assignments):
+    def _strategy_and_chain(self, serving: Serving, req, assignments):
         name = req.strategy or serving.default_strategy
         if name not in serving.strategies:
             raise ApiError(404, "unknown_strategy", f"unknown strategy '{name}' (known: {', '.join(serving.strategies)})",
                            "strategy")
         strategy = serving.strategies[name]
-        overrides = {}
-        for a in assignments:
-            overrides.update(getattr(a, "overrides", None) or {})
+        overrides, model = merge_assignments(assignments)
+        chain = serving.variant_chains.get(model, serving.chain)
         if not overrides:
-            return strategy
+            return strategy, chain
         key = (id(serving), name, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
         if key not in self._variant_cache:
             self._variant_cache[key] = strategy.with_overrides(overrides)
-        return self._variant_cache[key]
+        return self._variant_cache[key], chain
 
     def rank(self, body) -> dict:
         serving = self.serving
         req = parse_request(body, max_candidates=self.config.max_candidates)
         assignments = serving.assigner.assign(req.user_id) if serving.assigner is not None else []
-        strategy = self._strategy_for(serving, req, assignments)
+        strategy, chain = self._strategy_and_chain(serving, req, assignments)
         request_id = req.stable_id()
 
         keep, dropped = serving.risk.screen(req.candidates)
         cands = [req.candidates[i] for i in keep]
         realtime = self._lookup(req.user_id, cands)
-        prediction = serving.chain.predict(
+        prediction = chain.predict(
             strategy, cands, lambda: self._frame(req, cands, realtime), realtime.get("item_counters"))
         P = prediction.matrix
         if serving.risk.max_per_creator is not None and cands:
@@ -210,15 +226,18 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     config = config or ServiceConfig()
     app = Flask("stratarank")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    if bus is None and config.bus.get("url"):
-        from .bus import open_bus
-
-        bus = open_bus(**config.bus)
-    if store is None and config.store.get("url"):
-        from .features import open_store
-
-        store = open_store(config.store["url"])
+    near = config.nearline
+    bus = near.bus.open() if bus is None else bus
+    follower = None
+    if store is None:
+        store = near.store.open()
+        if not store.durable:
+            # a memory store is private to this process: it follows the bus itself, under a
+            # consumer name of its own (each worker reads every event; Redis is shared instead)
+            follower = NearlineThread(replace(near, nearline=replace(near.nearline, consumer=f"scorer-{os.getpid()}")),
+                                      bus=bus, store=store).start()
     scorer = Scorer(config, serving or build_serving(config), bus, store)
+    scorer.follower = follower
     app.extensions["stratarank"] = scorer
     limiter = TokenBuckets(config.rate_per_s, config.rate_burst) if config.rate_per_s else None
 

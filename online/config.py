@@ -2,8 +2,8 @@
 
 Relative paths are resolved from the working directory. Secrets never live in the file:
 ``auth.admin_token_env`` and ``auth.api_keys_env`` name environment variables.
-The ``bus``, ``store`` and ``nearline`` sections belong to the near-line modules and are
-passed through as mappings.
+The ``bus``, ``store`` and ``nearline`` sections are validated by ``online.nearline``
+(``NearlineConfig``), which the scorer shares with the near-line consumer.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from pathlib import Path
 
 from strategy.checks import as_dict, as_list, as_number, as_str, check_keys
 from strategy.config import read_yaml
-from strategy.errors import Errors
+from strategy.errors import Errors, ValidationError
+
+from .nearline import NearlineConfig
 
 SECTIONS = ("server", "strategies", "model", "risk", "auth", "rate_limit", "bus", "store", "nearline", "experiments")
 
@@ -35,9 +37,7 @@ class ServiceConfig:
     api_keys: frozenset = frozenset()
     rate_per_s: float | None = None
     rate_burst: float = 0.0
-    bus: dict = field(default_factory=lambda: {"url": "embedded://runs/bus"})
-    store: dict = field(default_factory=lambda: {"url": "memory://"})
-    nearline: dict = field(default_factory=dict)
+    nearline: NearlineConfig = field(default_factory=NearlineConfig)  # bus, store, near-line consumer
     experiments: dict = field(default_factory=dict)
 
 
@@ -96,11 +96,16 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
         out["rate_per_s"] = as_number(errs, rate["per_second"], "rate_limit.per_second", lo=0, lo_open=True)
         out["rate_burst"] = as_number(errs, rate.get("burst", out["rate_per_s"] or 1), "rate_limit.burst", lo=1)
 
-    for section in ("bus", "store", "nearline", "experiments"):
-        if obj.get(section) is not None:
-            value = as_dict(errs, obj[section], section)
-            if value is not None:
-                out[section] = value
+    if obj.get("experiments") is not None:
+        exp = as_dict(errs, obj["experiments"], "experiments")
+        if exp is not None:
+            check_keys(errs, exp, "experiments", ("file",))
+            if exp.get("file") is not None and as_str(errs, exp["file"], "experiments.file"):
+                out["experiments"] = {"file": exp["file"]}
+    try:
+        out["nearline"] = NearlineConfig.from_dict({k: obj[k] for k in ("bus", "store", "nearline") if k in obj})
+    except ValidationError as exc:
+        errs.items.extend(exc.errors)
     errs.raise_if_any(source, lines)
     return ServiceConfig(**out)
 

@@ -38,11 +38,12 @@ class PriorPredictor:
     def predict(self, strategy, candidates, counters: dict | None = None) -> np.ndarray:
         n = len(candidates)
         counters = counters or {}
-        shown = np.asarray(counters.get("impression", np.zeros(n)), dtype=np.float64)
+        shown = np.asarray(counters.get("impressions", np.zeros(n)), dtype=np.float64)
         prior = np.array([c.generator.prior_score if c.generator else 0.5 for c in candidates], dtype=np.float64)
         out = np.empty((n, len(strategy.objectives)))
         for k, obj in enumerate(strategy.objectives):
-            count = np.asarray(counters.get(obj.event, np.zeros(n)), dtype=np.float64)
+            name = obj.event if obj.type == "binary" else f"{obj.event}_sum"  # regressions: summed values
+            count = np.asarray(counters.get(name, np.zeros(n)), dtype=np.float64)
             if obj.type == "binary":
                 rate = (count + PRIOR_STRENGTH * DEFAULT_BINARY_RATE) / (shown + PRIOR_STRENGTH)
                 out[:, k] = np.clip(rate * (0.5 + prior) if obj.weight > 0 else rate, 0.0, 1.0)
@@ -116,4 +117,16 @@ def load_ranker(registry: str, ref: str):
         from ranking.lgbm import load_registered_lgbm
 
         return load_registered_lgbm(vdir)
-    return load_model(registry, str(vdir))
+    return TorchRecRanker(load_model(registry, str(vdir)))
+
+
+class TorchRecRanker:
+    """A registered TorchRec model scoring request rows; columns a request lacks (say, a user
+    with no history yet) are encoded as missing: out-of-vocabulary ids, empty lists, mean dense."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.name, self.version, self.objectives = loaded.name, loaded.version, loaded.objectives
+
+    def predict(self, rows) -> np.ndarray:
+        return self.loaded.predict(rows, allow_missing=True)

@@ -91,40 +91,23 @@ def set_current(registry_dir: str | Path, name: str, version: str) -> None:
         raise
 
 
-def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, model_config, objectives,
-               metrics: dict, data: dict | None = None, train_config: str | None = None,
-               make_current: bool = True) -> Path:
-    """Write a new version of ``name`` and (by default) make it current. Returns the version folder.
+def publish_version(registry_dir: str | Path, name: str, write, make_current: bool = True) -> Path:
+    """Publish the next version of ``name``; ``write(folder)`` fills a temp folder and returns the
+    manifest fields of its kind (``name``, ``version``, ``created`` are added here).
 
-    The version folder is first written under a hidden temp name and renamed into place, so a
-    reader never sees a version without all its files.
+    The folder is renamed into place only when complete, so a reader never sees a version
+    without all its files; two writers never get the same version number.
     """
-    import torch
-
     root = Path(registry_dir) / name
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".new.", dir=root))
     try:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp / "weights.pt")
-        _write_json(tmp / "features.json", encoder.state_dict())
-        objs = [o.to_dict() for o in objectives]
-        _write_json(tmp / "objectives.json", objs)
-        _write_json(tmp / "metrics.json", _clean(metrics))
+        fields = write(tmp)
         while True:  # claim the next version number (rename fails if another writer took it)
             existing = versions(registry_dir, name)
-            number = int(existing[-1][1:]) + 1 if existing else 1
-            version = f"v{number}"
-            manifest = {
-                "name": name, "version": version,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "format": 1,
-                "model": {"class": "ranking.models.MultiTaskRanker", "config": model_config.to_dict(),
-                          "dense_dim": encoder.dense_dim, "sparse_features": encoder.sparse_keys},
-                "objectives": [{"name": o.name, "type": o.type, "transform": o.transform} for o in objectives],
-                "data": _clean(data or {}),
-                "train_config": train_config,
-                "files": list(FILES),
-            }
+            version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
+            manifest = {"name": name, "version": version,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
             _write_json(tmp / "manifest.json", manifest)
             try:
                 os.rename(tmp, root / version)
@@ -141,6 +124,31 @@ def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, m
     if make_current:
         set_current(registry_dir, name, version)
     return root / version
+
+
+def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, model_config, objectives,
+               metrics: dict, data: dict | None = None, train_config: str | None = None,
+               make_current: bool = True) -> Path:
+    """Write a new version of a TorchRec ranker and (by default) make it current; returns its folder."""
+    import torch
+
+    def write(folder: Path) -> dict:
+        torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder / "weights.pt")
+        _write_json(folder / "features.json", encoder.state_dict())
+        _write_json(folder / "objectives.json", [o.to_dict() for o in objectives])
+        _write_json(folder / "metrics.json", _clean(metrics))
+        return {
+            "format": 1,
+            "kind": "torchrec",
+            "model": {"class": "ranking.models.MultiTaskRanker", "config": model_config.to_dict(),
+                      "dense_dim": encoder.dense_dim, "sparse_features": encoder.sparse_keys},
+            "objectives": [{"name": o.name, "type": o.type, "transform": o.transform} for o in objectives],
+            "data": _clean(data or {}),
+            "train_config": train_config,
+            "files": list(FILES),
+        }
+
+    return publish_version(registry_dir, name, write, make_current)
 
 
 def list_models(registry_dir: str | Path) -> list[dict]:

@@ -113,14 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "table"), default="json")
     p.set_defaults(func=cmd_rank)
 
-    from . import train_cmd  # train, models list (torch is imported inside the commands)
-    train_cmd.add_parser(sub)
-    from . import simulate  # simulated feed world -> Parquet logs (no torch import)
-    simulate.add_parser(sub)
-    from . import experiments_cmd; experiments_cmd.add_parser(sub)  # experiments analyze, dashboard (no torch)
-    from . import serve_cmd  # the scorer under gunicorn (imports happen inside the command)
-    serve_cmd.add_parser(sub)
-    from . import benchmark_cmd; benchmark_cmd.add_parser(sub)  # benchmark kuairand (lightgbm/torch inside)
+    # each module registers its sub-commands; none imports torch, lightgbm or kafka at import time
+    from . import benchmark_cmd, demo, experiments_cmd, nearline_cmd, serve_cmd, simulate, train_cmd
+
+    for module in (simulate, train_cmd, benchmark_cmd, serve_cmd, nearline_cmd, experiments_cmd, demo):
+        module.add_parser(sub)
     return parser
 
 

@@ -32,9 +32,14 @@ def cmd_serve(args) -> int:
             self.cfg.set("graceful_timeout", 10)
             self.cfg.set("accesslog", None)
             self.cfg.set("loglevel", "warning")
+            self.cfg.set("worker_exit", _close_scorer)
 
         def load(self):
+            import torch
+
             from online.app import create_app
+
+            torch.set_num_threads(args.torch_threads)  # workers x threads should not exceed the cores
 
             # /admin/reload swaps this worker in place, then SIGHUP makes the master replace the
             # other workers gracefully (in-flight requests finish; new ones see the new config).
@@ -45,6 +50,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _close_scorer(server, worker) -> None:
+    """gunicorn hook: flush the worker's bus (buffered impressions, exposures) before it exits."""
+    scorer = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("stratarank")
+    if scorer is not None:
+        scorer.close()
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the real-time scorer (gunicorn)")
     p.add_argument("--config", metavar="FILE", help="service YAML (default: embedded defaults)")
@@ -52,4 +64,5 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--threads", type=int, default=1, help="threads per worker (gthread when > 1)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per worker")
     p.set_defaults(func=cmd_serve)

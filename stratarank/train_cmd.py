@@ -70,26 +70,33 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """Evaluate a registered model on a split of a train config's data."""
+    """Evaluate a registered model on held-out data: per-objective metrics, NDCG@10, reliability plot."""
+    from strategy import load_strategy
     from strategy.errors import ValidationError
 
     try:
-        from ranking.registry import load_model
-        from ranking.train import evaluate_registered, load_train_config
+        from online.predictor import load_ranker
+        from ranking.evaluate import evaluate_model, held_out_rows
 
-        loaded = load_model(args.registry, args.model)
-        cfg = load_train_config(args.config)
-        result = evaluate_registered(loaded, cfg, split=args.split)
+        model = load_ranker(args.registry, args.model)
+        frame, data = held_out_rows(args.data, args.split)
+        strategy = load_strategy(args.strategy) if args.strategy else None
+        result = evaluate_model(model, frame, strategy, plot=args.plot)
     except ValidationError as exc:
         for err in exc.errors:
             print(str(err), file=sys.stderr)
         return 1
+    result = {"model": f"{model.name}@{model.version}", "data": data["source"], "split": data["split"], **result}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['model']} on {result['split']} ({result['rows']:,} rows, predict {result['predict_seconds']:.2f} s)")
-    for name, m in result["metrics"].items():
-        print(f"  {name:<16} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    print(f"{result['model']} on {result['data']} ({result['split']}, {result['rows']:,} rows)")
+    for name, m in result["objectives"].items():
+        print(f"  {name:<16} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    if result.get("ndcg@10") is not None:
+        print(f"  blended score NDCG@10 {result['ndcg@10']:.4f}")
+    if result.get("plot"):
+        print(f"  reliability plot: {result['plot']}")
     return 0
 
 
@@ -106,11 +113,14 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a registered model on a train config's test split")
+    p = sub.add_parser("evaluate", help="evaluate a registered model on held-out data")
     p.add_argument("--model", required=True, metavar="REF", help="name (current), name@version or a version folder")
-    p.add_argument("--config", required=True, metavar="FILE", help="the train config whose data to use")
+    p.add_argument("--data", required=True, metavar="PATH|kuairand",
+                   help="simulated logs (folder or impressions.parquet; its time-split test rows) or 'kuairand'")
     p.add_argument("--registry", default="registry", metavar="DIR")
-    p.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    p.add_argument("--strategy", metavar="FILE", help="objectives YAML whose blended score NDCG@10 is reported")
+    p.add_argument("--split", choices=("test", "valid"), default="test")
+    p.add_argument("--plot", metavar="PNG", help="write a reliability plot here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -14,6 +14,7 @@ from werkzeug.serving import make_server
 
 from online.app import create_app
 from online.config import ServiceConfig
+from online.nearline import BusConfig, NearlineConfig
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False) | st.text(max_size=20)
 ANY_JSON = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5), max_leaves=20)
@@ -50,8 +51,10 @@ def from_schema(schema, depth=0):
 
 
 @pytest.fixture(scope="module")
-def server():
-    app = create_app(ServiceConfig(bus={}, store={}, risk_file="conf/risk.yaml", max_body_bytes=256 * 1024))
+def server(tmp_path_factory):
+    bus = BusConfig(url=f"embedded://{tmp_path_factory.mktemp('fuzz') / 'bus'}")
+    app = create_app(ServiceConfig(nearline=NearlineConfig(bus=bus), risk_file="conf/risk.yaml",
+                                   max_body_bytes=256 * 1024))
     doc = app.test_client().get("/openapi.json").get_json()
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)

@@ -5,6 +5,7 @@ import pytest
 
 from online.app import create_app
 from online.config import ServiceConfig, service_config_from_dict
+from online.nearline import BusConfig, NearlineConfig
 from strategy import ValidationError
 
 
@@ -16,9 +17,18 @@ def request_body(root):
     return body
 
 
+@pytest.fixture(autouse=True)
+def bus_dir(tmp_path, monkeypatch):
+    """Every app of this module logs to a real embedded bus in its own temp folder."""
+    monkeypatch.setitem(BUS, "url", f"embedded://{tmp_path / 'bus'}")
+    return tmp_path / "bus"
+
+
+BUS = {"url": None}
+
+
 def make_app(**kw):
-    kw.setdefault("bus", {})
-    kw.setdefault("store", {})
+    kw.setdefault("nearline", NearlineConfig(bus=BusConfig(url=BUS["url"])))
     return create_app(ServiceConfig(**kw))
 
 
@@ -146,3 +156,28 @@ def test_service_config_validation_names_the_key():
     assert "server.workers: 0 is out of range" in text and "rate_limit.per_second" in text
     cfg = service_config_from_dict({"auth": {"admin_token_env": "TOK"}}, environ={"TOK": "x", "STRATARANK_API_KEYS": "a, b"})
     assert cfg.admin_token == "x" and cfg.api_keys == {"a", "b"}
+
+
+def test_experiment_variants_apply_overrides_and_log_exposures(tmp_path, request_body):
+    from online.bus import open_bus
+
+    bus_url = BUS["url"]
+    app = make_app(experiments={"file": "conf/experiments/like_up.yaml"})
+    client = app.test_client()
+    responses = {}
+    for user in ("qa-like-up-t", "qa-like-up-c"):
+        body = dict(request_body, user_id=user, request_id=f"req-{user}")
+        responses[user] = client.post("/v1/rank", json=body).get_json()
+    assert responses["qa-like-up-t"]["experiments"] == [
+        {"layer": "ranking_weights", "experiment": "like_up", "variant": "treatment"}]
+    assert responses["qa-like-up-c"]["experiments"][0]["variant"] == "control"
+    # the treatment's like weight is 8 instead of 4: same candidates, different scores
+    score = {u: {i["item_id"]: i["score"] for i in r["items"]} for u, r in responses.items()}
+    common = set(score["qa-like-up-t"]) & set(score["qa-like-up-c"])
+    assert any(abs(score["qa-like-up-t"][i] - score["qa-like-up-c"][i]) > 1e-9 for i in common)
+    app.extensions["stratarank"].bus.flush()
+    reader = open_bus(bus_url)
+    exposures = [r.value for r in reader.consumer("t", ["exposures"]).poll(100, 1.0)]
+    reader.close()
+    assert {(e["user_id"], e["variant"]) for e in exposures} == {("qa-like-up-t", "treatment"), ("qa-like-up-c", "control")}
+    assert all(set(e) >= {"user_id", "layer", "experiment", "variant", "ts"} for e in exposures)

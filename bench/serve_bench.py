@@ -1,0 +1,217 @@
+"""The real scorer under load: gunicorn with 2 workers on loopback, a load generator in another process.
+
+Requests carry 500 candidates (20% LLM-generated) drawn from the simulated world. Prints req/s,
+candidates/s, p50/p99 latency at a fixed concurrency, and the ratio of the server's time per
+request (median latency of sequential requests) to the bare model call for the same batch,
+measured in this process: ``LoadedModel.predict`` on the same rows (encode + forward) and the
+forward alone on a pre-encoded batch. Never fails on time.
+
+    .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15]
+
+Without a registered model it first simulates a small world and trains one (about a minute).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_bodies(n_requests: int, n_candidates: int, llm_share: float, seed: int = 0) -> list[bytes]:
+    from experiments.world import World
+
+    world = World.from_yaml(ROOT / "conf/sim/default.yaml")
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for r in range(n_requests):
+        user = f"u{rng.integers(world.config.n_users)}"
+        pool = world.candidates(user, n_candidates * 3, rng)
+        llm = [c for c in pool if c["source"] == "llm"]
+        human = [c for c in pool if c["source"] != "llm"]
+        n_llm = int(round(llm_share * n_candidates))
+        cands = llm[:n_llm] + human[: n_candidates - min(n_llm, len(llm))]
+        bodies.append(json.dumps({"request_id": f"bench-{r}", "user_id": user, "candidates": cands}).encode())
+    return bodies
+
+
+def ensure_model(registry: Path, name: str) -> None:
+    from ranking.registry import current_version
+
+    if current_version(registry, name):
+        return
+    print(f"no model '{name}' in {registry}: simulating a world and training one ...", flush=True)
+    logs = registry.parent / "sim"
+    subprocess.run([sys.executable, "-m", "stratarank.cli", "simulate", "--config", str(ROOT / "conf/sim/default.yaml"),
+                    "--out", str(logs), "--impressions", "100000"], check=True, cwd=ROOT)
+    from ranking.train import load_train_config, train_from_config
+
+    cfg = load_train_config(ROOT / "conf/train/sim_mmoe.yaml")
+    cfg = replace(cfg, name=name, data=replace(cfg.data, path=str(logs)), training=replace(cfg.training, epochs=2))
+    train_from_config(cfg, registry=str(registry), progress=False)
+
+
+def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: int, out: mp.Queue) -> None:
+    """Runs in its own process: ``concurrency`` keep-alive connections for ``seconds``."""
+    latencies, errors = [], [0]
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def loop(k: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        i = k
+        while time.perf_counter() < stop:
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/rank", body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                ok = resp.status == 200
+            except OSError:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                ok = False
+            dt = time.perf_counter() - t0
+            with lock:
+                if ok:
+                    latencies.append(dt)
+                else:
+                    errors[0] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put((latencies, errors[0], time.perf_counter() - t0))
+
+
+def run_load(port, bodies, seconds, concurrency):
+    q = mp.get_context("spawn").Queue()
+    p = mp.get_context("spawn").Process(target=client_worker, args=(port, bodies, seconds, concurrency, q))
+    p.start()
+    result = q.get()
+    p.join()
+    return result
+
+
+def bare_model_times(registry: Path, name: str, body: bytes, repeats: int) -> tuple[float, float]:
+    import torch
+
+    from online.app import Scorer
+    from online.predictor import load_ranker
+    from strategy import parse_request
+
+    torch.set_num_threads(1)
+    ranker = load_ranker(str(registry), name)
+    model = ranker.loaded
+    req = parse_request(json.loads(body))
+    frame = Scorer._frame(req, list(req.candidates), {})
+    batch = model.encoder.transform(frame, allow_missing=True)
+
+    def med(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def forward():
+        with torch.inference_mode():
+            model.module(batch.dense, batch.kjt)
+
+    return med(lambda: ranker.predict(frame)), med(forward)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--registry", default=str(ROOT / "runs/bench/registry"))
+    ap.add_argument("--model", default="feed_mmoe")
+    ap.add_argument("--candidates", type=int, default=500)
+    ap.add_argument("--llm-share", type=float, default=0.2)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    registry = Path(args.registry)
+    ensure_model(registry, args.model)
+    bodies = make_bodies(50, args.candidates, args.llm_share)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "service.yaml"
+        config.write_text(json.dumps({
+            "strategies": {"files": [str(ROOT / "conf/objectives/feed.yaml")]},
+            "model": {"registry": str(registry), "name": args.model},
+            "bus": {"url": f"embedded://{tmp}/bus", "fsync": "interval"},
+            "store": {"url": "memory://"},
+            "server": {"max_candidates": 2000},
+        }))
+        port = free_port()
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        server = subprocess.Popen([sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config),
+                                   "--port", str(port), "--workers", str(args.workers)], cwd=ROOT, env=env)
+        try:
+            for _ in range(600):
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    conn.request("GET", "/readyz")
+                    ready = conn.getresponse().status == 200
+                    conn.close()
+                    if ready:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            else:
+                raise SystemExit("the scorer did not become ready (is a model registered?)")
+            run_load(port, bodies, 2.0, 2)  # warm-up: both workers loaded and JIT-free paths hot
+            seq, seq_err, _ = run_load(port, bodies, args.seconds / 3, 1)
+            lat, errors, wall = run_load(port, bodies, args.seconds, args.concurrency)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    predict_s, forward_s = bare_model_times(registry, args.model, bodies[0], 30)
+    lat_ms = np.array(lat) * 1e3
+    server_s = statistics.median(seq)
+    print(f"requests: {args.candidates} candidates ({args.llm_share:.0%} LLM), {args.workers} gunicorn workers, "
+          f"load generator in another process, concurrency {args.concurrency}, {wall:.1f} s")
+    print(f"throughput      : {len(lat) / wall:8.1f} req/s   {len(lat) * args.candidates / wall:10.0f} candidates/s"
+          f"   (errors: {errors + seq_err})   goal >= 100 req/s")
+    print(f"latency         : p50 {np.percentile(lat_ms, 50):6.1f} ms   p99 {np.percentile(lat_ms, 99):6.1f} ms"
+          f"   goal p99 <= 30 ms")
+    print(f"sequential      : median {server_s * 1e3:6.1f} ms per request (server time, no queueing)")
+    print(f"bare model      : predict (encode + forward) {predict_s * 1e3:6.1f} ms, forward only {forward_s * 1e3:6.1f} ms")
+    print(f"ratio server / predict: {server_s / predict_s:5.2f}   server / forward: {server_s / forward_s:5.2f}"
+          f"   goal <= 1.5")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1104 @@
+"""The event bus: publish batches of JSON records, consume them by consumer name, at least once.
+
+One interface, two implementations chosen by URL (:func:`open_bus`):
+
+``embedded://PATH``
+    A durable append-only log on local disk: per topic a folder of segment files named by the
+    byte offset of their first record. Each record is a CRC-protected frame, so a write torn by a
+    crash is detected and skipped, never misread; the next writer to open the log truncates a
+    torn tail. Every consumer name keeps its own committed position per topic. Several processes
+    may publish to one log (appends are serialised by ``flock``); one process at a time may
+    consume under a given name.
+
+``kafka://HOST:PORT``
+    Kafka through kafka-python 2.3.x: records are keyed by ``user_id`` and produced with
+    ``acks=all``; a consumer name is a consumer group with manual commits. Publishing never
+    blocks on the broker: records are first appended to a local spool (an embedded log) and a
+    background thread ships them in order, so while the broker is unreachable they wait on disk
+    and arrive, in order, once it is back.
+
+Delivery is at least once: a consumer commits after it has applied a batch, so after a crash the
+uncommitted tail is delivered again; consumers dedupe (the feature store does, by ``event_id``).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from strategy.errors import FieldError, ValidationError, did_you_mean
+
+log = logging.getLogger("stratarank.bus")
+
+TOPICS = ("impressions", "events", "exposures")
+FSYNC_POLICIES = ("always", "interval", "never")
+SCHEMES = ("embedded", "kafka")
+TOPIC_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+CONSUMER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+# frame: magic, body length, crc32(body); body: publish time (f64 seconds), key length, key, value
+MAGIC = b"SRL\x01"
+_HEAD = struct.Struct("<4sII")
+_BODY = struct.Struct("<dH")
+MAX_RECORD = 16 << 20
+DEFAULT_SEGMENT_BYTES = 64 << 20
+MIN_SEGMENT_BYTES = 4096
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One consumed record. ``offset`` is its position in ``(topic, partition)`` and
+    ``next_offset`` the position just after it (what a commit stores). For the embedded log both
+    are byte positions in the topic; for Kafka they are Kafka offsets (``next = offset + 1``)."""
+
+    topic: str
+    partition: int
+    offset: int
+    next_offset: int
+    key: str | None
+    value: dict
+    timestamp: float  # publish time, epoch seconds
+
+
+class EventBus:
+    """The interface both buses implement."""
+
+    url: str
+
+    def publish(self, topic: str, records: list[dict]) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def consumer(self, name: str, topics: list[str]) -> "Consumer":  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until published records are durable / delivered; True when they are."""
+        return True
+
+    def close(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Consumer:
+    """Reads records of some topics under a consumer name; ``commit`` stores positions."""
+
+    def poll(self, max_records: int = 1000, timeout_s: float = 0.1) -> list[Record]:  # pragma: no cover
+        raise NotImplementedError
+
+    def commit(self, records_or_position=None) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def positions_of(records) -> dict[tuple[str, int], int]:
+    """``{(topic, partition): next position}`` after the given records (max per partition)."""
+    out: dict[tuple[str, int], int] = {}
+    for r in records:
+        k = (r.topic, r.partition)
+        if r.next_offset > out.get(k, -1):
+            out[k] = r.next_offset
+    return out
+
+
+def _normalise_position(records_or_position, polled: dict) -> dict[tuple[str, int], int]:
+    if records_or_position is None:
+        return dict(polled)
+    if isinstance(records_or_position, dict):
+        out = {}
+        for k, v in records_or_position.items():
+            out[k if isinstance(k, tuple) else (k, 0)] = int(v)
+        return out
+    return positions_of(records_or_position)
+
+
+# ---------------------------------------------------------------- options and URLs
+
+
+def _bad(path: str, message: str, code: str = "invalid"):
+    return ValidationError([FieldError(path, message, code)])
+
+
+_OPTION_TYPES = {
+    "fsync": str, "fsync_interval_s": (int, float), "segment_bytes": int, "spool_dir": (str, os.PathLike),
+    "client_id": str, "linger_ms": int, "partitions": int, "request_timeout_ms": int,
+    "retry_backoff_s": (int, float), "fetch_max_wait_ms": int, "session_timeout_ms": int,
+}
+_EMBEDDED_OPTIONS = ("fsync", "fsync_interval_s", "segment_bytes")
+_KAFKA_OPTIONS = tuple(_OPTION_TYPES)
+
+
+def _check_options(options: dict, allowed) -> None:
+    errs = []
+    for key, val in options.items():
+        if key not in allowed:
+            errs.append(FieldError(f"bus.{key}", f"unknown option '{key}'{did_you_mean(key, allowed)} "
+                                                 f"(allowed: {', '.join(sorted(allowed))})", "unknown_key"))
+            continue
+        typ = _OPTION_TYPES[key]
+        if isinstance(val, bool) or not isinstance(val, typ):
+            errs.append(FieldError(f"bus.{key}", f"expected {getattr(typ, '__name__', 'a number')}, got {val!r}", "type"))
+    fsync = options.get("fsync")
+    if isinstance(fsync, str) and fsync not in FSYNC_POLICIES:
+        errs.append(FieldError("bus.fsync", f"'{fsync}' is not allowed{did_you_mean(fsync, FSYNC_POLICIES)} "
+                                            f"(allowed: {', '.join(FSYNC_POLICIES)})", "choice"))
+    seg = options.get("segment_bytes")
+    if isinstance(seg, int) and not isinstance(seg, bool) and not MIN_SEGMENT_BYTES <= seg <= 1 << 40:
+        errs.append(FieldError("bus.segment_bytes", f"{seg} is out of range [{MIN_SEGMENT_BYTES}, {1 << 40}]", "range"))
+    ival = options.get("fsync_interval_s")
+    if isinstance(ival, (int, float)) and not isinstance(ival, bool) and not 0.001 <= ival <= 3600:
+        errs.append(FieldError("bus.fsync_interval_s", f"{ival} is out of range [0.001, 3600]", "range"))
+    if errs:
+        raise ValidationError(errs)
+
+
+def parse_bus_url(url) -> tuple[str, str]:
+    """``('embedded', PATH)`` or ``('kafka', 'HOST:PORT')``; ValidationError naming ``bus.url``."""
+    allowed = "embedded://PATH or kafka://HOST:PORT"
+    if not isinstance(url, str) or "://" not in url:
+        raise _bad("bus.url", f"expected a URL ({allowed}), got {url!r}", "type" if not isinstance(url, str) else "invalid")
+    scheme, _, rest = url.partition("://")
+    if scheme not in SCHEMES:
+        raise _bad("bus.url", f"unknown scheme '{scheme}'{did_you_mean(scheme, SCHEMES)} "
+                              f"(allowed schemes: {', '.join(SCHEMES)}; {allowed})", "choice")
+    if scheme == "embedded":
+        if not rest:
+            raise _bad("bus.url", f"embedded:// needs a folder path ({allowed})")
+        return scheme, rest
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise _bad("bus.url", f"kafka:// needs HOST:PORT, got '{url}' ({allowed})")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return scheme, f"{host}:{port}"
+
+
+def open_bus(url: str, **options) -> EventBus:
+    """Open the bus of ``url``: ``embedded://PATH`` (default in ``conf/service.yaml``) or
+    ``kafka://HOST:PORT``.
+
+    Options: ``fsync`` (``always`` | ``interval`` | ``never``, default ``interval``),
+    ``fsync_interval_s`` (1.0), ``segment_bytes`` (64 MiB); Kafka also takes ``spool_dir``
+    (default ``var/spool/kafka-HOST-PORT``), ``client_id``, ``linger_ms``, ``partitions`` (for
+    topics it creates), ``request_timeout_ms``, ``retry_backoff_s``, ``fetch_max_wait_ms``,
+    ``session_timeout_ms`` (how soon a dead consumer's partitions move to a live one).
+    """
+    scheme, where = parse_bus_url(url)
+    if scheme == "embedded":
+        _check_options(options, _EMBEDDED_OPTIONS)
+        return EmbeddedBus(where, **options)
+    _check_options(options, _KAFKA_OPTIONS)
+    return KafkaBus(where, **options)
+
+
+def _check_topic(topic) -> str:
+    if not isinstance(topic, str) or not TOPIC_RE.match(topic):
+        raise _bad("topic", f"topic must match {TOPIC_RE.pattern}, got {topic!r}")
+    return topic
+
+
+def _check_consumer_name(name) -> str:
+    if not isinstance(name, str) or not CONSUMER_RE.match(name):
+        raise _bad("consumer", f"consumer name must match {CONSUMER_RE.pattern}, got {name!r}")
+    return name
+
+
+def encode_records(records) -> list[tuple[bytes, bytes]]:
+    """``[(key, json value)]``; every unserialisable record is reported by its index."""
+    if not isinstance(records, (list, tuple)):
+        raise _bad("records", f"expected a list of objects, got {type(records).__name__}", "type")
+    out, errs = [], []
+    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            errs.append(FieldError(f"records[{i}]", f"expected an object, got {type(rec).__name__}", "type"))
+            continue
+        try:
+            value = dumps(rec).encode()
+        except (TypeError, ValueError) as exc:
+            errs.append(FieldError(f"records[{i}]", f"not JSON-serialisable: {exc}", "type"))
+            continue
+        uid = rec.get("user_id")
+        key = b"" if uid is None else str(uid).encode()
+        if len(key) > 0xFFFF or len(value) + len(key) + _BODY.size > MAX_RECORD:
+            errs.append(FieldError(f"records[{i}]", f"record larger than {MAX_RECORD} bytes", "too_long"))
+            continue
+        out.append((key, value))
+    if errs:
+        raise ValidationError(errs)
+    return out
+
+
+# ---------------------------------------------------------------- the segment log
+
+
+def _frame(ts: float, key: bytes, value: bytes) -> bytes:
+    body = _BODY.pack(ts, len(key)) + key + value
+    return _HEAD.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def _parse(buf, start: int, end: int):
+    """Parse frames of ``buf[start:end]``. Yields ``(pos, next, ts, key, value)`` and stops at the
+    first frame that is incomplete or invalid; returns ``(frames, stop_pos, why)`` with ``why`` one
+    of ``'end'`` (clean end), ``'partial'`` (frame runs past ``end``), ``'bad'`` (corrupt)."""
+    frames = []
+    pos = start
+    head_size, unpack_head, unpack_body, body_size = _HEAD.size, _HEAD.unpack_from, _BODY.unpack_from, _BODY.size
+    crc32 = zlib.crc32
+    view = memoryview(buf)
+    while True:
+        if pos == end:
+            return frames, pos, "end"
+        if end - pos < head_size:
+            return frames, pos, ("partial" if MAGIC.startswith(bytes(buf[pos:end])[:4]) else "bad")
+        magic, blen, crc = unpack_head(buf, pos)
+        if magic != MAGIC or blen < body_size or blen > MAX_RECORD + body_size:
+            return frames, pos, "bad"
+        b0 = pos + head_size
+        nxt = b0 + blen
+        if nxt > end:
+            return frames, pos, "partial"
+        if crc32(view[b0:nxt]) != crc:
+            return frames, pos, "bad"
+        ts, klen = unpack_body(buf, b0)
+        k0 = b0 + body_size
+        if k0 + klen > nxt:
+            return frames, pos, "bad"
+        frames.append((pos, nxt, ts, buf[k0:k0 + klen], buf[k0 + klen:nxt]))
+        pos = nxt
+
+
+def _resync(buf, start: int, end: int) -> int | None:
+    """The position of the next valid frame after a corrupt one at ``start``, or None."""
+    pos = start + 1
+    while True:
+        pos = buf.find(MAGIC, pos, end)
+        if pos < 0:
+            return None
+        frames, _, why = _parse(buf, pos, end)
+        if frames or why == "end":
+            return pos
+        pos += 1
+
+
+def _segments(folder: Path) -> list[int]:
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[:-4]) for n in names if n.endswith(".log") and n[:-4].isdigit())
+
+
+def _seg_path(folder: Path, base: int) -> Path:
+    return folder / f"{base:020d}.log"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _TopicWriter:
+    """Appends frames to one topic's active segment; safe with several writer processes."""
+
+    def __init__(self, folder: Path, segment_bytes: int, fsync: str):
+        self.folder = folder
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = -1
+        self._base = -1
+        self.dirty = False
+        self.truncated_bytes = 0
+        with self._locked():
+            self._open_latest(recover=True)
+
+    def _locked(self):
+        writer = self
+
+        class _Lock:
+            def __enter__(self):
+                fcntl.flock(writer._lock_fd, fcntl.LOCK_EX)
+
+            def __exit__(self, *exc):
+                fcntl.flock(writer._lock_fd, fcntl.LOCK_UN)
+
+        return _Lock()
+
+    def _open_latest(self, recover: bool) -> None:
+        segs = _segments(self.folder)
+        if not segs:
+            base = 0
+            fd = os.open(_seg_path(self.folder, base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            _fsync_dir(self.folder)
+        else:
+            base = segs[-1]
+            path = _seg_path(self.folder, base)
+            if recover:
+                self.truncated_bytes += _recover_tail(path)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._base = fd, base
+
+    def append(self, data: bytes) -> None:
+        with self._locked():
+            size = os.fstat(self._fd).st_size
+            if size >= self.segment_bytes:
+                segs = _segments(self.folder)
+                if segs and segs[-1] > self._base:  # another process rolled already
+                    self._open_latest(recover=False)
+                    size = os.fstat(self._fd).st_size
+                if size >= self.segment_bytes:
+                    self._sync()
+                    new_base = self._base + size
+                    fd = os.open(_seg_path(self.folder, new_base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    _fsync_dir(self.folder)
+                    os.close(self._fd)
+                    self._fd, self._base = fd, new_base
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            if self.fsync == "always":
+                os.fdatasync(self._fd)
+            else:
+                self.dirty = True
+
+    def _sync(self) -> None:
+        if self._fd >= 0 and self.fsync != "never":
+            os.fdatasync(self._fd)
+        self.dirty = False
+
+    def sync(self) -> None:
+        with self._locked():
+            self._sync()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            if self.fsync != "never":
+                os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _recover_tail(path: Path) -> int:
+    """Truncate a torn tail (after the last valid frame) of a segment; returns bytes dropped."""
+    data = path.read_bytes()
+    end, pos = 0, 0
+    while pos < len(data):
+        frames, stop, why = _parse(data, pos, len(data))
+        if frames:
+            end = frames[-1][1]
+        if why == "end":
+            end = stop
+            break
+        nxt = _resync(data, stop, len(data))
+        if nxt is None:
+            break
+        pos = nxt
+    dropped = len(data) - end
+    if dropped:
+        log.warning("embedded log %s: dropping a torn tail of %d bytes at %d", path, dropped, end)
+        with open(path, "r+b") as fh:
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return dropped
+
+
+class _TopicReader:
+    """Reads frames of one topic from a byte position, across segments; never misreads a torn
+    frame: a corrupt frame followed by valid data is skipped, an incomplete tail is waited on."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._segs: list[int] = []
+        self._fh = None
+        self._fh_base = -1
+        self.skipped_bytes = 0
+
+    def _segment_for(self, pos: int, refresh: bool = False) -> tuple[int, int | None]:
+        if refresh or not self._segs or pos >= (self._segs[-1] if self._segs else 0):
+            self._segs = _segments(self.folder)
+        segs = self._segs
+        if not segs:
+            return -1, None
+        if pos < segs[0]:
+            return segs[0], (segs[1] if len(segs) > 1 else None)
+        lo, hi = 0, len(segs) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if segs[mid] <= pos:
+                lo = mid
+            else:
+                hi = mid - 1
+        return segs[lo], (segs[lo + 1] if lo + 1 < len(segs) else None)
+
+    def _file(self, base: int):
+        if self._fh_base != base:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh = open(_seg_path(self.folder, base), "rb", buffering=0)
+            self._fh_base = base
+        return self._fh
+
+    def read(self, pos: int, max_records: int):
+        """``(frames, new_pos)``: up to ``max_records`` frames from ``pos``."""
+        out = []
+        refresh = False
+        while len(out) < max_records:
+            base, nxt_base = self._segment_for(pos, refresh)
+            if base < 0:
+                return out, pos
+            pos = max(pos, base)
+            fh = self._file(base)
+            rel = pos - base
+            size = os.fstat(fh.fileno()).st_size
+            if rel >= size:
+                if nxt_base is not None:
+                    pos = nxt_base
+                    continue
+                if not refresh:
+                    refresh = True  # a writer may have rolled a segment since the last listing
+                    continue
+                return out, pos
+            refresh = False
+            fh.seek(rel)
+            buf = fh.read(min(size - rel, _READ_CHUNK))
+            frames, stop, why = _parse(buf, 0, len(buf))
+            if frames:
+                frames = frames[:max_records - len(out)]
+                for fpos, fnext, ts, key, value in frames:
+                    out.append((pos + fpos, pos + fnext, ts, key, value))
+                pos += frames[-1][1]
+                continue
+            if why == "partial" and len(buf) >= _HEAD.size:
+                blen = _HEAD.unpack_from(buf, 0)[1]
+                if rel + _HEAD.size + blen <= size:  # a frame larger than the chunk: read it whole
+                    fh.seek(rel)
+                    big = fh.read(_HEAD.size + blen)
+                    more, _, _ = _parse(big, 0, len(big))
+                    if more:
+                        fpos, fnext, ts, key, value = more[0]
+                        out.append((pos, pos + fnext, ts, key, value))
+                        pos += fnext
+                        continue
+                    why = "bad"
+            if why == "partial":
+                if nxt_base is None:
+                    return out, pos  # a write in progress, or a torn tail the next writer truncates
+                self._skip(pos, nxt_base - pos, "a torn tail")
+                pos = nxt_base
+                continue
+            # a corrupt frame: skip to the next valid frame of this segment, else to the next segment
+            fh.seek(rel)
+            rest = fh.read(size - rel)
+            nxt = _resync(rest, 0, len(rest))
+            if nxt is not None:
+                self._skip(pos, nxt, "corrupt bytes")
+                pos += nxt
+            elif nxt_base is not None:
+                self._skip(pos, nxt_base - pos, "a torn tail")
+                pos = nxt_base
+            else:
+                return out, pos  # a torn tail: the next writer truncates it
+        return out, pos
+
+    def _skip(self, pos: int, n: int, what: str) -> None:
+        self.skipped_bytes += n
+        log.warning("embedded log %s: skipping %s of %d bytes at %d", self.folder, what, n, pos)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            self._fh_base = -1
+
+
+class EmbeddedBus(EventBus):
+    """``embedded://PATH``: a segment log per topic under ``PATH/topics/<topic>/``, committed
+    positions under ``PATH/consumers/<name>.json``."""
+
+    def __init__(self, path, fsync: str = "interval", fsync_interval_s: float = 1.0,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+        self.path = Path(path)
+        self.url = f"embedded://{path}"
+        self.fsync = fsync
+        self.fsync_interval_s = float(fsync_interval_s)
+        self.segment_bytes = int(segment_bytes)
+        (self.path / "topics").mkdir(parents=True, exist_ok=True)
+        (self.path / "consumers").mkdir(parents=True, exist_ok=True)
+        self._writers: dict[str, _TopicWriter] = {}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._seq = 0
+        self._closed = False
+        self._syncer = None
+        if fsync == "interval":
+            self._syncer = threading.Thread(target=self._sync_loop, name="bus-fsync", daemon=True)
+            self._syncer.start()
+
+    def _writer(self, topic: str) -> _TopicWriter:
+        w = self._writers.get(topic)
+        if w is None:
+            w = self._writers[topic] = _TopicWriter(self.path / "topics" / topic, self.segment_bytes, self.fsync)
+        return w
+
+    def publish(self, topic: str, records: list[dict]) -> None:
+        """Append ``records`` to ``topic`` (one write; fsync per policy). Raises ValidationError
+        for a bad topic or a record that is not a JSON object, before writing anything."""
+        _check_topic(topic)
+        encoded = encode_records(records)
+        if not encoded:
+            return
+        self.publish_encoded(topic, encoded)
+
+    def publish_encoded(self, topic: str, encoded: list[tuple[bytes, bytes]], ts: float | None = None) -> None:
+        now = time.time() if ts is None else ts
+        data = b"".join([_frame(now, k, v) for k, v in encoded])
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("bus is closed")
+            self._writer(topic).append(data)
+            self._seq += 1
+            self._cond.notify_all()
+
+    def wait_for_data(self, seq: int, timeout_s: float) -> int:
+        """Block until a publish of this process after ``seq`` or the timeout; returns the seq."""
+        with self._cond:
+            if self._seq == seq and timeout_s > 0:
+                self._cond.wait(timeout_s)
+            return self._seq
+
+    def _sync_loop(self) -> None:
+        while True:
+            time.sleep(self.fsync_interval_s)
+            with self._lock:
+                if self._closed:
+                    return
+                writers = [w for w in self._writers.values() if w.dirty]
+                for w in writers:
+                    w.sync()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        with self._lock:
+            for w in self._writers.values():
+                if w.dirty:
+                    w.sync()
+        return True
+
+    def consumer(self, name: str, topics: list[str]) -> "EmbeddedConsumer":
+        _check_consumer_name(name)
+        for t in topics:
+            _check_topic(t)
+        return EmbeddedConsumer(self, name, list(topics))
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            for w in self._writers.values():
+                w.close()
+            self._writers.clear()
+            self._cond.notify_all()
+
+
+def _decode_values(raw: list) -> list:
+    """JSON objects of ``raw`` values (None where one is not a JSON object); one parse per batch."""
+    if not raw:
+        return []
+    if all(v[:1] == b"{" and v[-1:] == b"}" for v in raw):
+        try:
+            values = json.loads(b"[" + b",".join(raw) + b"]")
+            if len(values) == len(raw):
+                return [v if type(v) is dict else None for v in values]
+        except ValueError:
+            pass
+    out = []
+    for value in raw:  # a bad record somewhere: one at a time
+        try:
+            v = json.loads(value)
+        except ValueError:
+            v = None
+        out.append(v if type(v) is dict else None)
+    return out
+
+
+class EmbeddedConsumer(Consumer):
+    """Reads the topics round-robin from the committed positions of ``name``. One process at a
+    time may hold a name (an ``flock`` on ``consumers/<name>.lock``)."""
+
+    def __init__(self, bus: EmbeddedBus, name: str, topics: list[str], poll_interval_s: float = 0.005):
+        self.bus = bus
+        self.name = name
+        self.topics = topics
+        self.poll_interval_s = poll_interval_s
+        cdir = bus.path / "consumers"
+        self._lock_fd = os.open(cdir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise _bad("consumer", f"consumer '{name}' is in use by another process", "in_use") from None
+        self._offsets_path = cdir / f"{name}.json"
+        self.committed = self._load()
+        self.position = {t: self.committed.get(t, 0) for t in topics}
+        self._readers = {t: _TopicReader(bus.path / "topics" / t) for t in topics}
+        self._next_topic = 0
+        self._polled: dict[tuple[str, int], int] = {}
+
+    def add_topic(self, topic: str) -> None:
+        _check_topic(topic)
+        if topic not in self.position:
+            self.topics.append(topic)
+            self.position[topic] = self.committed.get(topic, 0)
+            self._readers[topic] = _TopicReader(self.bus.path / "topics" / topic)
+
+    def _load(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._offsets_path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {str(k): int(v) for k, v in data.get("positions", {}).items()}
+
+    @property
+    def skipped_bytes(self) -> int:
+        return sum(r.skipped_bytes for r in self._readers.values())
+
+    def _read_some(self, max_records: int) -> list[Record]:
+        out: list[Record] = []
+        n = len(self.topics)
+        for i in range(n):
+            if len(out) >= max_records:
+                break
+            topic = self.topics[(self._next_topic + i) % n]
+            frames, pos = self._readers[topic].read(self.position[topic], max_records - len(out))
+            self.position[topic] = pos
+            values = _decode_values([f[4] for f in frames])
+            for (fpos, fnext, ts, key, _), obj in zip(frames, values):
+                if obj is None:
+                    log.warning("embedded log %s: record at %d is not a JSON object; skipped", topic, fpos)
+                    continue
+                out.append(Record(topic, 0, fpos, fnext, key.decode() if key else None, obj, ts))
+            if frames:
+                self._polled[(topic, 0)] = pos
+        self._next_topic = (self._next_topic + 1) % max(n, 1)
+        return out
+
+    def poll(self, max_records: int = 1000, timeout_s: float = 0.1) -> list[Record]:
+        """Up to ``max_records`` records, waiting up to ``timeout_s`` for the first one."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            seq = self.bus._seq
+            out = self._read_some(max_records)
+            if out:
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return out
+            # woken at once by a publish of this process; other processes are seen by polling
+            self.bus.wait_for_data(seq, min(left, self.poll_interval_s))
+
+    def seek(self, positions: dict[str, int]) -> None:
+        for t, p in positions.items():
+            self.position[t] = int(p)
+
+    def commit(self, records_or_position=None) -> None:
+        """Store positions: after the given records, a ``{topic: position}`` mapping, or (None)
+        everything polled so far. Atomic (temp file + rename), fsynced unless ``fsync: never``."""
+        pos = _normalise_position(records_or_position, self._polled)
+        changed = False
+        for (topic, _part), p in pos.items():
+            if topic in self.position and p > self.committed.get(topic, -1):
+                self.committed[topic] = p
+                changed = True
+        if not changed:
+            return
+        tmp = self._offsets_path.with_suffix(".json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"consumer": self.name, "positions": self.committed}, fh)
+            fh.flush()
+            if self.bus.fsync != "never":
+                os.fsync(fh.fileno())
+        os.replace(tmp, self._offsets_path)
+        if self.bus.fsync == "always":
+            _fsync_dir(self._offsets_path.parent)
+
+    def lag(self) -> dict[str, int]:
+        """Bytes not yet consumed per topic (by this consumer's current position)."""
+        out = {}
+        for t in self.topics:
+            segs = _segments(self.bus.path / "topics" / t)
+            end = segs[-1] + _seg_path(self.bus.path / "topics" / t, segs[-1]).stat().st_size if segs else 0
+            out[t] = max(0, end - self.position[t])
+        return out
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        if self._lock_fd >= 0:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+# ---------------------------------------------------------------- Kafka
+
+
+class BusProducer:
+    """Publishes to Kafka through a local spool (an embedded log), so ``publish`` never waits
+    for the broker: a background thread ships spooled records in order (per topic), retrying
+    while the broker is unreachable, and marks them shipped once the broker acknowledged them
+    (``acks=all``). A crash re-ships at most the unacknowledged tail (consumers dedupe).
+
+    Several processes (scorer workers) may share one spool folder: all of them append, one of
+    them (whoever holds the spool's ``_shipper`` consumer lock) ships, and another takes over
+    within a second when that process dies."""
+
+    SHIPPER = "_shipper"
+
+    def __init__(self, bootstrap: str, spool_dir, topics=TOPICS, fsync: str = "interval",
+                 fsync_interval_s: float = 1.0, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 client_id: str = "stratarank", linger_ms: int = 5, partitions: int = 3,
+                 request_timeout_ms: int = 10_000, retry_backoff_s: float = 0.5, batch: int = 5000):
+        self.bootstrap = bootstrap
+        self.topics = list(topics)
+        self.client_id = client_id
+        self.linger_ms = linger_ms
+        self.partitions = partitions
+        self.request_timeout_ms = request_timeout_ms
+        self.retry_backoff_s = retry_backoff_s
+        self.batch = batch
+        self.spool = EmbeddedBus(spool_dir, fsync=fsync, fsync_interval_s=fsync_interval_s,
+                                 segment_bytes=segment_bytes)
+        with self.spool._lock:  # recover torn tails a crash left in the spool before shipping
+            for topic in os.listdir(self.spool.path / "topics"):
+                if TOPIC_RE.match(topic):
+                    self.spool._writer(topic)
+        self._cursor: _SpoolCursor | None = None  # held by one process of those sharing the spool
+        self._producer = None
+        self._stop = threading.Event()
+        self.shipped = 0
+        self.last_error: str | None = None
+        self._known_topics: set[str] = set()
+        self._thread = threading.Thread(target=self._run, name="bus-shipper", daemon=True)
+        self._thread.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None
+
+    def publish(self, topic: str, records: list[dict]) -> None:
+        _check_topic(topic)
+        encoded = encode_records(records)
+        if encoded:
+            self.spool.publish_encoded(topic, encoded)
+
+    def pending(self) -> int:
+        """Bytes spooled (by any process sharing the spool) and not yet acknowledged by the broker."""
+        return _spool_lag(self.spool.path, self.SHIPPER)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything published so far was acknowledged by the broker."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.pending() > 0:
+            if self._stop.is_set() or (deadline is not None and time.monotonic() > deadline):
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _connect(self):
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(
+            bootstrap_servers=self.bootstrap, client_id=self.client_id, acks="all", linger_ms=self.linger_ms,
+            retries=5, max_in_flight_requests_per_connection=1, request_timeout_ms=self.request_timeout_ms,
+            batch_size=256 * 1024, reconnect_backoff_max_ms=2000)
+        _ensure_topics(self.bootstrap, self.topics, self.partitions, self.client_id)
+        self._known_topics = set(self.topics)
+        return producer
+
+    def _drop_producer(self):
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=1)
+            except Exception:  # noqa: BLE001 - closing a broken client
+                pass
+            self._producer = None
+
+    def _run(self) -> None:
+        backoff = self.retry_backoff_s
+        while not self._stop.is_set():
+            if self._cursor is None:
+                try:  # several processes (scorer workers) may share one spool: one of them ships
+                    self._cursor = _SpoolCursor(self.spool, self.SHIPPER, list(self.topics))
+                except ValidationError:
+                    self._stop.wait(1.0)
+                    continue
+            if self._producer is None:
+                try:
+                    self._producer = self._connect()
+                    backoff = self.retry_backoff_s
+                    log.info("bus: connected to kafka %s", self.bootstrap)
+                except Exception as exc:  # noqa: BLE001 - broker down: keep spooling
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+            frames = self._cursor.read(self.batch)
+            if not frames:
+                self._cursor.wait(0.05)
+                continue
+            try:
+                fresh = {f[0] for f in frames} - self._known_topics
+                if fresh:
+                    _ensure_topics(self.bootstrap, sorted(fresh), self.partitions, self.client_id)
+                    self._known_topics |= fresh
+                futures = [self._producer.send(topic, key=key or None, value=value, timestamp_ms=int(ts * 1000))
+                           for topic, ts, key, value, _ in frames]
+                self._producer.flush(timeout=self.request_timeout_ms / 1000)
+                for f in futures:
+                    f.get(timeout=0)
+            except Exception as exc:  # noqa: BLE001 - not acknowledged: re-ship from the spool
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("bus: kafka %s unavailable (%s); records stay spooled", self.bootstrap, self.last_error)
+                self._cursor.rewind()
+                self._drop_producer()
+                self._stop.wait(backoff)
+                continue
+            self._cursor.commit(frames)
+            self.shipped += len(frames)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Try to ship what is spooled (up to ``timeout_s``), then stop; the rest stays spooled
+        and is shipped by the next producer on the same spool."""
+        if not self._stop.is_set():
+            self.flush(timeout_s)
+            self._stop.set()
+            self._thread.join(timeout_s + 2)
+            self._drop_producer()
+            if self._cursor is not None:
+                self._cursor.close()
+            self.spool.close()
+
+
+class _SpoolCursor:
+    """The shipper's read position on the spool log (committed only after broker acks)."""
+
+    def __init__(self, spool: EmbeddedBus, name: str, topics: list[str]):
+        self.spool = spool
+        self.consumer = EmbeddedConsumer(spool, name, topics)
+        self.topics = topics
+
+    def _discover(self) -> None:
+        for topic in sorted(os.listdir(self.spool.path / "topics")):
+            if topic not in self.consumer.position and TOPIC_RE.match(topic):
+                self.consumer.add_topic(topic)
+        self.topics = self.consumer.topics
+
+    def read(self, max_records: int):
+        self._discover()
+        out = []
+        for topic in self.topics:
+            reader = self.consumer._readers[topic]
+            frames, pos = reader.read(self.consumer.position[topic], max_records - len(out))
+            for fpos, fnext, ts, key, value in frames:
+                out.append((topic, ts, key, value, fnext))
+            self.consumer.position[topic] = pos
+            if len(out) >= max_records:
+                break
+        return out
+
+    def wait(self, timeout_s: float) -> None:
+        self.spool.wait_for_data(self.spool._seq, timeout_s)
+
+    def rewind(self) -> None:
+        self.consumer.position.update({t: self.consumer.committed.get(t, 0) for t in self.topics})
+
+    def commit(self, frames) -> None:
+        pos = {}
+        for topic, _ts, _k, _v, fnext in frames:
+            pos[topic] = max(pos.get(topic, 0), fnext)
+        self.consumer.commit(pos)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _spool_lag(path: Path, consumer: str) -> int:
+    """Bytes of the log at ``path`` past the committed positions of ``consumer``."""
+    try:
+        committed = json.loads((path / "consumers" / f"{consumer}.json").read_text()).get("positions", {})
+    except FileNotFoundError:
+        committed = {}
+    total = 0
+    for topic in os.listdir(path / "topics"):
+        folder = path / "topics" / topic
+        segs = _segments(folder)
+        if segs:
+            end = segs[-1] + _seg_path(folder, segs[-1]).stat().st_size
+            total += max(0, end - int(committed.get(topic, 0)))
+    return total
+
+
+def _ensure_topics(bootstrap: str, topics, partitions: int, client_id: str) -> None:
+    """Create missing topics (``partitions`` each); an existing topic is left as it is."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id + "-admin")
+    try:
+        for topic in topics:
+            try:
+                admin.create_topics([NewTopic(topic, partitions, 1)])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+class KafkaBus(EventBus):
+    """``kafka://HOST:PORT``: publish through a :class:`BusProducer` (spool + shipper thread);
+    consumers are consumer groups with manual commits."""
+
+    def __init__(self, bootstrap: str, spool_dir=None, fsync: str = "interval", fsync_interval_s: float = 1.0,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, client_id: str = "stratarank", linger_ms: int = 5,
+                 partitions: int = 3, request_timeout_ms: int = 10_000, retry_backoff_s: float = 0.5,
+                 fetch_max_wait_ms: int = 100, session_timeout_ms: int = 10_000):
+        self.bootstrap = bootstrap
+        self.session_timeout_ms = session_timeout_ms
+        self.url = f"kafka://{bootstrap}"
+        self.spool_dir = Path(spool_dir or Path("var") / "spool" / f"kafka-{bootstrap.replace(':', '-')}")
+        self._producer_opts = dict(fsync=fsync, fsync_interval_s=fsync_interval_s, segment_bytes=segment_bytes,
+                                   client_id=client_id, linger_ms=linger_ms, partitions=partitions,
+                                   request_timeout_ms=request_timeout_ms, retry_backoff_s=retry_backoff_s)
+        self.client_id = client_id
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self._producer: BusProducer | None = None
+        self._lock = threading.Lock()
+        self._consumers: list[KafkaConsumerAdapter] = []
+
+    @property
+    def producer(self) -> BusProducer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = BusProducer(self.bootstrap, self.spool_dir, **self._producer_opts)
+            return self._producer
+
+    def publish(self, topic: str, records: list[dict]) -> None:
+        self.producer.publish(topic, records)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return self._producer.flush(timeout_s) if self._producer is not None else True
+
+    def consumer(self, name: str, topics: list[str]) -> "KafkaConsumerAdapter":
+        _check_consumer_name(name)
+        for t in topics:
+            _check_topic(t)
+        try:  # a subscription to a topic that does not exist yet would wait for a metadata refresh (5 min)
+            _ensure_topics(self.bootstrap, topics, self._producer_opts["partitions"], self.client_id)
+        except Exception as exc:  # noqa: BLE001 - the broker may be down: the consumer retries itself
+            log.warning("bus: cannot create topics %s on %s (%s)", topics, self.bootstrap, exc)
+        c = KafkaConsumerAdapter(self.bootstrap, name, list(topics), self.client_id, self.fetch_max_wait_ms,
+                                 self.session_timeout_ms)
+        self._consumers.append(c)
+        return c
+
+    def close(self) -> None:
+        for c in self._consumers:
+            c.close()
+        self._consumers.clear()
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+
+class KafkaConsumerAdapter(Consumer):
+    """A consumer group member (``group_id = name``), no auto-commit, from the earliest offset."""
+
+    def __init__(self, bootstrap: str, name: str, topics: list[str], client_id: str, fetch_max_wait_ms: int,
+                 session_timeout_ms: int = 10_000):
+        from kafka import KafkaConsumer
+
+        self.name = name
+        self.topics = topics
+        self._consumer = KafkaConsumer(
+            *topics, bootstrap_servers=bootstrap, group_id=name, client_id=f"{client_id}-{name}",
+            enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=fetch_max_wait_ms,
+            max_poll_records=10_000, session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=max(100, session_timeout_ms // 3))
+        self._polled: dict[tuple[str, int], int] = {}
+        self.invalid = 0
+
+    def poll(self, max_records: int = 1000, timeout_s: float = 0.1) -> list[Record]:
+        batches = self._consumer.poll(timeout_ms=int(max(0.0, timeout_s) * 1000), max_records=max_records)
+        out = []
+        for tp, recs in batches.items():
+            values = _decode_values([r.value or b"null" for r in recs])  # one JSON parse per batch
+            for r, value in zip(recs, values):
+                if value is None:
+                    self.invalid += 1
+                    log.warning("kafka %s[%d]@%d: not a JSON object; skipped", tp.topic, tp.partition, r.offset)
+                else:
+                    out.append(Record(tp.topic, tp.partition, r.offset, r.offset + 1,
+                                      r.key.decode() if r.key else None, value, r.timestamp / 1000.0))
+            if recs:
+                self._polled[(tp.topic, tp.partition)] = recs[-1].offset + 1
+        return out
+
+    def commit(self, records_or_position=None) -> None:
+        """Commit offsets synchronously (after the given records, a ``{(topic, partition):
+        offset}`` mapping, or everything polled so far)."""
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        from kafka.errors import CommitFailedError
+
+        pos = _normalise_position(records_or_position, self._polled)
+        if pos:
+            try:
+                self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                                       for (t, p), o in pos.items()})
+            except CommitFailedError as exc:  # a rebalance: the records are delivered again
+                log.warning("kafka consumer %s: commit failed (%s); records will be redelivered", self.name, exc)
+
+    def close(self) -> None:
+        try:
+            self._consumer.close(autocommit=False)
+        except Exception:  # noqa: BLE001 - closing a broken client
+            pass

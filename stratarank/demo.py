@@ -1,0 +1,411 @@
+"""``stratarank demo``: the whole engine in a closed loop, on embedded defaults, in a few minutes.
+
+1. simulate the feed world's logs; 2. train the TorchRec multi-task ranker and the LightGBM
+fallback and register them; 3. start the scorer (gunicorn, 2 workers; each worker follows the
+bus with a near-line thread into its real-time feature store) on the embedded bus, or on the
+Kafka-compatible broker with ``--kafka``; 4. run a closed-loop A/B test: simulated users request
+feeds whose candidates mix retrieved and LLM-generated items, the world answers with feedback
+posted to ``/v1/events``; 5. analyse it, write the dashboard and a report, print a summary.
+
+Every process it starts is stopped on exit, Ctrl-C included.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SIM_CONFIG = ROOT / "conf/sim/default.yaml"
+TRAIN_CONFIG = ROOT / "conf/train/sim_mmoe.yaml"
+STRATEGY = ROOT / "conf/objectives/feed.yaml"
+EXPERIMENTS = ROOT / "conf/experiments/demo.yaml"
+RISK = ROOT / "conf/risk.yaml"
+MODEL, FALLBACK = "feed_mmoe", "feed_lgbm"
+# LightGBM fallback features: only what a request carries, so it can score any candidate online
+FALLBACK_COLUMNS = ("prior_score", "duration", "creator_followers", "text_len", "is_llm")
+
+
+def say(step: str, text: str) -> None:
+    print(f"\n[{step}] {text}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """The child processes of the demo; all are terminated on exit (and on Ctrl-C)."""
+
+    def __init__(self):
+        self.children: list[subprocess.Popen] = []
+
+    def start(self, args, log_path: Path, env=None) -> subprocess.Popen:
+        log = open(log_path, "w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                start_new_session=True)
+        self.children.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.children):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.children):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.children.clear()
+
+
+# ---------------------------------------------------------------- steps 1-2: data and models
+
+
+def simulate(out: Path, seed: int, impressions: int | None):
+    from experiments.world import World
+
+    world = World.from_yaml(SIM_CONFIG, seed=seed)
+    t0 = time.perf_counter()
+    imp, ev = world.simulate_logs(impressions, progress=True)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    imp.to_parquet(logs / "impressions.parquet")
+    ev.to_parquet(logs / "events.parquet")
+    print(f"    {len(imp):,} impressions, {len(ev):,} feedback events in {time.perf_counter() - t0:.1f} s -> {logs}")
+    return world, logs
+
+
+def train_models(logs: Path, registry: Path, epochs: int | None) -> dict:
+    from ranking.train import load_train_config, train_from_config
+
+    cfg = load_train_config(TRAIN_CONFIG)
+    training = cfg.training if epochs is None else replace(cfg.training, epochs=epochs)
+    cfg = replace(cfg, name=MODEL, data=replace(cfg.data, path=str(logs)), training=training)
+    summary = train_from_config(cfg, registry=str(registry), progress=True, log=lambda m: print("    " + m))
+    fallback = train_fallback(logs, registry, [o.name for o in cfg.objectives])
+    return {"mmoe": summary, "lightgbm": fallback}
+
+
+def train_fallback(logs: Path, registry: Path, objectives) -> dict:
+    from ranking.datasets import load_sim_logs
+    from ranking.lgbm import LGBMMultiObjective, register_lgbm
+    from ranking.metrics import auc
+
+    data = load_sim_logs(logs)
+    types = {name: data.objective_types.get(name, "binary") for name in objectives}
+    model = LGBMMultiObjective(types, num_boost_round=200).fit(data.train, FALLBACK_COLUMNS, data.valid)
+    pred = model.predict(data.test)
+    metrics = {"test": {name: {"auc": float(auc(data.test[name].to_numpy() > 0, pred[:, k]))}
+                        for k, name in enumerate(model.objectives) if types[name] == "binary"}}
+    path = register_lgbm(registry, FALLBACK, model, metrics)
+    print(f"    registered {FALLBACK}@{path.name} (LightGBM on request-time features; test AUC "
+          + ", ".join(f"{k} {v['auc']:.3f}" for k, v in metrics["test"].items()) + ")")
+    return {"version": path.name, "metrics": metrics}
+
+
+# ---------------------------------------------------------------- step 3: services
+
+
+def service_yaml(out: Path, registry: Path, bus_url: str, port: int) -> Path:
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "workers": 2},
+        "strategies": {"files": [str(STRATEGY)]},
+        "experiments": {"file": str(EXPERIMENTS)},
+        "model": {"registry": str(registry), "name": MODEL, "fallback": FALLBACK},
+        "risk": str(RISK),
+        "bus": {"url": bus_url, "fsync": "interval"},
+        "store": {"url": "memory://", "half_life_s": 3600},
+    }
+    path = out / "service.yaml"
+    path.write_text(json.dumps(config, indent=1))  # JSON is YAML
+    return path
+
+
+def wait_ready(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the scorer exited ({proc.returncode}); see {log}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/readyz")
+            status = conn.getresponse().status
+            conn.close()
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the scorer was not ready after {timeout_s:.0f} s; see {log}")
+
+
+# ---------------------------------------------------------------- step 4: the closed loop
+
+
+@dataclass
+class LoopStats:
+    latencies: list = field(default_factory=list)
+    served: int = 0
+    served_llm: int = 0
+    errors: int = 0
+    degraded: int = 0
+    variant_of: dict = field(default_factory=dict)
+    true_likes: dict = field(default_factory=dict)  # user -> expected likes under the world's truth
+    true_clicks: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Client:
+    """Keep-alive JSON client of one simulated user session."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def post(self, path: str, body) -> tuple[int, dict]:
+        data = json.dumps(body).encode()
+        for attempt in (0, 1):
+            try:
+                self.conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+                resp = self.conn.getresponse()
+                return resp.status, json.loads(resp.read() or b"{}")
+            except (OSError, http.client.HTTPException):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def closed_loop(world, port: int, users: int, requests_per_user: int, candidates: int, seed: int,
+                concurrency: int) -> LoopStats:
+    from tqdm import tqdm
+
+    stats = LoopStats()
+    user_ids = [f"u{k}" for k in range(min(users, world.config.n_users))]
+    bar = tqdm(total=len(user_ids) * requests_per_user, desc="    closed loop", unit="req", mininterval=0.5)
+
+    def session(k: int) -> None:
+        user = user_ids[k]
+        rng = np.random.default_rng([seed, k])
+        client = Client(port)
+        for r in range(requests_per_user):
+            request_id = f"demo-{seed}-{k}-{r}"
+            body = {"request_id": request_id, "user_id": user, "candidates": world.candidates(user, candidates, rng)}
+            t0 = time.perf_counter()
+            status, resp = client.post("/v1/rank", body)
+            latency = time.perf_counter() - t0
+            if status != 200:
+                with stats.lock:
+                    stats.errors += 1
+                continue
+            slate = [item["item_id"] for item in resp["items"]]
+            events = world.respond(user, slate, rng, ts=time.time(), request_id=request_id)
+            truth = world.true_probs([user] * len(slate), slate, np.arange(1, len(slate) + 1))
+            if events:
+                client.post("/v1/events", {"events": events})
+            with stats.lock:
+                stats.latencies.append(latency)
+                stats.served += len(slate)
+                stats.served_llm += sum(item["source"] == "llm" for item in resp["items"])
+                stats.degraded += bool(resp.get("degraded"))
+                for exp in resp["experiments"]:
+                    stats.variant_of[user] = exp["variant"]
+                stats.true_likes[user] = stats.true_likes.get(user, 0.0) + float(truth["like"].sum())
+                stats.true_clicks[user] = stats.true_clicks.get(user, 0.0) + float(truth["click"].sum())
+            bar.update(1)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(session, range(len(user_ids))))
+    bar.close()
+    return stats
+
+
+# ---------------------------------------------------------------- step 5: analysis
+
+
+def read_bus(bus_url: str):
+    """Exposures and events (impressions included, as ``impression`` events) from the bus."""
+    import pandas as pd
+
+    from online.bus import open_bus
+
+    bus = open_bus(bus_url)
+    consumer = bus.consumer(f"demo-analysis-{os.getpid()}", ["exposures", "events", "impressions"])
+    rows = {"exposures": [], "events": [], "impressions": []}
+    idle = 0
+    while idle < 3:
+        batch = consumer.poll(50_000, 1.0)
+        idle = idle + 1 if not batch else 0
+        for rec in batch:
+            rows[rec.topic].append(rec.value)
+    consumer.close()
+    bus.close()
+    exposures = pd.DataFrame(rows["exposures"], columns=["user_id", "layer", "experiment", "variant", "ts"])
+    impressions = pd.DataFrame([{"event_id": f"imp:{r['request_id']}:{r['item_id']}", "ts": r["ts"],
+                                 "type": "impression", "user_id": r["user_id"], "item_id": r["item_id"],
+                                 "request_id": r["request_id"], "value": None} for r in rows["impressions"]])
+    events = pd.DataFrame(rows["events"])
+    columns = ["event_id", "ts", "type", "user_id", "item_id", "request_id", "value"]
+    events = pd.concat([events.reindex(columns=columns), impressions.reindex(columns=columns)], ignore_index=True)
+    events["value"] = pd.to_numeric(events["value"], errors="coerce")
+    return exposures, events, len(rows["impressions"])
+
+
+def true_lift(stats: LoopStats, values: dict) -> float | None:
+    arms = {"control": [], "treatment": []}
+    for user, variant in stats.variant_of.items():
+        if variant in arms:
+            arms[variant].append(values.get(user, 0.0))
+    if not arms["control"] or not arms["treatment"] or np.mean(arms["control"]) == 0:
+        return None
+    return float(np.mean(arms["treatment"]) / np.mean(arms["control"]) - 1.0)
+
+
+def analyse(out: Path, bus_url: str, stats: LoopStats) -> dict:
+    from experiments.config import load_experiments
+    from experiments.dashboard import build_results, write_results, write_static_html
+
+    exposures, events, n_impressions = read_bus(bus_url)
+    config = load_experiments(EXPERIMENTS)
+    bundle = build_results(config, exposures, events)
+    results = out / "results"
+    write_results(results, bundle)
+    html = write_static_html(results, out / "dashboard.html")
+    truth = {"likes_per_user": true_lift(stats, stats.true_likes),
+             "clicks_per_user": true_lift(stats, stats.true_clicks)}
+    return {"records": bundle["records"], "results": results, "html": html, "truth": truth,
+            "exposures": len(exposures), "events": len(events) - n_impressions, "impressions": n_impressions}
+
+
+def pct(x) -> str:
+    return "   n/a" if x is None else f"{x * 100:+6.2f}%"
+
+
+def num(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) -> str:
+    lines = ["", "=" * 100, "Closed-loop A/B test: like_up (like weight 4 -> 8), treatment vs control", "=" * 100,
+             f"{'metric':<18}{'role':<10}{'control':>10}{'treatment':>11}{'rel. lift':>11}{'95% CI (rel.)':>22}"
+             f"{'p-value':>9}  {'true lift':>9}  verdict"]
+    for r in analysis["records"]:
+        ci = f"[{pct(r['rel_ci_low']).strip()}, {pct(r['rel_ci_high']).strip()}]" if r["rel_ci_low"] is not None else "n/a"
+        truth = analysis["truth"].get(r["metric"])
+        if r["role"] == "guardrail":
+            verdict = (r.get("guardrail") or "n/a").upper()
+        elif r.get("error"):
+            verdict = f"n/a ({r['error']})"
+        elif r["p_value"] is not None and r["p_value"] < 0.05:
+            verdict = "better" if r["abs_lift"] > 0 else "worse"
+        else:
+            verdict = "not significant"
+        if truth is not None and r["rel_ci_low"] is not None:
+            verdict += "; CI covers truth" if r["rel_ci_low"] <= truth <= r["rel_ci_high"] else "; CI MISSES truth"
+        lines.append(f"{r['metric']:<18}{r['role']:<10}{num(r['control_mean'], '.4g'):>10}"
+                     f"{num(r['treatment_mean'], '.4g'):>11}{pct(r['rel_lift']):>11}{ci:>22}"
+                     f"{num(r['p_value'], '.4f'):>9}  {pct(truth):>9}  {verdict}")
+    first = analysis["records"][0] if analysis["records"] else {}
+    lat = np.array(stats.latencies) * 1e3
+    srm = first.get("srm_p")
+    lines += [
+        "",
+        f"users: control {first.get('control_users')}, treatment {first.get('users')}; SRM p = {num(srm, '.3f')}"
+        + ("  ** SRM ALARM **" if first.get("srm_alarm") else " (no sample-ratio mismatch)"),
+        f"served: {stats.served:,} items in {len(stats.latencies):,} requests; LLM-generated share "
+        f"{stats.served_llm / max(stats.served, 1):.1%}; degraded responses {stats.degraded}; errors {stats.errors}",
+        f"latency /v1/rank (client side): p50 {np.percentile(lat, 50):.1f} ms, p95 {np.percentile(lat, 95):.1f} ms, "
+        f"p99 {np.percentile(lat, 99):.1f} ms",
+        f"bus: {analysis['impressions']:,} impressions, {analysis['events']:,} feedback events, "
+        f"{analysis['exposures']:,} exposures",
+        "models: " + ", ".join(
+            f"{MODEL}@{models['mmoe']['version']} (test AUC click "
+            f"{models['mmoe']['metrics'].get('test', {}).get('click', {}).get('auc', float('nan')):.3f})".split(", ")
+        ) + f", {FALLBACK}@{models['lightgbm']['version']} (fallback)",
+        f"wall time: {wall:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run(args) -> int:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    registry = out / "registry"
+    procs = Processes()
+    t0 = time.perf_counter()
+    try:
+        say("1/5", "simulating the feed world (conf/sim/default.yaml)")
+        world, logs = simulate(out, args.seed, args.impressions)
+        say("2/5", "training the TorchRec MMoE ranker and the LightGBM fallback")
+        models = train_models(logs, registry, args.epochs)
+
+        if args.kafka is not None:
+            from online.broker import start_broker
+
+            address = args.kafka
+            if not address:
+                address = start_broker(procs, out / "broker.log")
+                print(f"    started the Kafka-compatible broker (Tansu) at {address}")
+            bus_url = f"kafka://{address}"
+        else:
+            bus_url = f"embedded://{out / 'bus'}"
+        port = free_port()
+        say("3/5", f"starting the scorer on http://127.0.0.1:{port} (2 workers, near-line threads) on {bus_url}")
+        config = service_yaml(out, registry, bus_url, port)
+        scorer_log = out / "scorer.log"
+        scorer = procs.start([sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config)], scorer_log)
+        wait_ready(port, scorer, scorer_log)
+
+        say("4/5", f"closed-loop A/B test: {args.users} users x {args.requests} requests, "
+                   f"{args.candidates} candidates each (retrieved + LLM-generated)")
+        stats = closed_loop(world, port, args.users, args.requests, args.candidates, args.seed, args.concurrency)
+        procs.stop()  # the scorer flushes its bus on shutdown
+
+        say("5/5", "analysing the experiment and writing the dashboard")
+        analysis = analyse(out, bus_url, stats)
+        text = summary_text(analysis, stats, models, time.perf_counter() - t0)
+        report = out / "report.txt"
+        report.write_text(text.lstrip() + "\n")
+        print(text)
+        print(f"\nwrote: dashboard {analysis['html']}\n       results {analysis['results']}/\n       report {report}"
+              f"\n       models {registry}/  logs {logs}/  scorer log {scorer_log}")
+        print(f"browse: .venv/bin/stratarank dashboard --results {analysis['results']}")
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every process the demo started", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop()
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole engine in a closed loop and show what an experiment did")
+    p.add_argument("--out", default="runs/demo", help="folder for logs, models, bus, results (default runs/demo)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--impressions", type=int, default=None, help="simulated log size (default: the world's)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the train config's)")
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--requests", type=int, default=12, help="feed requests per user")
+    p.add_argument("--candidates", type=int, default=100, help="candidates per request")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--kafka", nargs="?", const="", default=None, metavar="HOST:PORT",
+                   help="use the Kafka-compatible bus (starts a broker when no address is given)")
+    p.set_defaults(func=run)

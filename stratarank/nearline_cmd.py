@@ -1,0 +1,61 @@
+"""``stratarank nearline``: run the near-line consumer (bus -> real-time feature store).
+
+Importing this module stays light (no torch, no kafka, no redis): they load inside the command.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+
+
+def cmd_nearline(args) -> int:
+    """Consume until SIGTERM/SIGINT (or ``--max-idle`` seconds without records), then snapshot,
+    commit and print the final figures as one JSON line on stdout."""
+    from strategy.errors import ValidationError
+
+    from online.nearline import NearlineConfig, run_nearline
+
+    try:
+        cfg = NearlineConfig.load(args.config).with_urls(args.bus, args.store)
+    except ValidationError as exc:
+        for err in exc.errors:
+            print(str(err), file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if args.progress_interval is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, nearline=replace(cfg.nearline, progress_interval_s=args.progress_interval))
+
+    def progress(stats):
+        print(json.dumps({"progress": stats.to_dict()}), file=sys.stderr, flush=True)
+
+    print(json.dumps({"nearline": {"bus": cfg.bus.url, "store": cfg.store.effective_url,
+                                   "consumer": cfg.nearline.consumer, "topics": list(cfg.nearline.topics)}}),
+          file=sys.stderr, flush=True)
+    try:
+        stats = run_nearline(cfg, stop=stop, max_idle_s=args.max_idle, on_progress=progress)
+    except ValidationError as exc:
+        for err in exc.errors:
+            print(str(err), file=sys.stderr)
+        return 2
+    print(json.dumps(stats.to_dict()), flush=True)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("nearline", help="run the near-line consumer: event bus -> real-time feature store")
+    p.add_argument("--config", default="conf/service.yaml", metavar="FILE", help="service YAML (bus, store, nearline)")
+    p.add_argument("--bus", metavar="URL", help="override bus.url: embedded://PATH or kafka://HOST:PORT")
+    p.add_argument("--store", metavar="URL", help="override store.url: memory://[PATH] or redis://HOST:PORT/DB")
+    p.add_argument("--max-idle", type=float, metavar="S", help="exit after S seconds without records (before the first one: at least 15 s)")
+    p.add_argument("--progress-interval", type=float, metavar="S", help="progress line on stderr every S seconds")
+    p.set_defaults(func=cmd_nearline)
