@@ -29,9 +29,10 @@ $(STAMP): requirements.lock setup.py
 	$(PY) -c "import torch, torchrec, lightgbm, flask, strategy; print('stack ok: torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 
+# The main job: simulate, train, serve, run a closed-loop A/B test, analyse it (see README).
 demo: $(STAMP)
-	$(VENV)/bin/stratarank validate conf/objectives/*.yaml
-	$(VENV)/bin/stratarank rank --strategy conf/objectives/feed.yaml --input conf/examples/request.json --format table
+	$(VENV)/bin/stratarank validate conf/objectives/*.yaml conf/experiments/*.yaml
+	$(VENV)/bin/stratarank demo
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
 test: $(STAMP) system-deps

@@ -230,10 +230,12 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     bus = near.bus.open() if bus is None else bus
     follower = None
     if store is None:
-        store = near.store.open()
-        if not store.durable:
-            # a memory store is private to this process: it follows the bus itself, under a
-            # consumer name of its own (each worker reads every event; Redis is shared instead)
+        shared = not near.store.url.startswith("memory://")
+        # a memory store is private to this process: it follows the bus itself from the start of the
+        # log, under a consumer name of its own, without snapshots (workers would overwrite each
+        # other's); Redis is shared, and `stratarank nearline` fills it
+        store = (near.store if shared else replace(near.store, url="memory://", snapshot_path=None)).open()
+        if not shared:
             follower = NearlineThread(replace(near, nearline=replace(near.nearline, consumer=f"scorer-{os.getpid()}")),
                                       bus=bus, store=store).start()
     scorer = Scorer(config, serving or build_serving(config), bus, store)
