@@ -29,6 +29,7 @@ from strategy.errors import FieldError
 from experiments.assignment import merge_assignments
 
 from .config import ServiceConfig
+from .features import StoreUnavailable
 from .metrics import Metrics
 from .nearline import NearlineThread
 from .openapi import openapi_document
@@ -71,7 +72,7 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
                                           f"(loaded: {', '.join(strategies)})", "unknown_strategy")])
     risk = load_risk(config.risk_file) if config.risk_file else RiskRules()
     if chain is None:
-        chain = RankerChain.load(config.registry, [config.model_name, config.fallback_name])
+        chain = RankerChain.load(config.registry, config.model_name, config.fallback_name)
     assigner, variant_chains = None, {}
     if config.experiments.get("file"):
         from experiments.assignment import Assigner
@@ -80,7 +81,7 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
         experiments = load_experiments(config.experiments["file"])  # validates the overrides too
         assigner = Assigner(experiments)
         refs = {v.model for e in experiments.experiments for v in e.variants if v.model}
-        variant_chains = {ref: RankerChain.load(config.registry, [ref, config.fallback_name]) for ref in refs}
+        variant_chains = {ref: RankerChain.load(config.registry, ref, config.fallback_name) for ref in refs}
     return Serving(strategies, default, risk, chain, assigner, variant_chains)
 
 
@@ -164,7 +165,12 @@ class Scorer:
         """One batched real-time lookup for the user and all candidates (empty without a store)."""
         if self.store is None or not cands:
             return {}
-        rt = self.store.lookup(user_id, [c.item_id for c in cands], [c.creator_id for c in cands])
+        try:
+            rt = self.store.lookup(user_id, [c.item_id for c in cands], [c.creator_id for c in cands])
+        except StoreUnavailable as exc:  # rank without real-time features rather than fail the request
+            log.warning("feature store unavailable: %s", exc)
+            self.metrics.add(degraded="feature_store_unavailable")
+            return {}
         return {"recent_items": list(getattr(rt, "recent_items", []) or []),
                 "item_counters": getattr(rt, "item_counters", None)}
 

@@ -55,9 +55,10 @@ class PriorPredictor:
 class RankerChain:
     """Holds the loaded models; ``predict`` walks them in order of preference."""
 
-    def __init__(self, models=(), load_errors=()):
+    def __init__(self, models=(), load_errors=(), primary_loaded: bool = True):
         self.models = list(models)  # objects with .name, .version, .objectives, .predict(frame)
         self.load_errors = list(load_errors)
+        self.primary_loaded = primary_loaded  # False: models[0] is already a fallback
         self.prior = PriorPredictor()
 
     @property
@@ -69,22 +70,24 @@ class RankerChain:
         return bool(self.models)
 
     @classmethod
-    def load(cls, registry: str, refs) -> "RankerChain":
-        """Load each ``ref`` (TorchRec or LightGBM, told apart by the manifest); failures are kept."""
-        models, errors = [], []
-        for ref in refs:
+    def load(cls, registry: str, primary: str | None, fallback: str | None = None) -> "RankerChain":
+        """Load the primary ranker and its fallback (TorchRec or LightGBM, told apart by the manifest);
+        load failures are kept in ``load_errors`` and the service starts anyway."""
+        models, errors, primary_loaded = [], [], primary is None
+        for ref, is_primary in ((primary, True), (fallback, False)):
             if not ref:
                 continue
             try:
                 models.append(load_ranker(registry, ref))
+                primary_loaded = primary_loaded or is_primary
             except Exception as exc:  # a missing or corrupt model must not stop the service
                 errors.append(f"{ref}: {type(exc).__name__}: {exc}")
                 log.warning("model %s not loaded: %s", ref, exc)
-        return cls(models, errors)
+        return cls(models, errors, primary_loaded)
 
     def predict(self, strategy, candidates, frame_fn, counters=None) -> Prediction:
         """``frame_fn()`` builds the model input rows lazily (only when a model is there)."""
-        degraded = "no_model" if not self.models else None
+        degraded = "no_model" if not self.models else None if self.primary_loaded else "primary_unavailable"
         frame = None
         for rank_pos, model in enumerate(self.models):
             columns = [model.objectives.index(o) if o in model.objectives else -1 for o in strategy.objective_names]
@@ -101,7 +104,7 @@ class RankerChain:
             if out.shape != (len(candidates), len(columns)) or not np.isfinite(out).all():
                 degraded = degraded or "model_output_invalid"
                 continue
-            return Prediction(out, f"{model.name}@{model.version}", degraded if rank_pos else None)
+            return Prediction(out, f"{model.name}@{model.version}", degraded if rank_pos or degraded else None)
         return Prediction(self.prior.predict(strategy, candidates, counters), "prior", degraded or "no_model")
 
 
