@@ -403,7 +403,7 @@ def add_parser(sub) -> None:
     p.add_argument("--impressions", type=int, default=None, help="simulated log size (default: the world's)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the train config's)")
     p.add_argument("--users", type=int, default=1000)
-    p.add_argument("--requests", type=int, default=12, help="feed requests per user")
+    p.add_argument("--requests", type=int, default=8, help="feed requests per user")
     p.add_argument("--candidates", type=int, default=100, help="candidates per request")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--kafka", nargs="?", const="", default=None, metavar="HOST:PORT",
