@@ -173,7 +173,22 @@ class TorchRecRanker:
         tr.seed_everything(cfg.training.seed)
         self.model = build_model(self.encoder, cfg.objectives, cfg.model)
         result = tr.fit(self.model, prep, cfg.training, log=self.log, progress=self.progress)
-        self.model.load_state_dict(result["best_state"])
+        self.best_epoch = result["best_epoch"]
+        if getattr(cfg.training, "refit", False):
+            # retrain on train + valid for the best number of epochs (the encoder stays fitted on train)
+            import dataclasses
+
+            full = pd.concat([parts[0][0], parts[1][0]], ignore_index=True)
+            y_full = np.concatenate([parts[0][1], parts[1][1]])
+            prep = tr.Prepared(self.encoder, cfg.objectives, self.encoder.transform(full),
+                               transform_labels(y_full, cfg.objectives), prep.valid, prep.y_valid,
+                               None, None, {}, {})
+            tcfg = dataclasses.replace(cfg.training, epochs=result["best_epoch"], patience=10_000)
+            tr.seed_everything(cfg.training.seed)
+            self.model = build_model(self.encoder, cfg.objectives, cfg.model)
+            tr.fit(self.model, prep, tcfg, log=self.log, progress=self.progress)   # keeps the last epoch's weights
+        else:
+            self.model.load_state_dict(result["best_state"])
         self.model.eval()
         return self
 

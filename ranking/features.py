@@ -21,10 +21,20 @@ Feature types:
 - ``id_list``: a list of ids per row (truncated to ``max_len``); ``table: other`` shares the
   vocabulary and embedding table of the ``id`` feature ``other`` (a user's recent items use
   the item table), else it owns a table.
+  ``lookup: [key_column, value_column]`` maps each listed id through a key -> value table learnt
+  from the training rows (e.g. a user's recent *items* -> their *topics*: ``lookup: [item_id, topic]``
+  with ``table: topic``); the table is part of the fitted state, so serving maps the same way
+  (unknown keys -> the OOV row).
 - ``text``: lower-cased word tokens hashed (crc32, stable across processes) into ``buckets``
   rows (+1: row 0 is padding/none), so an LLM item with no history still has content features.
 - ``dense``: a number; optional ``log1p``; missing -> the training mean; standardised with
   scikit-learn's ``StandardScaler`` (its ``mean_``/``scale_`` stored as lists).
+
+``fill`` (``id`` and ``dense``): the value used where the row has none. A column whose features all
+have a ``fill`` may be absent from the rows being encoded (serving): every row then gets the fill.
+That is how a training-only signal is served at a fixed value, e.g. the logged slate position::
+
+      - {name: position, type: id, column: position, dim: 4, fill: 1}   # serving: as if at the top
 """
 from __future__ import annotations
 
@@ -44,7 +54,7 @@ from strategy.errors import Errors, FieldError, ValidationError, did_you_mean, j
 FEATURE_TYPES = ("id", "id_list", "text", "dense")
 SPARSE_TYPES = ("id", "id_list", "text")
 FEATURE_KEYS = ("name", "type", "column", "dim", "max_vocab", "min_count", "table", "max_len", "buckets",
-                "log1p", "fill")
+                "log1p", "fill", "lookup")
 TOKEN_RE = re.compile(r"[a-z0-9]+")
 STATE_VERSION = 1
 
@@ -63,7 +73,8 @@ class FeatureConfig:
     max_len: int = 32
     buckets: int = 4096
     log1p: bool = False
-    fill: float | None = None
+    fill: float | int | str | None = None
+    lookup: tuple[str, str] | None = None
 
     @property
     def table_name(self) -> str:
@@ -90,6 +101,11 @@ class FeatureSpec:
     @property
     def columns(self) -> list[str]:
         return sorted({f.column for f in self.features})
+
+    @property
+    def fit_columns(self) -> list[str]:
+        """Columns fitting needs: the features' columns and the lookups' key/value columns."""
+        return sorted({f.column for f in self.features} | {c for f in self.features if f.lookup for c in f.lookup})
 
     def to_dict(self) -> dict:
         feats = []
@@ -140,9 +156,14 @@ def feature_spec_from_dict(data, source: str | None = None, lines: dict | None =
             else:
                 errs.add(join_path(path, "log1p"), "expected true or false", "type")
         if spec.get("fill") is not None:
-            v = as_number(errs, spec["fill"], join_path(path, "fill"))
-            if v is not None:
-                kw["fill"] = float(v)
+            if ftype == "id" and isinstance(spec["fill"], str) and spec["fill"]:
+                kw["fill"] = spec["fill"]
+            elif ftype not in ("id", "dense", None):
+                errs.add(join_path(path, "fill"), "only id and dense features take a fill value", "invalid")
+            else:
+                v = as_number(errs, spec["fill"], join_path(path, "fill"))
+                if v is not None:
+                    kw["fill"] = float(v) if ftype == "dense" or not float(v).is_integer() else int(v)
         if spec.get("table") is not None:
             table = as_str(errs, spec["table"], join_path(path, "table"))
             if table is not None:
@@ -156,6 +177,18 @@ def feature_spec_from_dict(data, source: str | None = None, lines: dict | None =
                                  "(a shared table must be an earlier 'id' feature)", "unknown_table")
                     else:
                         kw["table"] = table
+        if spec.get("lookup") is not None:
+            lk = as_list(errs, spec["lookup"], join_path(path, "lookup"), max_len=2)
+            if lk is not None:
+                if ftype != "id_list":
+                    errs.add(join_path(path, "lookup"), "only id_list features take a lookup", "invalid")
+                elif len(lk) != 2 or not all(isinstance(c, str) and c for c in lk):
+                    errs.add(join_path(path, "lookup"), "expected [key_column, value_column]", "type")
+                elif "table" not in kw:
+                    errs.add(join_path(path, "table"), "a lookup feature must share the table of its values' id "
+                             "feature (e.g. table: topic)", "required")
+                else:
+                    kw["lookup"] = (lk[0], lk[1])
         if len(errs.items) == before and fname and ftype and column:
             f = FeatureConfig(fname, ftype, column, **kw)
             seen[fname] = f
@@ -295,17 +328,26 @@ class FeatureEncoder:
         self.spec = spec
         self.vocabs: dict[str, list[str]] = {}       # table name -> ids (row = position + 1)
         self.scaler: dict[str, list[float]] = {}     # {"mean": [...], "scale": [...]}
+        self.maps: dict[str, dict[str, str]] = {}    # lookup feature -> {key id: value id}
         self._index: dict[str, pd.Index] = {}
         self._token_cache: dict[tuple[str, int], tuple] = {}
         self.fitted = False
 
     # ---- schema checks
-    def check_columns(self, frame: pd.DataFrame, what: str = "data") -> None:
-        """Every feature's column must exist in ``frame``; errors name the spec line."""
+    def fillable_columns(self) -> set[str]:
+        """Columns whose every feature has a ``fill``: they may be absent from rows to encode."""
+        cols: dict[str, bool] = {}
+        for f in self.spec.features:
+            cols[f.column] = cols.get(f.column, True) and f.fill is not None and f.type in ("id", "dense")
+        return {c for c, ok in cols.items() if ok}
+
+    def check_columns(self, frame: pd.DataFrame, what: str = "data", optional: set | frozenset = frozenset()) -> None:
+        """Every feature's column (but those in ``optional``) must exist in ``frame``; errors name the
+        spec line."""
         errors = []
         cols = list(frame.columns)
         for i, f in enumerate(self.spec.features):
-            if f.column not in frame.columns:
+            if f.column not in frame.columns and f.column not in optional:
                 errors.append(self.spec.error(
                     i, "column", f"feature '{f.name}' reads column '{f.column}', which is not in the {what}"
                     f"{did_you_mean(f.column, cols)} (columns: {', '.join(map(str, cols[:40]))})",
@@ -318,8 +360,17 @@ class FeatureEncoder:
         from sklearn.preprocessing import StandardScaler
 
         self.check_columns(frame)
+        missing = [c for c in self.spec.fit_columns if c not in frame.columns]
+        if missing:
+            raise ValidationError([FieldError("lookup", f"lookup column '{c}' is not in the data", "unknown_column",
+                                              self.spec.source) for c in missing])
         counts: dict[str, pd.Series] = {}
         for f in self.spec.sparse:
+            if f.lookup:
+                key, value = (_as_str_ids(frame[c]) for c in f.lookup)
+                pairs = pd.DataFrame({"k": key, "v": value}).dropna().drop_duplicates("k", keep="last")
+                self.maps[f.name] = dict(zip(pairs["k"], pairs["v"]))
+                continue   # its values count in their own id feature's vocabulary
             if f.type == "text":
                 continue
             if f.type == "id":
@@ -418,15 +469,26 @@ class FeatureEncoder:
             if absent:
                 frame = frame.assign(**{c: pd.Series([None] * len(frame), index=frame.index, dtype=object)
                                         for c in absent})
-        self.check_columns(frame, "rows")
+        fillable = self.fillable_columns()
+        self.check_columns(frame, "rows", optional=fillable)
+        absent = [c for c in fillable if c not in frame.columns]
+        if absent:   # filled below, as a missing value in every row
+            frame = frame.assign(**{c: pd.Series([None] * len(frame), index=frame.index, dtype=object)
+                                    for c in absent})
         n = len(frame)
         keys, values, lengths = [], [], []
         for f in self.spec.sparse:
             if f.type == "id":
-                v = self._lookup(f.table_name, frame[f.column].to_numpy())
+                ids = frame[f.column].to_numpy()
+                if f.fill is not None:
+                    ids = _as_str_ids(ids)
+                    ids[pd.isna(ids)] = _as_str_ids([f.fill])[0]
+                v = self._lookup(f.table_name, ids)
                 ln = np.ones(n, dtype=np.int32)
             elif f.type == "id_list":
                 flat, ln = _flatten_lists(frame[f.column], f.max_len)
+                if f.lookup:
+                    flat = pd.Series(_as_str_ids(flat), dtype=object).map(self.maps.get(f.name, {})).to_numpy(object)
                 v = self._lookup(f.table_name, flat)
             else:
                 v, ln = self._text(frame[f.column], f)
@@ -466,14 +528,18 @@ class FeatureEncoder:
 
     # ---- state (JSON)
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "spec": self.spec.to_dict(), "vocabs": self.vocabs,
-                "scaler": self.scaler}
+        state = {"version": STATE_VERSION, "spec": self.spec.to_dict(), "vocabs": self.vocabs,
+                 "scaler": self.scaler}
+        if self.maps:
+            state["maps"] = self.maps
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> "FeatureEncoder":
         enc = cls(feature_spec_from_dict(state["spec"], source="<encoder state>"))
         enc.vocabs = {k: list(v) for k, v in state["vocabs"].items()}
         enc.scaler = {k: list(v) for k, v in state.get("scaler", {}).items()}
+        enc.maps = {k: dict(v) for k, v in state.get("maps", {}).items()}
         enc._build_index()
         enc.fitted = True
         return enc

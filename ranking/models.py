@@ -5,6 +5,17 @@ from a fitted :class:`~ranking.features.FeatureEncoder` (tables, dense width) an
 objectives. Every architecture maps ``(dense (N, D), KeyedJaggedTensor)`` to logits (N, K),
 one tower per objective, K in objective order. Binary towers output logits (BCE with logits);
 regression towers output the *transformed* target (e.g. log1p of watch time; MSE).
+
+Two options of :class:`ModelConfig` add to any architecture:
+
+- ``interaction: dot`` (DLRM / FM style): each sparse feature's pooled embedding and the dense
+  vector are projected to ``interaction_dim``; the pairwise dot products of these vectors join the
+  body's input, so user x item affinities need not be learnt by an MLP from concatenated embeddings.
+- ``bias_features`` (PAL / YouTube's "shallow tower"): sparse features (e.g. the logged ``position``)
+  that bypass the body and feed a linear tower whose output is added to every objective's logit.
+  They explain the logging bias during training; at serving the encoder fills a fixed default (the
+  feature's ``fill``, e.g. position 1) so every candidate gets the same shift and the ranking is the
+  body's alone.
 """
 from __future__ import annotations
 
@@ -17,13 +28,17 @@ from torch import nn
 from strategy.errors import Errors
 
 ARCHS = ("shared_bottom", "mmoe", "ple")
+INTERACTIONS = ("none", "dot")
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """One predicted objective: ``type`` binary|regression, ``transform`` identity|log1p,
     ``loss_weight`` > 0 (not the blend weight), ``label`` the data column (default: the name, then
-    the ``event``)."""
+    the ``event``), ``output_scale`` the factor applied after ``expm1`` for a log1p regression:
+    ``expm1`` of a log-space mean estimates a geometric mean, well below the mean; training sets it
+    to Duan's smearing estimate ``mean(y) / mean(expm1(pred))`` on the validation rows, so the
+    natural-unit predictions are unbiased in mean (see :func:`smearing_factor`)."""
 
     name: str
     type: str = "binary"
@@ -31,6 +46,7 @@ class ObjectiveConfig:
     loss_weight: float = 1.0
     label: str | None = None
     event: str | None = None
+    output_scale: float = 1.0   # natural-unit multiplier of a log1p regression (Duan's smearing factor)
 
     def label_candidates(self) -> list[str]:
         """Data columns that may hold this objective's label, in order of preference."""
@@ -48,6 +64,10 @@ class ModelConfig:
       experts of ``expert`` layers, one softmax gate per objective) or ``ple`` (``num_levels`` CGC
       levels, each with ``num_shared_experts`` shared and ``num_task_experts`` per-objective experts).
     - ``tower``: hidden layers of each objective's tower (a final Linear(., 1) is added).
+    - ``interaction``: ``none`` or ``dot`` (pairwise dot products of the features' embeddings, each
+      projected to ``interaction_dim``, appended to the body's input).
+    - ``bias_features``: sparse feature names routed to a shallow linear tower added to the logits
+      (position bias); they must be features of the spec.
     """
 
     arch: str = "mmoe"
@@ -59,6 +79,9 @@ class ModelConfig:
     num_levels: int = 1
     tower: tuple[int, ...] = (32,)
     dropout: float = 0.0
+    interaction: str = "none"
+    interaction_dim: int = 16
+    bias_features: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,6 +121,14 @@ def model_config_from_dict(errs: Errors, data: dict, path: str = "model") -> Mod
                                 hi=64, integer=True)
     if "dropout" in obj:
         kw["dropout"] = as_number(errs, obj["dropout"], f"{path}.dropout", lo=0, hi=1, hi_open=True)
+    if "interaction" in obj:
+        kw["interaction"] = as_str(errs, obj["interaction"], f"{path}.interaction", choices=INTERACTIONS)
+    if "interaction_dim" in obj:
+        kw["interaction_dim"] = as_number(errs, obj["interaction_dim"], f"{path}.interaction_dim", lo=1, hi=1024,
+                                          integer=True)
+    if "bias_features" in obj:
+        items = as_list(errs, obj["bias_features"], f"{path}.bias_features", max_len=16) or []
+        kw["bias_features"] = tuple(as_str(errs, v, f"{path}.bias_features[{i}]") for i, v in enumerate(items))
     if len(errs.items) != before:
         return None
     return ModelConfig(**kw)
@@ -207,6 +238,29 @@ class PLE(nn.Module):
         return self.towers(inputs[: self.num_tasks])
 
 
+class DotInteraction(nn.Module):
+    """DLRM-style pairwise interaction: F feature vectors (N, d_f) (+ the dense vector) are projected to
+    a common ``dim``; the output is the F' (F' - 1) / 2 pairwise dot products (N, F'(F'-1)/2)."""
+
+    def __init__(self, dims: list[int], dense_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(d, dim, bias=False) for d in dims)
+        self.dense_proj = nn.Linear(dense_dim, dim) if dense_dim else None
+        n = len(dims) + (1 if dense_dim else 0)
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.out_dim = n * (n - 1) // 2
+
+    def forward(self, embs: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
+        vecs = [p(e) for p, e in zip(self.proj, embs)]
+        if self.dense_proj is not None:
+            vecs.append(self.dense_proj(dense))
+        v = torch.stack(vecs, dim=1)                                            # (N, F', dim)
+        z = torch.bmm(v, v.transpose(1, 2))                                     # (N, F', F')
+        return z[:, self.rows, self.cols]
+
+
 class MultiTaskRanker(nn.Module):
     """``EmbeddingBagCollection`` + dense features -> a multi-task body -> logits (N, K).
 
@@ -214,7 +268,7 @@ class MultiTaskRanker(nn.Module):
         tables: ``torchrec.EmbeddingBagConfig`` list (from ``FeatureEncoder.embedding_bag_configs()``).
         dense_dim: number of dense features D.
         objectives: the K objectives, in output order.
-        config: the architecture.
+        config: the architecture (``interaction``, ``bias_features``: see the module docstring).
         device: where to build the tables (``torch.device("meta")`` before DMP sharding).
     """
 
@@ -228,19 +282,45 @@ class MultiTaskRanker(nn.Module):
         # the body's input order: features in table order (a sharded EBC may return its keys in
         # another order, so forward() reorders by name)
         self.feature_order = [f for t in tables for f in t.feature_names]
-        emb_dim = sum(t.embedding_dim * len(t.feature_names) for t in tables)
+        dims = {f: t.embedding_dim for t in tables for f in t.feature_names}
+        unknown = [f for f in config.bias_features if f not in dims]
+        if unknown:
+            raise ValueError(f"bias_features {unknown} are not sparse features of the spec "
+                             f"(features: {', '.join(self.feature_order)})")
+        self.bias_names = [f for f in self.feature_order if f in config.bias_features]
+        self.body_names = [f for f in self.feature_order if f not in config.bias_features]
+        offsets = np.concatenate([[0], np.cumsum([dims[f] for f in self.feature_order])]).tolist()
+        self._slices = {f: (offsets[j], offsets[j + 1]) for j, f in enumerate(self.feature_order)}
+        emb_dim = sum(dims[f] for f in self.body_names)
         in_dim = emb_dim + dense_dim
+        self.interaction = None
+        if config.interaction == "dot":
+            self.interaction = DotInteraction([dims[f] for f in self.body_names], dense_dim, config.interaction_dim)
+            in_dim += self.interaction.out_dim
+        self.bias_tower = (nn.Linear(sum(dims[f] for f in self.bias_names), len(self.objectives))
+                           if self.bias_names else None)
         body = {"shared_bottom": SharedBottom, "mmoe": MMoE, "ple": PLE}[config.arch]
         self.body = body(in_dim, len(self.objectives), config)
 
-    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+    def _pooled(self, sparse) -> dict[str, torch.Tensor]:
+        if not self.feature_order:   # dense features only
+            return {}
         kt = self.ebc(sparse)
         if list(kt.keys()) != self.feature_order:
-            d = kt.to_dict()
-            emb = torch.cat([d[f] for f in self.feature_order], dim=1)
-        else:
-            emb = kt.values()
-        return self.body(torch.cat([emb, dense], dim=1) if dense.shape[1] else emb)
+            return kt.to_dict()
+        values = kt.values()
+        return {f: values[:, a:b] for f, (a, b) in self._slices.items()}
+
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        emb = self._pooled(sparse)
+        body_embs = [emb[f] for f in self.body_names]
+        parts = body_embs + ([dense] if dense.shape[1] else [])
+        if self.interaction is not None:
+            parts.append(self.interaction(body_embs, dense))
+        logits = self.body(torch.cat(parts, dim=1))
+        if self.bias_tower is not None:
+            logits = logits + self.bias_tower(torch.cat([emb[f] for f in self.bias_names], dim=1))
+        return logits
 
 
 def build_model(encoder, objectives, config: ModelConfig, device=None) -> MultiTaskRanker:
@@ -267,8 +347,37 @@ def to_natural(outputs: torch.Tensor, objectives) -> torch.Tensor:
             y = torch.sigmoid(y)
         elif o.transform == "log1p":
             y = torch.expm1(y).clamp_min(0.0)
+            scale = float(getattr(o, "output_scale", 1.0) or 1.0)
+            if scale != 1.0:
+                y = y * scale
         cols.append(y)
     return torch.stack(cols, dim=1)
+
+
+def smearing_factor(outputs, labels) -> float:
+    """Duan's smearing estimate for a log1p regression: ``mean(y) / mean(expm1(pred))`` over rows
+    (``outputs``: model outputs in log1p space, ``labels``: natural-unit targets). Multiplying
+    ``expm1(pred)`` by it makes the predictions' mean equal the labels' mean (1.0 when undefined)."""
+    z = np.asarray(outputs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    ok = np.isfinite(z) & np.isfinite(y)
+    pred = np.clip(np.expm1(z[ok]), 0.0, None)
+    if not ok.any() or pred.mean() <= 0 or y[ok].mean() <= 0:
+        return 1.0
+    return float(y[ok].mean() / pred.mean())
+
+
+def with_smearing(objectives, outputs, labels) -> tuple:
+    """``objectives`` with ``output_scale`` set by :func:`smearing_factor` for each log1p regression
+    (``outputs``/``labels``: (N, K) raw model outputs and natural-unit labels, e.g. of the validation set)."""
+    import dataclasses
+
+    out = []
+    for k, o in enumerate(objectives):
+        if o.type == "regression" and o.transform == "log1p":
+            o = dataclasses.replace(o, output_scale=round(smearing_factor(outputs[:, k], labels[:, k]), 6))
+        out.append(o)
+    return tuple(out)
 
 
 class MultiTaskLoss(nn.Module):

@@ -47,7 +47,7 @@ TOP_KEYS = ("name", "data", "features", "objectives", "labels", "loss_weights", 
 DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "test_fraction")
 LOADERS = ("table", "sim", "kuairand")
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "embedding_lr", "weight_decay", "patience", "seed", "threads",
-                 "max_rows", "eval_batch_size")
+                 "max_rows", "eval_batch_size", "refit")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class TrainingConfig:
     seed: int = 0
     threads: int = 2
     max_rows: int | None = None
+    refit: bool = False         # benchmark (ranking.benchmark.TorchRecRanker): after early stopping, retrain
+                                # from scratch on train + valid for the best number of epochs (the most
+                                # recent rows matter on a time split; LightGBMRanker refits the same way)
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,11 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
                           lo_open=key in ("lr", "embedding_lr"))
             if v is not None:
                 tk[key] = v
+    if t.get("refit") is not None:
+        if isinstance(t["refit"], bool):
+            tk["refit"] = t["refit"]
+        else:
+            errs.add("training.refit", "expected true or false", "type")
     registry = as_str(errs, obj.get("registry", "registry"), "registry") or "registry"
     try:
         errs.raise_if_any(source, lines)
@@ -406,7 +414,7 @@ def evaluate_outputs(outputs: np.ndarray, labels: np.ndarray, objectives) -> dic
                            "mean_pred": float(p.mean()), "mean_label": float(y.mean())}
         else:
             t = np.log1p(np.clip(y, 0, None)) if o.transform == "log1p" else y
-            nat = np.expm1(z).clip(0) if o.transform == "log1p" else z
+            nat = np.expm1(z).clip(0) * float(o.output_scale) if o.transform == "log1p" else z
             out[o.name] = {"rmse": float(np.sqrt(np.mean((z - t) ** 2))), "mean_pred": float(nat.mean()),
                            "mean_label": float(y.mean())}
     return out
@@ -580,9 +588,16 @@ def fit(model, prep: Prepared, tcfg: TrainingConfig, *, rank: int = 0, world: in
 
 
 def final_metrics(model, prep: Prepared, tcfg: TrainingConfig, rank: int = 0, world: int = 1) -> dict:
-    """Validation and (if any) test metrics of ``model`` (call after loading the best state)."""
-    out = {"valid": evaluate_outputs(predict_outputs(model, prep.valid, tcfg.eval_batch_size, rank, world),
-                                     prep.y_valid, prep.objectives)}
+    """Validation and (if any) test metrics of ``model`` (call after loading the best state).
+
+    Also sets each log1p regression's ``output_scale`` in ``prep.objectives`` (Duan's smearing factor
+    on the validation rows, see :func:`ranking.models.smearing_factor`): the registry saves those
+    objectives, so served natural-unit predictions are unbiased in mean."""
+    from .models import with_smearing
+
+    valid_out = predict_outputs(model, prep.valid, tcfg.eval_batch_size, rank, world)
+    prep.objectives = with_smearing(prep.objectives, valid_out, prep.y_valid)
+    out = {"valid": evaluate_outputs(valid_out, prep.y_valid, prep.objectives)}
     if prep.test is not None:
         out["test"] = evaluate_outputs(predict_outputs(model, prep.test, tcfg.eval_batch_size, rank, world),
                                        prep.y_test, prep.objectives)
@@ -629,7 +644,7 @@ def finish(cfg: TrainConfig, prep: Prepared, result: dict, metrics: dict, state:
                 for k, v in metrics[split].items()))
     summary = {"metrics": metrics, "version": None, "path": None}
     if register:
-        path = save_model(registry or cfg.registry, cfg.name, state, prep.encoder, cfg.model, cfg.objectives,
+        path = save_model(registry or cfg.registry, cfg.name, state, prep.encoder, cfg.model, prep.objectives,
                           metrics, data=prep.description, train_config=cfg.source)
         summary.update(version=path.name, path=str(path))
         log(f"registered {cfg.name}@{path.name} in {path.parent.parent} (current)")

@@ -154,3 +154,43 @@ def test_serving_may_lack_columns_only_when_allowed(enc):
     d = got.kjt.to_dict()
     assert d["user_id"].values().tolist() == [0] and d["item_id"].values().tolist() == [0]
     assert d["text"].lengths().tolist() == [2]                  # content features still there
+
+
+def test_fill_serves_an_absent_training_only_column():
+    spec = feature_spec_from_dict({"features": [
+        {"name": "item_id", "type": "id", "column": "item_id"},
+        {"name": "position", "type": "id", "column": "position", "dim": 2, "fill": 1},
+        {"name": "x", "type": "dense", "column": "x"},
+    ]})
+    train = pd.DataFrame({"item_id": ["a", "b", "c"], "position": [1, 2, 3], "x": [0.0, 1.0, 2.0]})
+    enc = FeatureEncoder(spec).fit(train)
+    served = enc.transform(train.drop(columns=["position"]))          # no position column at serving
+    pos = served.values[served.keys.index("position")]
+    assert (pos == enc.transform(train.iloc[[0]]).values[1][0]).all() and (pos > 0).all()
+    missing = enc.transform(train.assign(position=[None, 2, None]))   # missing values take the fill too
+    assert missing.values[1][0] == pos[0] and missing.values[1][2] == pos[0]
+    with pytest.raises(ValidationError, match="'x'"):                  # columns without a fill stay required
+        enc.transform(train.drop(columns=["x"]))
+    again = FeatureEncoder.from_state(json.loads(json.dumps(enc.state_dict())))
+    assert (again.transform(train.drop(columns=["position"])).values[1] == pos).all()
+
+
+def test_lookup_maps_recent_items_to_their_topics():
+    spec = feature_spec_from_dict({"features": [
+        {"name": "item_id", "type": "id", "column": "item_id"},
+        {"name": "topic", "type": "id", "column": "topic"},
+        {"name": "recent_topics", "type": "id_list", "column": "recent", "lookup": ["item_id", "topic"],
+         "table": "topic"},
+    ]})
+    train = pd.DataFrame({"item_id": ["a", "b", "c", "a"], "topic": ["cats", "dogs", "cats", "cats"],
+                          "recent": [["a", "b"], [], ["c", "zzz"], ["b"]]})
+    enc = FeatureEncoder(spec).fit(train)
+    assert enc.maps["recent_topics"] == {"a": "cats", "b": "dogs", "c": "cats"}
+    assert enc.vocabs["topic"] == ["cats", "dogs"]                     # counted from the topic column only
+    b = enc.transform(pd.DataFrame({"item_id": ["x"], "topic": ["dogs"], "recent": [["b", "a", "nope"]]}))
+    assert b.values[2].tolist() == [2, 1, 0]                           # dogs, cats, unknown item -> OOV
+    again = FeatureEncoder.from_state(json.loads(json.dumps(enc.state_dict())))
+    assert again.maps == enc.maps
+    with pytest.raises(ValidationError, match="table"):
+        feature_spec_from_dict({"features": [{"name": "t", "type": "id", "column": "t"},
+                                             {"name": "r", "type": "id_list", "column": "r", "lookup": ["i", "t"]}]})

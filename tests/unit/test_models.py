@@ -112,3 +112,74 @@ def test_model_config_validation():
     cfg = model_config_from_dict(Errors(), {"arch": "ple", "expert": [8], "num_levels": 2})
     assert cfg == ModelConfig(arch="ple", expert=(8,), num_levels=2)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_dot_interaction_and_position_bias_tower():
+    spec = feature_spec_from_dict({"features": [
+        {"name": "user_id", "type": "id", "column": "user_id", "dim": 4},
+        {"name": "item_id", "type": "id", "column": "item_id", "dim": 6},
+        {"name": "position", "type": "id", "column": "position", "dim": 2, "fill": 1},
+        {"name": "score", "type": "dense", "column": "score"},
+    ]})
+    df, y = data()
+    df = df.assign(position=np.arange(len(df)) % 5 + 1)
+    enc = FeatureEncoder(spec).fit(df)
+    cfg = ModelConfig(expert=(8,), num_experts=2, tower=(4,), interaction="dot", interaction_dim=3,
+                      bias_features=("position",))
+    torch.manual_seed(0)
+    model = build_model(enc, OBJECTIVES, cfg)
+    assert model.body_names == ["user_id", "item_id"] and model.bias_names == ["position"]
+    assert model.interaction.out_dim == 3                     # user, item, dense: 3 pairs
+    batch = enc.transform(df)
+    out = model(batch.dense, batch.kjt)
+    assert out.shape == (len(df), 3)
+    out.sum().backward()
+    assert model.bias_tower.weight.grad is not None and model.interaction.proj[0].weight.grad is not None
+    # the position only shifts the logits: same rows served without a position column (filled with 1)
+    # differ from the logged rows by the bias tower's output alone, equal where position == 1
+    with torch.no_grad():
+        served = enc.transform(df.drop(columns=["position"]))
+        o_served, o_logged = model(served.dense, served.kjt), model(batch.dense, batch.kjt)
+    at_top = torch.from_numpy((df["position"] == 1).to_numpy().copy())
+    assert torch.allclose(o_served[at_top], o_logged[at_top])
+    assert not torch.allclose(o_served[~at_top], o_logged[~at_top])
+    with pytest.raises(ValueError, match="bias_features"):
+        build_model(enc, OBJECTIVES, ModelConfig(bias_features=("nope",)))
+    errs = Errors()
+    assert model_config_from_dict(errs, {"interaction": "cross"}) is None and "model.interaction" in str(errs.items)
+    assert model_config_from_dict(Errors(), {"interaction": "dot", "bias_features": ["position"]}) == \
+        ModelConfig(interaction="dot", bias_features=("position",))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_smearing_makes_natural_units_unbiased_in_mean(tmp_path):
+    from ranking.models import smearing_factor, with_smearing
+    from ranking.registry import load_model, save_model
+
+    rng = np.random.default_rng(0)
+    mu = rng.normal(1.0, 0.5, 20000)
+    y = np.expm1(mu + rng.normal(0, 1.0, mu.shape))           # log1p(y) = mu + noise (sd 1)
+    y = np.clip(y, 0, None)
+    outputs = np.stack([np.zeros_like(mu), mu], axis=1)     # the log-space mean: a geometric-mean estimate
+    objectives = (ObjectiveConfig("click"), ObjectiveConfig("watch_time", "regression", "log1p"))
+    naive = to_natural(torch.from_numpy(outputs), objectives)[:, 1].numpy()
+    assert naive.mean() < 0.75 * y.mean()                     # expm1 of a log-space fit is biased low
+    factor = smearing_factor(outputs[:, 1], y)
+    assert 1.3 < factor < 2.5                                # ~ E[exp(noise)] = exp(0.5)
+    fixed = with_smearing(objectives, outputs, np.stack([np.zeros_like(y), y], axis=1))
+    assert fixed[0].output_scale == 1.0 and fixed[1].output_scale == pytest.approx(factor, rel=1e-5)
+    nat = to_natural(torch.from_numpy(outputs), fixed)[:, 1].numpy()
+    assert nat.mean() == pytest.approx(y.mean(), rel=1e-4)
+    assert smearing_factor(np.full(3, -5.0), np.zeros(3)) == 1.0   # degenerate: no correction
+    # the factor is saved with the objective and applied by a loaded model
+    df, _ = data()
+    enc = FeatureEncoder(SPEC).fit(df)
+    model = build_model(enc, fixed, ModelConfig(expert=(8,), num_experts=2, tower=()))
+    path = save_model(tmp_path, "m", model.state_dict(), enc, model.config, fixed, {})
+    loaded = load_model(tmp_path, "m")
+    assert loaded.objective_configs[1].output_scale == pytest.approx(factor, rel=1e-5)
+    with torch.no_grad():
+        raw = model(enc.transform(df).dense, enc.transform(df).kjt)
+    expect = np.clip(np.expm1(raw[:, 1].numpy()), 0, None) * fixed[1].output_scale
+    assert np.allclose(loaded.predict(df)[:, 1], expect, rtol=1e-5)
+    assert path.exists()
