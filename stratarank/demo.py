@@ -75,10 +75,10 @@ class Processes:
 # ---------------------------------------------------------------- steps 1-2: data and models
 
 
-def simulate(out: Path, seed: int, impressions: int | None):
+def simulate(out: Path, seed: int, impressions: int | None, users: int):
     from experiments.world import World
 
-    world = World.from_yaml(SIM_CONFIG, seed=seed)
+    world = World.from_yaml(SIM_CONFIG, seed=seed, n_users=users)
     t0 = time.perf_counter()
     imp, ev = world.simulate_logs(impressions, progress=True)
     logs = out / "logs"
@@ -267,14 +267,15 @@ def read_bus(bus_url: str):
     return exposures, events, len(rows["impressions"])
 
 
-def true_lift(stats: LoopStats, values: dict) -> float | None:
-    arms = {"control": [], "treatment": []}
+def true_lift(stats: LoopStats, values: dict, control: str, treatment: str) -> float | None:
+    """Relative lift of the arms' expected values under the world's true probabilities."""
+    arms = {control: [], treatment: []}
     for user, variant in stats.variant_of.items():
         if variant in arms:
             arms[variant].append(values.get(user, 0.0))
-    if not arms["control"] or not arms["treatment"] or np.mean(arms["control"]) == 0:
+    if not arms[control] or not arms[treatment] or np.mean(arms[control]) == 0:
         return None
-    return float(np.mean(arms["treatment"]) / np.mean(arms["control"]) - 1.0)
+    return float(np.mean(arms[treatment]) / np.mean(arms[control]) - 1.0)
 
 
 def analyse(out: Path, bus_url: str, stats: LoopStats) -> dict:
@@ -287,9 +288,12 @@ def analyse(out: Path, bus_url: str, stats: LoopStats) -> dict:
     results = out / "results"
     write_results(results, bundle)
     html = write_static_html(results, out / "dashboard.html")
-    truth = {"likes_per_user": true_lift(stats, stats.true_likes),
-             "clicks_per_user": true_lift(stats, stats.true_clicks)}
-    return {"records": bundle["records"], "results": results, "html": html, "truth": truth,
+    experiment = config.experiments[0]
+    treatment = next(v.name for v in experiment.variants if v.name != experiment.control)
+    truth = {"likes_per_user": true_lift(stats, stats.true_likes, experiment.control, treatment),
+             "clicks_per_user": true_lift(stats, stats.true_clicks, experiment.control, treatment)}
+    title = f"{experiment.name}: {treatment} vs {experiment.control} ({experiment.description})"
+    return {"records": bundle["records"], "results": results, "html": html, "truth": truth, "title": title,
             "exposures": len(exposures), "events": len(events) - n_impressions, "impressions": n_impressions}
 
 
@@ -302,7 +306,7 @@ def num(x, spec: str) -> str:
 
 
 def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) -> str:
-    lines = ["", "=" * 100, "Closed-loop A/B test: like_up (like weight 4 -> 8), treatment vs control", "=" * 100,
+    lines = ["", "=" * 100, "Closed-loop A/B test " + analysis["title"], "=" * 100,
              f"{'metric':<18}{'role':<10}{'control':>10}{'treatment':>11}{'rel. lift':>11}{'95% CI (rel.)':>22}"
              f"{'p-value':>9}  {'true lift':>9}  verdict"]
     for r in analysis["records"]:
@@ -354,7 +358,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     try:
         say("1/5", "simulating the feed world (conf/sim/default.yaml)")
-        world, logs = simulate(out, args.seed, args.impressions)
+        world, logs = simulate(out, args.seed, args.impressions, args.users)
         say("2/5", "training the TorchRec MMoE ranker and the LightGBM fallback")
         models = train_models(logs, registry, args.epochs)
 
@@ -404,8 +408,9 @@ def add_parser(sub) -> None:
     p.add_argument("--impressions", type=int, default=400_000,
                    help="simulated log size (default 400k: the demo trains in about a minute)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the train config's)")
-    p.add_argument("--users", type=int, default=1000)
-    p.add_argument("--requests", type=int, default=8, help="feed requests per user")
+    # users vary far more than one user's requests: power comes from many users, each seen a few times
+    p.add_argument("--users", type=int, default=4000, help="simulated users (the world is built with as many)")
+    p.add_argument("--requests", type=int, default=4, help="feed requests per user")
     p.add_argument("--candidates", type=int, default=100, help="candidates per request")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--kafka", nargs="?", const="", default=None, metavar="HOST:PORT",

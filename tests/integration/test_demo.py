@@ -11,7 +11,7 @@ def test_demo_runs_the_closed_loop_and_writes_the_dashboard(tmp_path, root):
         cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
-    assert "Closed-loop A/B test: like_up" in text
+    assert "Closed-loop A/B test multi_objective: multi_objective vs click_only" in text
     for metric in ("likes_per_user", "clicks_per_user", "watch_time", "ctr", "reports_per_user"):
         assert metric in text
     assert "SRM p =" in text and "LLM-generated share" in text and "latency /v1/rank" in text
@@ -21,4 +21,4 @@ def test_demo_runs_the_closed_loop_and_writes_the_dashboard(tmp_path, root):
     assert (out / "results" / "results.json").exists() and (out / "report.txt").exists()
     assert (out / "registry" / "feed_mmoe" / "current").exists() and (out / "registry" / "feed_lgbm" / "current").exists()
     html = (out / "dashboard.html").read_text()
-    assert "like_up" in html and "data:image/png;base64," in html
+    assert "multi_objective" in html and "data:image/png;base64," in html
