@@ -60,16 +60,18 @@ class Processes:
         self.children.append(proc)
         return proc
 
-    def stop(self) -> None:
-        for proc in reversed(self.children):
+    def stop(self, only: subprocess.Popen | None = None) -> None:
+        """Terminate ``only`` (or every child), newest first, and wait for them."""
+        procs = [only] if only is not None else list(reversed(self.children))
+        for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.children):
+        for proc in procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-        self.children.clear()
+            self.children.remove(proc)
 
 
 # ---------------------------------------------------------------- steps 1-2: data and models
@@ -248,10 +250,11 @@ def read_bus(bus_url: str):
     bus = open_bus(bus_url)
     consumer = bus.consumer(f"demo-analysis-{os.getpid()}", ["exposures", "events", "impressions"])
     rows = {"exposures": [], "events": [], "impressions": []}
-    idle = 0
-    while idle < 3:
+    idle, seen, give_up = 0, 0, time.monotonic() + 60  # a Kafka group join alone takes ~5 s
+    while idle < 3 and not (seen == 0 and time.monotonic() > give_up):
         batch = consumer.poll(50_000, 1.0)
-        idle = idle + 1 if not batch else 0
+        seen += len(batch)
+        idle = idle + 1 if not batch and seen else 0
         for rec in batch:
             rows[rec.topic].append(rec.value)
     consumer.close()
@@ -382,7 +385,7 @@ def run(args) -> int:
         say("4/5", f"closed-loop A/B test: {args.users} users x {args.requests} requests, "
                    f"{args.candidates} candidates each (retrieved + LLM-generated)")
         stats = closed_loop(world, port, args.users, args.requests, args.candidates, args.seed, args.concurrency)
-        procs.stop()  # the scorer flushes its bus on shutdown
+        procs.stop(only=scorer)  # its workers flush the bus on shutdown; a broker keeps running for step 5
 
         say("5/5", "analysing the experiment and writing the dashboard")
         analysis = analyse(out, bus_url, stats)
