@@ -198,6 +198,25 @@ def _resolve(name: str, base_dir: Path | None) -> Path | None:
     return None
 
 
+def load_referenced(errs: Errors, obj: dict, key: str, base_dir, loader):
+    """``(loader(path), path)`` for the file a config names under ``key`` (found by :func:`_resolve`);
+    ``(None, None)`` with the problem in ``errs`` when it is absent, not a string, missing or invalid."""
+    name = obj.get(key)
+    if not isinstance(name, str):
+        if key in obj:
+            as_str(errs, name, key)
+        return None, None
+    found = _resolve(name, Path(base_dir) if base_dir else None)
+    if found is None:
+        errs.add(key, f"{key} file not found: {name}", "not_found")
+        return None, None
+    try:
+        return loader(found), str(found)
+    except ValidationError as exc:
+        errs.add(key, f"{key} file {name} is invalid: {exc.errors[0]}", "invalid")
+        return None, str(found)
+
+
 def experiments_from_dict(data, source: str = "<dict>", lines: dict[str, int] | None = None,
                           base_dir: str | Path | None = None, strategies: list[Strategy] | None = None,
                           check_strategies: bool = True) -> ExperimentsConfig:

@@ -51,10 +51,10 @@ import pandas as pd
 
 from strategy.checks import as_dict, as_list, as_number, as_str, check_keys
 from strategy.config import read_yaml
-from strategy.errors import Errors, ValidationError, did_you_mean, join_path
+from strategy.errors import Errors, did_you_mean, join_path
 
 from . import stats as S
-from .config import ExperimentsConfig, _resolve, load_experiments
+from .config import ExperimentsConfig, load_experiments, load_referenced
 
 __all__ = ["Step", "GuardrailSpec", "ControlConfig", "State", "Evidence", "Decision", "load_control",
            "control_from_dict", "initial_state", "decide", "evidence_from_tables", "apply_state", "run_once",
@@ -115,18 +115,8 @@ def control_from_dict(data, source: str = "<dict>", lines: dict | None = None, b
     required = ("experiment", "steps", "guardrails") + (() if experiments is not None else ("experiments",))
     check_keys(errs, obj, "", TOP_KEYS, required=required)
     exps_path = None
-    if experiments is None and isinstance(obj.get("experiments"), str):
-        found = _resolve(obj["experiments"], Path(base_dir) if base_dir else None)
-        if found is None:
-            errs.add("experiments", f"experiments file not found: {obj['experiments']}", "not_found")
-        else:
-            exps_path = str(found)
-            try:
-                experiments = load_experiments(found)
-            except ValidationError as exc:
-                errs.add("experiments", f"experiments file {obj['experiments']} is invalid: {exc.errors[0]}", "invalid")
-    elif experiments is None and "experiments" in obj:
-        as_str(errs, obj["experiments"], "experiments")
+    if experiments is None:
+        experiments, exps_path = load_referenced(errs, obj, "experiments", base_dir, load_experiments)
     name = as_str(errs, obj["experiment"], "experiment") if "experiment" in obj else None
     exp = None
     if name is not None and experiments is not None:

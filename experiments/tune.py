@@ -65,6 +65,7 @@ from strategy.config import read_yaml
 from strategy.errors import Errors, FieldError, ValidationError, did_you_mean, join_path
 
 from . import ope
+from .config import _resolve, load_referenced
 
 __all__ = ["Param", "Guardrail", "TuneConfig", "load_tune", "tune_from_dict", "WorldOracle", "offline_screen",
            "tune", "grid_optimum", "write_proposal", "OUTCOMES"]
@@ -132,8 +133,6 @@ def load_tune(path: str | Path) -> TuneConfig:
 
 
 def _find(name: str, base_dir) -> Path | None:
-    from .config import _resolve
-
     return _resolve(name, Path(base_dir) if base_dir else None)
 
 
@@ -144,17 +143,8 @@ def tune_from_dict(data, source: str = "<dict>", lines: dict | None = None, base
     if obj is None:
         errs.raise_if_any(source, lines)
     check_keys(errs, obj, "", TOP_KEYS, required=("search", "goal") + (() if strategy else ("strategy",)))
-    if strategy is None and isinstance(obj.get("strategy"), str):
-        found = _find(obj["strategy"], base_dir)
-        if found is None:
-            errs.add("strategy", f"strategy file not found: {obj['strategy']}", "not_found")
-        else:
-            try:
-                strategy = load_strategy(found)
-            except ValidationError as exc:
-                errs.add("strategy", f"strategy file {obj['strategy']} is invalid: {exc.errors[0]}", "invalid")
-    elif strategy is None and "strategy" in obj:
-        as_str(errs, obj["strategy"], "strategy")
+    if strategy is None:
+        strategy, _ = load_referenced(errs, obj, "strategy", base_dir, load_strategy)
     if strategy is not None and obj.get("strategy_overrides") is not None:
         ov = as_dict(errs, obj["strategy_overrides"], "strategy_overrides")
         if ov is not None:
