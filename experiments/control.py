@@ -58,7 +58,7 @@ from .config import ExperimentsConfig, load_experiments, load_referenced
 
 __all__ = ["Step", "GuardrailSpec", "ControlConfig", "State", "Evidence", "Decision", "load_control",
            "control_from_dict", "initial_state", "decide", "evidence_from_tables", "apply_state", "run_once",
-           "read_state", "ACTIONS"]
+           "read_state", "state_file", "log_file", "served_experiments", "ACTIONS"]
 
 ACTIONS = ("advance", "hold", "stop", "complete")
 TOP_KEYS = ("experiments", "experiment", "steps", "guardrails", "alpha", "tuning", "srm_p", "state", "log")
@@ -389,6 +389,16 @@ def evidence_from_tables(config: ControlConfig, exposures: pd.DataFrame, events:
 # ---------------------------------------------------------------- state file, log, scorer config
 
 
+def state_file(config: ControlConfig) -> Path:
+    """Where the controller writes, and the scorer reads, the ramp's state (relative to the working dir)."""
+    return Path(config.state_path or f"runs/control/{config.experiment}.state.json")
+
+
+def log_file(config: ControlConfig) -> Path:
+    """The ramp's decision log (JSON lines), which the dashboard shows as a timeline."""
+    return Path(config.log_path or f"runs/control/{config.experiment}.decisions.jsonl")
+
+
 def read_state(path: str | Path) -> State | None:
     p = Path(path)
     if not p.exists():
@@ -408,8 +418,8 @@ def run_once(config: ControlConfig, exposures: pd.DataFrame, events: pd.DataFram
     """One controller step: read the state (or start the ramp), decide, write the new state
     atomically and append the decision to the JSONL log."""
     now = time.time() if now is None else float(now)
-    state_path = Path(state_path or config.state_path or f"runs/control/{config.experiment}.state.json")
-    log_path = Path(log_path or config.log_path or f"runs/control/{config.experiment}.decisions.jsonl")
+    state_path = Path(state_path) if state_path else state_file(config)
+    log_path = Path(log_path) if log_path else log_file(config)
     state = read_state(state_path) or initial_state(config, now)
     decision = decide(config, state, evidence_from_tables(config, exposures, events, now))
     _write_json_atomic(state_path, decision.state.to_dict())
@@ -439,6 +449,38 @@ def apply_state(experiments: ExperimentsConfig, state: State) -> ExperimentsConf
             exps.append(e)
         layers.append(dataclasses.replace(layer, experiments=tuple(exps)))
     return dataclasses.replace(experiments, layers=tuple(layers))
+
+
+def served_experiments(experiments: ExperimentsConfig, ramps: Sequence[ControlConfig],
+                       now: float | None = None) -> ExperimentsConfig:
+    """What the scorer serves under guarded ramps: each ramped experiment with the range (and stop)
+    of its controller state file, or the ramp's first step while the controller has not run yet.
+
+    Raises ``ValueError`` naming the state file when it is unreadable, belongs to another
+    experiment, or holds a range the layer cannot take; the scorer then keeps what it served."""
+    now = time.time() if now is None else float(now)
+    for ramp in ramps:
+        path = state_file(ramp)
+        try:
+            state = read_state(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: unreadable ramp state ({type(exc).__name__}: {exc})") from exc
+        exp = next((e for e in experiments.experiments if e.name == ramp.experiment), None)
+        if exp is None:
+            raise ValueError(f"{ramp.source}: experiment '{ramp.experiment}' is not in the served experiments "
+                             f"({', '.join(e.name for e in experiments.experiments)})")
+        if state is None:
+            state = initial_state(ramp, now, lo=exp.range[0])
+        if state.experiment != ramp.experiment:
+            raise ValueError(f"{path}: state of experiment '{state.experiment}', expected '{ramp.experiment}'")
+        lo, hi = state.range
+        if state.status not in ("running", "stopped", "completed") or not (
+                abs(lo - exp.range[0]) < 1e-12 and lo < hi <= _max_hi(experiments, exp) + 1e-12):
+            raise ValueError(f"{path}: status '{state.status}' range [{lo:g}, {hi:g}) is not servable: the range must "
+                             f"start at {exp.range[0]:g} and end by {_max_hi(experiments, exp):g} "
+                             f"(status running, stopped or completed)")
+        experiments = apply_state(experiments, state)
+    return experiments
 
 
 # ---------------------------------------------------------------- closed-loop simulation (cheap)

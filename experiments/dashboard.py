@@ -11,13 +11,18 @@ A results folder (written by ``stratarank experiments analyze --out DIR``) holds
   ISO date of the cut): ``[{experiment, variant, metric, at, users, control_users, rel_lift,
   rel_ci_low, rel_ci_high, p_value}]``, for the cumulative-lift-over-time plots.
 
+* ``*decisions.jsonl`` — optional: the guarded-ramp controller's decision logs
+  (``stratarank experiments control``; point the ramp's ``log:`` here or pass ``--decisions``),
+  shown as each experiment's ramp timeline.
+
 Views (no CDN, no JavaScript; plots are matplotlib Agg PNGs inlined as base64):
 
 * ``GET /dashboard/`` — every experiment with its status, users per variant, SRM check and a
   verdict; a red banner names experiments with a sample-ratio mismatch;
 * ``GET /dashboard/experiment/<name>`` — per variant a table of metrics (control and treatment
   means, relative lift in %, its CI, p-values, significance coloured), a forest plot of the lifts,
-  cumulative lift over time and the guardrail verdicts.
+  cumulative lift over time, the guardrail verdicts and the ramp timeline (traffic share over time,
+  every advance / hold / stop with its reasons and evidence).
 
 ``dashboard_blueprint(results_dir)`` re-reads the folder on each request, so a new analysis shows
 up on reload. ``write_static_html(results_dir, out)`` writes the same content as one HTML file.
@@ -39,11 +44,14 @@ from typing import Mapping, Sequence
 __all__ = [
     "build_results", "write_results", "read_results", "fmt_pct", "fmt_p", "render_index",
     "render_experiment", "render_static", "write_static_html", "dashboard_blueprint", "create_app",
+    "read_decisions", "timeline_plot",
 ]
 
 RESULTS = "results.json"
 EXPERIMENTS = "experiments.json"
 CUMULATIVE = "cumulative.json"
+DECISIONS = "*decisions.jsonl"
+DECISION_KEYS = ("time", "experiment", "action", "range_after")
 MAX_CUTS = 60
 DAY = 86_400.0
 
@@ -144,9 +152,38 @@ def write_results(out_dir: str | Path, bundle: Mapping) -> list[Path]:
     return written
 
 
-def read_results(results_dir: str | Path) -> dict:
+def read_decisions(paths: Sequence[str | Path]) -> tuple[list[dict], list[str]]:
+    """The controller's decision records from JSON-lines logs, in time order, and one problem per
+    unreadable line (``file:line: why``): a bad line is reported, never fatal."""
+    decisions, problems = [], []
+    for path in paths:
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror or exc}")
+            continue
+        for no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                missing = [k for k in DECISION_KEYS if k not in rec] if isinstance(rec, dict) else ["an object"]
+                if missing:
+                    raise ValueError(f"missing {', '.join(missing)}")
+                rec["time"], rec["range_after"] = float(rec["time"]), [float(x) for x in rec["range_after"]]
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{path}:{no}: not a decision record ({exc})")
+                continue
+            decisions.append(rec)
+    decisions.sort(key=lambda r: r["time"])
+    return decisions, problems
+
+
+def read_results(results_dir: str | Path, decisions: Sequence[str | Path] = ()) -> dict:
     """The bundle back from a results folder; ``experiments.json``/``cumulative.json`` are optional
-    (a bare ``results.json`` gives experiments derived from its records)."""
+    (a bare ``results.json`` gives experiments derived from its records). Decision logs: the
+    folder's ``*decisions.jsonl`` and the ``decisions`` paths."""
     d = Path(results_dir)
     path = d / RESULTS
     if not path.is_file():
@@ -165,7 +202,10 @@ def read_results(results_dir: str | Path) -> dict:
                              "srm_p": r["srm_p"], "srm_alarm": r["srm_alarm"], "description": ""})
             next(e for e in exps if e["name"] == r["experiment"])["users"][r["variant"]] = r["users"]
     series = json.loads((d / CUMULATIVE).read_text(encoding="utf-8")) if (d / CUMULATIVE).is_file() else []
-    return {"records": records, "experiments": exps, "cumulative": series, "meta": meta}
+    logs = sorted(d.glob(DECISIONS)) + [Path(p) for p in decisions]
+    ramp, problems = read_decisions(list(dict.fromkeys(logs)))
+    return {"records": records, "experiments": exps, "cumulative": series, "meta": meta, "decisions": ramp,
+            "problems": problems}
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -296,6 +336,31 @@ def cumulative_plot(series: Sequence[Mapping], metrics: Sequence[str]) -> str | 
     return _png(fig)
 
 
+ACTION_COLORS = {"advance": "#1a7f37", "complete": "#0969da", "hold": "#8c959f", "stop": "#cf222e"}
+
+
+def timeline_plot(decisions: Sequence[Mapping]) -> str | None:
+    """The ramp over time: the experiment's traffic share (step line) and each decision as a marker."""
+    if not decisions:
+        return None
+    from matplotlib.lines import Line2D
+    times = [_dt.datetime.fromtimestamp(r["time"], _dt.timezone.utc).replace(tzinfo=None) for r in decisions]
+    share = [0.0 if r.get("status") == "stopped" else (r["range_after"][1] - r["range_after"][0]) * 100
+             for r in decisions]
+    fig = _figure(7.5, 2.6)
+    ax = fig.add_subplot(111)
+    ax.step(times, share, where="post", color="#24292f", lw=1.5)
+    for t, y, r in zip(times, share, decisions):
+        ax.plot([t], [y], "o", ms=7 if r["action"] != "hold" else 4, color=ACTION_COLORS.get(r["action"], "#57606a"))
+    ax.set_ylabel("traffic, % of layer")
+    ax.set_ylim(0, max(share + [1.0]) * 1.15)
+    ax.grid(alpha=0.3)
+    ax.legend(handles=[Line2D([], [], marker="o", ls="", color=c, label=a) for a, c in ACTION_COLORS.items()],
+              fontsize=8, loc="upper left", ncol=4)
+    fig.autofmt_xdate()
+    return _png(fig)
+
+
 def _focus(ax, pts: Sequence[Mapping]) -> None:
     """Y-limits that fit the CIs once a fifth of the final users are in, so the first days'
     very wide bands do not flatten the rest of the curve (they are clipped, not hidden)."""
@@ -326,7 +391,9 @@ td.flat{color:#57606a}td.none{color:#8c959f}
 .pill{display:inline-block;padding:2px 8px;border-radius:10px;font-size:12px;font-weight:600}
 .pill.good{background:#dafbe1;color:#1a7f37}.pill.bad{background:#ffebe9;color:#cf222e}
 .pill.flat,.pill.none{background:#eaeef2;color:#57606a}.pill.running{background:#ddf4ff;color:#0969da}
-.pill.stopped{background:#eaeef2;color:#57606a}
+.pill.stopped,.pill.hold{background:#eaeef2;color:#57606a}
+.pill.advance{background:#dafbe1;color:#1a7f37}.pill.complete{background:#ddf4ff;color:#0969da}
+.pill.stop{background:#ffebe9;color:#cf222e}td.wrap{white-space:normal;font-size:12px}
 .pass{color:#1a7f37;font-weight:700}.fail{color:#cf222e;font-weight:700}
 .note{color:#57606a;font-size:13px}img.plot{max-width:100%;border:1px solid #d8dee4;border-radius:6px;background:#fff}
 h2{font-size:18px;margin:0 0 6px}h3{font-size:15px;margin:16px 0 6px}
@@ -367,6 +434,12 @@ def render_index(bundle: Mapping, link=lambda name: f"experiment/{name}") -> str
         recs = [r for r in bundle["records"] if r["experiment"] == e["name"]]
         cls, text = _verdict(e, recs, alpha)
         rng = e.get("range")
+        ramp = [d for d in bundle.get("decisions", []) if d["experiment"] == e["name"]]
+        traffic = "–" if not rng else f"{(rng[1] - rng[0]):.0%}"
+        if ramp:  # the controller's latest range, not the declared one
+            last = ramp[-1]
+            share = 0.0 if last.get("status") == "stopped" else last["range_after"][1] - last["range_after"][0]
+            traffic = f"{share:.0%} <span class='pill {_e(last['action'])}'>ramp: {_e(last['action'])}</span>"
         users = " / ".join(f"{_e(v)} {n:,}" for v, n in (e.get("users") or {}).items())
         srm = (f"<span class='pill bad'>SRM p {fmt_p(e.get('srm_p'))}</span>" if e.get("srm_alarm")
                else f"<span class=note>p {fmt_p(e.get('srm_p'))}</span>")
@@ -374,12 +447,13 @@ def render_index(bundle: Mapping, link=lambda name: f"experiment/{name}") -> str
             f"<tr id='row-{_e(e['name'])}'><td class=name><a href='{_e(link(e['name']))}'>{_e(e['name'])}</a></td>"
             f"<td class=name>{_e(e.get('layer', ''))}</td>"
             f"<td class=name><span class='pill {_e(e.get('status', 'running'))}'>{_e(e.get('status', 'running'))}</span></td>"
-            f"<td>{'–' if not rng else f'{(rng[1] - rng[0]):.0%}'}</td><td class=name>{_weights(e)}</td>"
+            f"<td>{traffic}</td><td class=name>{_weights(e)}</td>"
             f"<td class=name>{users}</td><td>{srm}</td><td class=name><span class='pill {cls}'>{_e(text)}</span></td></tr>")
     table = ("<table id=experiments><thead><tr><th class=name>experiment</th><th class=name>layer</th>"
              "<th class=name>status</th><th>traffic</th><th class=name>weights</th><th class=name>users</th>"
              "<th>SRM</th><th class=name>verdict</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
-    return _srm_banner(bundle["experiments"]) + f"<div class=card><h2>Experiments</h2>{table}</div>"
+    return (_srm_banner(bundle["experiments"]) + _problems_banner(bundle.get("problems", []))
+            + f"<div class=card><h2>Experiments</h2>{table}</div>")
 
 
 def _metric_table(recs: Sequence[Mapping], alpha: float, cuped: bool) -> str:
@@ -409,6 +483,55 @@ def _metric_table(recs: Sequence[Mapping], alpha: float, cuped: bool) -> str:
             + (f"<td>{fmt_p(r.get('p_value_cuped'))}</td>" if cuped else "")
             + f"<td>{r.get('control_users', 0):,} / {r.get('users', 0):,}</td><td class=name>{verdict}</td></tr>")
     return f"<table class=metrics><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _iso(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _evidence(rec: Mapping) -> str:
+    if rec.get("metric") == "srm":
+        return f"SRM p {fmt_p(rec.get('estimate'))}"
+    ci = f"[{fmt_pct(rec.get('ci_low'))}, {fmt_pct(rec.get('ci_high'))}]"
+    margin = "–" if rec.get("margin") is None else f"{rec['margin'] * 100:.2f}%"
+    return (f"{_e(rec.get('metric'))} ({_e(rec.get('variant'))}) {fmt_pct(rec.get('estimate'))} {ci} "
+            f"vs margin {margin}: {_e(rec.get('verdict', '–'))}")
+
+
+def render_timeline(decisions: Sequence[Mapping]) -> str:
+    """The guarded ramp of one experiment: a plot and one row per decision with its evidence."""
+    if not decisions:
+        return ""
+    plot = timeline_plot(decisions)
+    rows = []
+    for r in reversed(decisions):  # newest first
+        lo, hi = r["range_after"]
+        before = r.get("range_before") or r["range_after"]
+        step = f"{r.get('step_before', 0) + 1} → {r.get('step_after', 0) + 1}"
+        rows.append(
+            f"<tr class='decision {_e(r['action'])}'><td class=name>{_e(_iso(r['time']))}</td>"
+            f"<td class=name><span class='pill {_e(r['action'])}'>{_e(r['action'])}</span></td><td>{_e(step)}</td>"
+            f"<td>{(before[1] - before[0]):.0%} → {(0 if r.get('status') == 'stopped' else hi - lo):.0%}</td>"
+            f"<td class='name wrap'>{'<br>'.join(_e(x) for x in r.get('reasons', []))}</td>"
+            f"<td class='name wrap'>{'<br>'.join(_evidence(x) for x in r.get('evidence', []))}</td></tr>")
+    last = decisions[-1]
+    return ("<div class=card id=ramp><h3>Guarded ramp: decisions over time</h3>"
+            f"<p class=note>{len(decisions)} decisions; now <b>{_e(last.get('status', 'running'))}</b> at "
+            f"{(0 if last.get('status') == 'stopped' else last['range_after'][1] - last['range_after'][0]):.0%} "
+            "of the layer. Evidence: relative lift with its always-valid (sequential) confidence interval "
+            "against the guardrail's margin.</p>"
+            + (f"<img class=plot alt='ramp timeline' src='data:image/png;base64,{plot}'>" if plot else "")
+            + "<table class=timeline><thead><tr><th class=name>time (UTC)</th><th class=name>action</th><th>step</th>"
+            "<th>traffic</th><th class=name>reasons</th><th class=name>evidence</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table></div>")
+
+
+def _problems_banner(problems: Sequence[str]) -> str:
+    if not problems:
+        return ""
+    shown = "".join(f"<br>{_e(p)}" for p in problems[:5])
+    more = f"<br>… and {len(problems) - 5} more" if len(problems) > 5 else ""
+    return f"<div class=banner role=alert>Decision log lines skipped:<small>{shown}{more}</small></div>"
 
 
 def render_experiment(bundle: Mapping, name: str) -> str:
@@ -458,6 +581,7 @@ def render_experiment(bundle: Mapping, name: str) -> str:
                      f"alt='cumulative lift over time' src='data:image/png;base64,{cum}'>"
                      "<p class=note>Each point re-analyses all data up to the end of that day (UTC); "
                      "the band is the unadjusted CI, so early peeks are noisier than they look.</p></div>")
+    parts.append(render_timeline([d for d in bundle.get("decisions", []) if d["experiment"] == name]))
     return "".join(parts)
 
 
@@ -468,16 +592,17 @@ def render_static(bundle: Mapping) -> str:
     return _page("Stratarank · A/B experiments", body, bundle.get("meta", {}))
 
 
-def write_static_html(results_dir: str | Path, out: str | Path) -> Path:
+def write_static_html(results_dir: str | Path, out: str | Path, decisions: Sequence[str | Path] = ()) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_static(read_results(results_dir)), encoding="utf-8")
+    out.write_text(render_static(read_results(results_dir, decisions)), encoding="utf-8")
     return out
 
 
 # ----------------------------------------------------------------------------- Flask
-def dashboard_blueprint(results_dir: str | Path, url_prefix: str = "/dashboard"):
-    """A Flask blueprint serving the dashboard of ``results_dir`` (re-read on each request)."""
+def dashboard_blueprint(results_dir: str | Path, url_prefix: str = "/dashboard", decisions: Sequence[str | Path] = ()):
+    """A Flask blueprint serving the dashboard of ``results_dir`` and the ``decisions`` logs
+    (all re-read on each request)."""
     from flask import Blueprint, Response, abort
 
     bp = Blueprint("dashboard", __name__, url_prefix=url_prefix)
@@ -485,7 +610,7 @@ def dashboard_blueprint(results_dir: str | Path, url_prefix: str = "/dashboard")
 
     def load():
         try:
-            return read_results(results_dir)
+            return read_results(results_dir, decisions)
         except FileNotFoundError as exc:
             abort(Response(_page("Stratarank · no results", f"<div class=banner>{_e(exc)}</div>", {}), 404))
 
@@ -511,11 +636,11 @@ def dashboard_blueprint(results_dir: str | Path, url_prefix: str = "/dashboard")
     return bp
 
 
-def create_app(results_dir: str | Path):
+def create_app(results_dir: str | Path, decisions: Sequence[str | Path] = ()):
     """A Flask app with the dashboard blueprint at ``/dashboard`` (``/`` redirects there)."""
     from flask import Flask, redirect
     app = Flask("stratarank.dashboard")
-    app.register_blueprint(dashboard_blueprint(results_dir))
+    app.register_blueprint(dashboard_blueprint(results_dir, decisions=decisions))
 
     @app.get("/")
     def root():

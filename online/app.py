@@ -57,6 +57,9 @@ class Serving:
     chain: RankerChain
     assigner: object | None = None
     variant_chains: dict = field(default_factory=dict)  # "name@version" picked by a variant -> chain
+    experiments: object | None = None   # the experiments file as declared (ramp states apply on top)
+    ramps: tuple = ()                   # guarded-ramp configs whose controller state the scorer follows
+    ramp_signature: tuple = ()          # (mtime_ns, size) of each ramp state file when last applied
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -73,16 +76,33 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
     risk = load_risk(config.risk_file) if config.risk_file else RiskRules()
     if chain is None:
         chain = RankerChain.load(config.registry, config.model_name, config.fallback_name)
-    assigner, variant_chains = None, {}
-    if config.experiments.get("file"):
-        from experiments.assignment import Assigner
-        from experiments.config import load_experiments
+    if not config.experiments.get("file"):
+        return Serving(strategies, default, risk, chain)
+    from experiments.assignment import Assigner
+    from experiments.config import load_experiments
+    from experiments.control import load_control, served_experiments
 
-        experiments = load_experiments(config.experiments["file"])  # validates the overrides too
-        assigner = Assigner(experiments)
-        refs = {v.model for e in experiments.experiments for v in e.variants if v.model}
-        variant_chains = {ref: RankerChain.load(config.registry, ref, config.fallback_name) for ref in refs}
-    return Serving(strategies, default, risk, chain, assigner, variant_chains)
+    experiments = load_experiments(config.experiments["file"])  # validates the overrides too
+    ramps = tuple(load_control(path) for path in config.experiments.get("ramps", ()))
+    signature = ramp_signature(ramps)
+    assigner = Assigner(served_experiments(experiments, ramps))
+    refs = {v.model for e in experiments.experiments for v in e.variants if v.model}
+    variant_chains = {ref: RankerChain.load(config.registry, ref, config.fallback_name) for ref in refs}
+    return Serving(strategies, default, risk, chain, assigner, variant_chains, experiments, ramps, signature)
+
+
+def ramp_signature(ramps) -> tuple:
+    """What tells a scorer that the controller wrote a new state: each state file's mtime and size."""
+    from experiments.control import state_file
+
+    out = []
+    for ramp in ramps:
+        try:
+            st = state_file(ramp).stat()
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 class Scorer:
@@ -94,6 +114,7 @@ class Scorer:
         self.metrics = metrics or Metrics()
         self.metrics.model_version = serving.chain.version
         self._variant_cache: dict = {}
+        self._ramps_checked = time.monotonic()
         self.follower = None  # the in-process near-line thread feeding a private memory store
 
     def close(self) -> None:
@@ -108,6 +129,32 @@ class Scorer:
         self._variant_cache = {}
         self.serving = serving  # one reference assignment: atomic for concurrent readers
         self.metrics.model_version = serving.chain.version
+
+    def follow_ramps(self) -> None:
+        """Serve the guarded-ramp controller's latest state without a restart: at most every
+        ``experiments.poll_s`` seconds, re-derive the assigner when a state file changed (a step up
+        only grows the range, so no assigned user moves). A bad state file is logged and the last
+        good traffic split stays."""
+        serving = self.serving
+        if not serving.ramps or time.monotonic() - self._ramps_checked < self.config.experiments.get("poll_s", 1.0):
+            return
+        self._ramps_checked = time.monotonic()
+        signature = ramp_signature(serving.ramps)
+        if signature == serving.ramp_signature:
+            return
+        from experiments.assignment import Assigner
+        from experiments.control import served_experiments
+
+        try:
+            assigner = Assigner(served_experiments(serving.experiments, serving.ramps))
+        except ValueError as exc:
+            log.error("ramp state not applied, serving the previous traffic split: %s", exc)
+            assigner = serving.assigner
+        else:
+            log.info("ramp state applied: %s", "; ".join(
+                f"{e.name} {e.status} [{e.range[0]:g}, {e.range[1]:g})" for e in assigner.config.experiments
+                if any(r.experiment == e.name for r in serving.ramps)))
+        self.swap(replace(serving, assigner=assigner, ramp_signature=signature))
 
     def _strategy_and_chain(self, serving: Serving, req, assignments):
         name = req.strategy or serving.default_strategy
@@ -125,6 +172,7 @@ class Scorer:
         return self._variant_cache[key], chain
 
     def rank(self, body) -> dict:
+        self.follow_ramps()
         serving = self.serving
         req = parse_request(body, max_candidates=self.config.max_candidates)
         assignments = serving.assigner.assign(req.user_id) if serving.assigner is not None else []

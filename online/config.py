@@ -99,9 +99,17 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
     if obj.get("experiments") is not None:
         exp = as_dict(errs, obj["experiments"], "experiments")
         if exp is not None:
-            check_keys(errs, exp, "experiments", ("file",))
+            check_keys(errs, exp, "experiments", ("file", "ramps", "poll_s"))
+            section = {}
             if exp.get("file") is not None and as_str(errs, exp["file"], "experiments.file"):
-                out["experiments"] = {"file": exp["file"]}
+                section["file"] = exp["file"]
+            ramps = as_list(errs, exp.get("ramps") or [], "experiments.ramps", max_len=100) or []
+            section["ramps"] = tuple(as_str(errs, r, f"experiments.ramps[{i}]") or "" for i, r in enumerate(ramps))
+            if section["ramps"] and "file" not in section:
+                errs.add("experiments.ramps", "ramps need experiments.file (the experiments they ramp)", "required")
+            section["poll_s"] = as_number(errs, exp.get("poll_s", 1.0), "experiments.poll_s", lo=0, hi=3600)
+            if "file" in section:
+                out["experiments"] = section
     try:
         out["nearline"] = NearlineConfig.from_dict({k: obj[k] for k in ("bus", "store", "nearline") if k in obj})
     except ValidationError as exc:

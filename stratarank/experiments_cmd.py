@@ -2,7 +2,7 @@
 
     stratarank experiments analyze --config conf/experiments/like_up.yaml \\
         --exposures DIR_OR_FILE --events DIR_OR_FILE [--format json|table] [--out DIR] [--pre-period 14D]
-    stratarank dashboard --results DIR [--port 8050] [--host 127.0.0.1] [--html OUT.html]
+    stratarank dashboard --results DIR [--decisions FILE ...] [--port 8050] [--host 127.0.0.1] [--html OUT.html]
 
 ``analyze`` reads Parquet/CSV files or folders (``experiments.analysis.load_table``), analyses every
 experiment of the config and prints one JSON record per (experiment, variant, metric) — the keys of
@@ -104,18 +104,24 @@ def cmd_dashboard(args) -> int:
 
     from experiments.dashboard import create_app, read_results, write_static_html
 
+    missing = [d for d in args.decisions if not Path(d).is_file()]
+    if missing:
+        print(f"--decisions: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 1
     try:
-        read_results(args.results)
+        bundle = read_results(args.results, args.decisions)
     except (FileNotFoundError, ValueError) as exc:
         print(f"{args.results}: {exc}", file=sys.stderr)
         return 1
+    for problem in bundle["problems"]:
+        print(f"warning: {problem}", file=sys.stderr)
     if args.html:
-        out = write_static_html(args.results, args.html)
+        out = write_static_html(args.results, args.html, args.decisions)
         print(f"wrote {out}")
         return 0
     from werkzeug.serving import make_server
 
-    server = make_server(args.host, args.port, create_app(Path(args.results)), threaded=True)
+    server = make_server(args.host, args.port, create_app(Path(args.results), args.decisions), threaded=True)
     print(f"dashboard of {args.results} on http://{args.host}:{server.server_port}/dashboard/ (Ctrl-C to stop)",
           flush=True)
     try:
@@ -145,4 +151,7 @@ def add_parser(sub) -> None:
     d.add_argument("--port", type=int, default=8050)
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--html", metavar="OUT", help="write one static HTML file (PNG plots inlined) and exit")
+    d.add_argument("--decisions", action="append", default=[], metavar="FILE",
+                   help="a ramp controller's decision log (JSON lines) to show as a timeline; repeatable "
+                        "(the results folder's *decisions.jsonl are always read)")
     d.set_defaults(func=cmd_dashboard)

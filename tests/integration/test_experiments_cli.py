@@ -256,3 +256,42 @@ def test_cumulative_series_with_datetime_timestamps(logs):
                           events.assign(ts=pd.to_datetime(events.ts, unit="s")))["cumulative"]
     assert [(s["experiment"], s["metric"], s["at"], s["users"]) for s in as_dt] == \
         [(s["experiment"], s["metric"], s["at"], s["users"]) for s in numeric]
+
+
+def test_dashboard_shows_the_ramp_controller_timeline(logs, tmp_path):
+    """The controller's decisions (real CLI runs on real files) appear as a timeline with their evidence."""
+    tmp, config, exposures, events = logs
+    res = tmp_path / "res"
+    write_results(res, build_results(load_experiments(config), exposures, events, cumulative=False))
+    ramp = tmp_path / "ramp.yaml"
+    ramp.write_text(f"experiments: {config}\nexperiment: like_up\nstate: {tmp_path / 'state.json'}\n"
+                    f"log: {res / 'like_up.decisions.jsonl'}\n"
+                    "steps: [{share: 0.3, min_minutes: 600, min_users: 100}, {share: 0.5}]\n"
+                    # like_up's treatment raises ctr by 15 %: declared harmful here, so the ramp must stop
+                    "guardrails: [{metric: ctr, margin: 0.02, harmful: increase}]\n")
+    control = ["experiments", "control", "--config", str(ramp), "--exposures", str(tmp / "exposures"),
+               "--events", str(tmp / "events.csv"), "--once"]
+    for now, action in ((DAY0 + 3600, "hold"), (DAY0 + 8 * 86_400, "stop")):  # an hour in; after the week
+        out = run(*control, "--now", str(now))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["action"] == action
+    log = res / "like_up.decisions.jsonl"
+    log.write_text(log.read_text() + "{not json\n")
+    extra = tmp_path / "other.decisions.jsonl"
+    extra.write_text(json.dumps({"time": DAY0, "experiment": "like_up", "action": "hold", "reasons": ["started"],
+                                 "range_before": [0, 0.3], "range_after": [0, 0.3], "status": "running",
+                                 "step_before": 0, "step_after": 0, "evidence": []}) + "\n")
+
+    out = run("dashboard", "--results", str(res), "--decisions", str(extra), "--html", str(tmp_path / "d.html"))
+    assert out.returncode == 0, out.stderr
+    assert "like_up.decisions.jsonl:3: not a decision record" in out.stderr
+    page = (tmp_path / "d.html").read_text()
+    assert "Guarded ramp: decisions over time" in page and "alt='ramp timeline'" in page
+    rows = page.split("<table class=timeline>")[1].split("</table>")[0]
+    assert rows.count("<tr class='decision") == 3
+    assert rows.index("class='decision stop'") < rows.index("class='decision hold'")  # newest first
+    assert "30% → 0%" in rows and "ctr (treatment) +" in rows and "vs margin 2.00%: harm" in rows
+    assert "0% <span class='pill stop'>ramp: stop</span>" in page  # the list shows the ramp's traffic now
+    assert "Decision log lines skipped" in page
+    missing = run("dashboard", "--results", str(res), "--decisions", str(tmp_path / "nope.jsonl"), "--html", "x")
+    assert missing.returncode == 1 and "no such file" in missing.stderr

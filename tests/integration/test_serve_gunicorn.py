@@ -42,6 +42,14 @@ def served(tmp_path, root):
         "store: {url: 'memory://'}\n"
         f"model: {{registry: '{tmp_path / 'registry'}'}}\n"
     )
+    proc, port = start_scorer(config, root)
+    yield port, strategy, tmp_path
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def start_scorer(config, root):
+    """`stratarank serve` with 2 gunicorn workers on a free port; waits for /healthz."""
     port = free_port()
     env = dict(os.environ, STRATARANK_ADMIN_TOKEN=TOKEN)
     proc = subprocess.Popen([sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config),
@@ -51,15 +59,11 @@ def served(tmp_path, root):
     while time.time() < deadline:
         try:
             if call(port, "GET", "/healthz")[0] == 200:
-                break
+                return proc, port
         except OSError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("scorer did not start: " + proc.stdout.read())
-    yield port, strategy, tmp_path
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc.kill()
+    pytest.fail("scorer did not start: " + proc.stdout.read())
 
 
 def test_ranks_logs_impressions_and_reloads_under_load_without_failures(served, root):
@@ -117,3 +121,47 @@ def test_ranks_logs_impressions_and_reloads_under_load_without_failures(served, 
     assert records, "no impressions logged"
     first = records[0].value
     assert first["request_id"] == "demo-req-1" and "features" in first and "topic" in first["features"]
+
+
+def test_both_workers_follow_the_ramp_controller_without_restart(tmp_path, root):
+    """The controller's state file moves traffic in every worker; nobody already assigned moves."""
+    from experiments.assignment import Assigner
+    from experiments.config import load_experiments
+
+    state = tmp_path / "like_up.state.json"
+    ramp = tmp_path / "ramp.yaml"
+    ramp.write_text(f"experiments: {root / 'conf/experiments/like_up.yaml'}\nexperiment: like_up\n"
+                    f"state: {state}\nsteps: [{{share: 0.1}}, {{share: 0.5}}]\n"
+                    "guardrails: [{metric: reports_per_user, margin: 0.05}]\n")
+    config = tmp_path / "service.yaml"
+    config.write_text(f"bus: {{url: 'embedded://{tmp_path / 'bus'}'}}\nmodel: {{registry: '{tmp_path / 'registry'}'}}\n"
+                      f"experiments: {{file: conf/experiments/like_up.yaml, ramps: ['{ramp}'], poll_s: 0.2}}\n")
+    proc, port = start_scorer(config, root)
+    try:
+        body = json.loads((root / "conf/examples/request.json").read_text())
+        for cand in body["candidates"]:
+            cand.pop("predictions")
+        declared = Assigner(load_experiments(root / "conf/experiments/like_up.yaml"))
+        variant = {f"u{k}": a.variant for k in range(200) for a in declared.assign(f"u{k}")
+                   if a.experiment == "like_up"}
+
+        def served(user):  # asked 6 times: both workers answer
+            got = {tuple(e["variant"] for e in call(port, "POST", "/v1/rank", dict(body, user_id=user))[1]["experiments"])
+                   for _ in range(6)}
+            assert len(got) == 1, got
+            return got.pop()
+
+        in_step1 = [u for u in variant if served(u)]
+        assert in_step1 and len(in_step1) < 0.3 * len(variant)
+        assert all(served(u) == (variant[u],) for u in in_step1)
+        state.write_text(json.dumps({"experiment": "like_up", "status": "running", "step": 1, "range": [0.0, 0.5],
+                                     "started_at": 0.0, "step_started_at": 0.0}))
+        time.sleep(0.5)
+        assert all(served(u) == (variant[u],) for u in variant)  # step 2 is the declared range
+        state.write_text(json.dumps({"experiment": "like_up", "status": "stopped", "step": 1, "range": [0.0, 0.5],
+                                     "started_at": 0.0, "step_started_at": 0.0}))
+        time.sleep(0.5)
+        assert all(served(u) == () for u in in_step1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
