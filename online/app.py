@@ -370,7 +370,12 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     @app.get("/readyz")
     def readyz():
         chain = scorer.serving.chain
-        body = {"ready": chain.ready, "model_version": chain.version, "load_errors": chain.load_errors}
+        body = {"ready": chain.ready, "model_version": chain.version, "load_errors": chain.load_errors,
+                "worker": os.getpid()}
+        if scorer.follower is not None:  # this worker's own near-line thread (memory store)
+            err = scorer.follower.error
+            body["nearline"] = {"records": scorer.follower.stats.records, "applied": scorer.follower.stats.applied,
+                                "error": None if err is None else f"{type(err).__name__}: {err}"}
         return jsonify(body), 200 if chain.ready else 503
 
     @app.get("/metrics")

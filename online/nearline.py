@@ -291,7 +291,8 @@ class NearlineStats:
 
 def run_nearline(config: NearlineConfig, *, bus: EventBus | None = None, store: FeatureStore | None = None,
                  stop: threading.Event | None = None, max_idle_s: float | None = None,
-                 on_progress=None, startup_grace_s: float = STARTUP_GRACE_S) -> NearlineStats:
+                 on_progress=None, startup_grace_s: float = STARTUP_GRACE_S,
+                 stats: NearlineStats | None = None) -> NearlineStats:
     """Consume ``nearline.topics`` under ``nearline.consumer`` into the store until ``stop`` is
     set (or, with ``max_idle_s``, until nothing arrived for that long since the last record;
     before the first record at least ``startup_grace_s``). A bus or store not given
@@ -302,7 +303,7 @@ def run_nearline(config: NearlineConfig, *, bus: EventBus | None = None, store: 
     bus = bus or config.bus.open()
     store = store or config.store.open()
     stop = stop or threading.Event()
-    stats = NearlineStats()
+    stats = NearlineStats() if stats is None else stats  # a caller's object shows live progress
     can_snapshot = store.durable or getattr(store, "snapshot_path", None) is not None
     consumer = bus.consumer(settings.consumer, list(settings.topics))
     pending: dict = {}
@@ -380,12 +381,12 @@ class NearlineThread:
         self.config, self.bus, self.store = config, bus, store
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats: NearlineStats | None = None
+        self.stats = NearlineStats()  # updated as batches are applied
         self.error: BaseException | None = None
 
     def _run(self) -> None:
         try:
-            self.stats = run_nearline(self.config, bus=self.bus, store=self.store, stop=self._stop)
+            run_nearline(self.config, bus=self.bus, store=self.store, stop=self._stop, stats=self.stats)
         except BaseException as exc:  # noqa: BLE001 - reported through .error
             self.error = exc
             log.exception("near-line consumer stopped")

@@ -116,7 +116,9 @@ def openapi_document() -> dict:
                 "responses": {"202": {"description": "accepted", **_json({"type": "object", "properties": {
                     "accepted": {"type": "integer"}}})}, **_errors(400, 401, 413, 415, 429)}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"summary": "Readiness: a model is loaded", "responses": {
+            "/readyz": {"get": {"summary": "Readiness: a model is loaded (the JSON body names the model, the worker "
+                                           "pid and, with a memory store, its near-line thread's progress)",
+                                "responses": {
                 "200": {"description": "ready"}, "503": {"description": "serving the degraded order"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
             "/admin/reload": {"post": {

@@ -7,13 +7,19 @@ Kafka-compatible broker with ``--kafka``; 4. run a closed-loop A/B test: simulat
 feeds whose candidates mix retrieved and LLM-generated items, the world answers with feedback
 posted to ``/v1/events``; 5. analyse it, write the dashboard and a report, print a summary.
 
-Every process it starts is stopped on exit, Ctrl-C included.
+Deterministic with ``--seed``: the loop runs in rounds (every user requests once, concurrently;
+the world answers in user order; then it waits until both workers' near-line threads have applied
+everything), so a request sees exactly the feedback of earlier rounds whichever worker serves it.
+The summary prints a digest of all served slates to compare runs by; timestamps and latencies
+are wall-clock and differ. Every process it starts is stopped on exit, Ctrl-C included.
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,7 +175,14 @@ class LoopStats:
     variant_of: dict = field(default_factory=dict)
     true_likes: dict = field(default_factory=dict)  # user -> expected likes under the world's truth
     true_clicks: dict = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    slates: dict = field(default_factory=dict)      # request_id -> served item ids (for the digest)
+
+    def digest(self) -> str:
+        """sha256 of every served slate: equal digests mean two runs served exactly the same feeds."""
+        h = hashlib.sha256()
+        for rid in sorted(self.slates):
+            h.update(f"{rid}:{','.join(self.slates[rid])}\n".encode())
+        return h.hexdigest()[:16]
 
 
 class Client:
@@ -179,11 +192,11 @@ class Client:
         self.port = port
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
-    def post(self, path: str, body) -> tuple[int, dict]:
-        data = json.dumps(body).encode()
+    def call(self, method: str, path: str, body=None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
         for attempt in (0, 1):
             try:
-                self.conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+                self.conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
                 resp = self.conn.getresponse()
                 return resp.status, json.loads(resp.read() or b"{}")
             except (OSError, http.client.HTTPException):
@@ -193,36 +206,82 @@ class Client:
                     raise
         raise AssertionError("unreachable")
 
+    def post(self, path: str, body) -> tuple[int, dict]:
+        return self.call("POST", path, body)
+
+
+def nearline_records(port: int, workers: int, timeout_s: float = 60.0, at_least: dict | None = None) -> dict:
+    """``{worker pid: records its near-line thread has applied}`` for every scorer worker, read from
+    ``/readyz`` over fresh connections (each may land on another worker). With ``at_least``, waits
+    until every worker has reached its figure: the barrier that makes the closed loop deterministic."""
+    seen: dict = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, body = Client(port).call("GET", "/readyz")
+        near = body.get("nearline") or {}
+        if near.get("error"):
+            raise SystemExit(f"the near-line thread of worker {body.get('worker')} failed: {near['error']}")
+        if body.get("worker") is not None and near.get("records") is not None:
+            seen[body["worker"]] = max(seen.get(body["worker"], 0), int(near["records"]))
+        if len(seen) >= workers and all(seen[w] >= (at_least or {}).get(w, 0) for w in seen):
+            return seen
+        time.sleep(0.01)
+    raise SystemExit(f"the scorer workers' near-line threads did not catch up within {timeout_s:.0f} s "
+                     f"(records applied {seen}, waiting for {at_least})")
+
+
+def post_events(client: Client, events: list) -> int:
+    if not events:
+        return 0
+    status, body = client.post("/v1/events", {"events": events})
+    if status != 202:
+        raise SystemExit(f"/v1/events answered {status}: {body}")
+    return body["accepted"]
+
 
 def closed_loop(world, port: int, users: int, requests_per_user: int, candidates: int, seed: int,
-                concurrency: int) -> LoopStats:
+                concurrency: int, workers: int = 2) -> LoopStats:
+    """Rounds of one feed request per user (concurrent), then the world's feedback (posted in user
+    order), then a barrier until every worker's near-line thread has applied all of it: each
+    request sees exactly the feedback of the rounds before it, whichever worker serves it, so a
+    seed gives the same slates run after run (``LoopStats.digest``)."""
     from tqdm import tqdm
 
     stats = LoopStats()
     user_ids = [f"u{k}" for k in range(min(users, world.config.n_users))]
+    rngs = [np.random.default_rng([seed, k]) for k in range(len(user_ids))]
     bar = tqdm(total=len(user_ids) * requests_per_user, desc="    closed loop", unit="req", mininterval=0.5)
+    baseline = nearline_records(port, workers)  # a reused broker may hold older records
+    published = 0
+    local = threading.local()  # one keep-alive connection per pool thread
 
-    def session(k: int) -> None:
-        user = user_ids[k]
-        rng = np.random.default_rng([seed, k])
-        client = Client(port)
+    def rank(k: int, body: dict):
+        if not hasattr(local, "client"):
+            local.client = Client(port)
+        t0 = time.perf_counter()
+        status, resp = local.client.post("/v1/rank", body)
+        bar.update(1)
+        return status, resp, time.perf_counter() - t0
+
+    poster = Client(port)
+    with ThreadPoolExecutor(concurrency) as pool:
         for r in range(requests_per_user):
-            request_id = f"demo-{seed}-{k}-{r}"
-            body = {"request_id": request_id, "user_id": user, "candidates": world.candidates(user, candidates, rng)}
-            t0 = time.perf_counter()
-            status, resp = client.post("/v1/rank", body)
-            latency = time.perf_counter() - t0
-            if status != 200:
-                with stats.lock:
+            # the world is read and advanced in user order (candidates carry its impression counts);
+            # only the scorer calls run concurrently
+            bodies = [{"request_id": f"demo-{seed}-{k}-{r}", "user_id": user,
+                       "candidates": world.candidates(user, candidates, rngs[k])} for k, user in enumerate(user_ids)]
+            answers = list(pool.map(rank, range(len(user_ids)), bodies))
+            batch: list = []
+            for k, (status, resp, latency) in enumerate(answers):
+                if status != 200:
                     stats.errors += 1
-                continue
-            slate = [item["item_id"] for item in resp["items"]]
-            events = world.respond(user, slate, rng, ts=time.time(), request_id=request_id)
-            truth = world.true_probs([user] * len(slate), slate, np.arange(1, len(slate) + 1))
-            if events:
-                client.post("/v1/events", {"events": events})
-            with stats.lock:
+                    continue
+                user, request_id = user_ids[k], bodies[k]["request_id"]
+                slate = [item["item_id"] for item in resp["items"]]
+                batch += world.respond(user, slate, rngs[k], ts=time.time(), request_id=request_id)
+                truth = world.true_probs([user] * len(slate), slate, np.arange(1, len(slate) + 1))
                 stats.latencies.append(latency)
+                stats.slates[request_id] = slate
                 stats.served += len(slate)
                 stats.served_llm += sum(item["source"] == "llm" for item in resp["items"])
                 stats.degraded += bool(resp.get("degraded"))
@@ -230,10 +289,12 @@ def closed_loop(world, port: int, users: int, requests_per_user: int, candidates
                     stats.variant_of[user] = exp["variant"]
                 stats.true_likes[user] = stats.true_likes.get(user, 0.0) + float(truth["like"].sum())
                 stats.true_clicks[user] = stats.true_clicks.get(user, 0.0) + float(truth["click"].sum())
-            bar.update(1)
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(session, range(len(user_ids))))
+                published += len(slate)  # the scorer logged one impression per served item
+                if len(batch) >= 2000:
+                    published += post_events(poster, batch)
+                    batch = []
+            published += post_events(poster, batch)
+            nearline_records(port, workers, at_least={w: n + published for w, n in baseline.items()})
     bar.close()
     return stats
 
@@ -267,6 +328,10 @@ def read_bus(bus_url: str):
     columns = ["event_id", "ts", "type", "user_id", "item_id", "request_id", "value"]
     events = pd.concat([events.reindex(columns=columns), impressions.reindex(columns=columns)], ignore_index=True)
     events["value"] = pd.to_numeric(events["value"], errors="coerce")
+    # the bus interleaves concurrent requests' records differently run to run: a canonical row order
+    # makes the analysis' floating-point sums, and so its figures, identical for the same seed
+    exposures = exposures.sort_values(["user_id", "experiment", "variant", "ts"], ignore_index=True, kind="stable")
+    events = events.sort_values("event_id", ignore_index=True, kind="stable")
     return exposures, events, len(rows["impressions"])
 
 
@@ -337,6 +402,7 @@ def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) ->
         + ("  ** SRM ALARM **" if first.get("srm_alarm") else " (no sample-ratio mismatch)"),
         f"served: {stats.served:,} items in {len(stats.latencies):,} requests; LLM-generated share "
         f"{stats.served_llm / max(stats.served, 1):.1%}; degraded responses {stats.degraded}; errors {stats.errors}",
+        f"served slates digest: {stats.digest()} (the same seed serves the same slates: rerun to compare)",
         f"latency /v1/rank (client side): p50 {np.percentile(lat, 50):.1f} ms, p95 {np.percentile(lat, 95):.1f} ms, "
         f"p99 {np.percentile(lat, 99):.1f} ms",
         f"bus: {analysis['impressions']:,} impressions, {analysis['events']:,} feedback events, "
@@ -374,6 +440,7 @@ def run(args) -> int:
                 print(f"    started the Kafka-compatible broker (Tansu) at {address}")
             bus_url = f"kafka://{address}"
         else:
+            shutil.rmtree(out / "bus", ignore_errors=True)  # a rerun into the same folder starts a fresh log
             bus_url = f"embedded://{out / 'bus'}"
         port = free_port()
         say("3/5", f"starting the scorer on http://127.0.0.1:{port} (2 workers, near-line threads) on {bus_url}")
