@@ -3,10 +3,15 @@
 Requests carry 500 candidates (20% LLM-generated) drawn from the simulated world. Prints req/s,
 candidates/s, p50/p99 latency at a fixed concurrency, and the ratio of the server's time per
 request (median latency of sequential requests) to the bare model call for the same batch,
-measured in this process: ``LoadedModel.predict`` on the same rows (encode + forward) and the
-forward alone on a pre-encoded batch. Never fails on time.
+measured in this process: the ranker's predict on the scorer's request rows (serving encode +
+forward; ``LoadedModel.predict`` on the same rows as a DataFrame, the pandas encode, for
+reference) and the forward alone on a pre-encoded batch. Then the in-process time of each stage
+of ``Scorer.rank`` (validation, real-time lookup, model-input rows, encode, forward, blend +
+rerank, impression log, JSON encode of the response) and the machine's load average (the
+machine may be shared: quote figures with it). Never fails on time.
 
     .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15]
+    .venv/bin/python bench/serve_bench.py --stages-only      # the stage breakdown alone (seconds)
 
 Without a registered model it first simulates a small world and trains one (about a minute).
 """
@@ -120,7 +125,10 @@ def run_load(port, bodies, seconds, concurrency):
     return result
 
 
-def bare_model_times(registry: Path, name: str, body: bytes, repeats: int) -> tuple[float, float]:
+def bare_model_times(registry: Path, name: str, body: bytes, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of the ranker's predict on the scorer's request rows (the serving encode +
+    forward), of ``LoadedModel.predict`` on the same rows as a DataFrame (the pandas encode +
+    forward), and of the forward alone (a fresh KJT of a pre-encoded batch)."""
     import torch
 
     from online.app import Scorer
@@ -131,7 +139,8 @@ def bare_model_times(registry: Path, name: str, body: bytes, repeats: int) -> tu
     ranker = load_ranker(str(registry), name)
     model = ranker.loaded
     req = parse_request(json.loads(body))
-    frame = Scorer._frame(req, list(req.candidates), {})
+    rows = Scorer._frame(req, list(req.candidates), {})
+    frame = rows.frame()
     batch = model.encoder.transform(frame, allow_missing=True)
 
     def med(fn):
@@ -147,7 +156,86 @@ def bare_model_times(registry: Path, name: str, body: bytes, repeats: int) -> tu
         with torch.inference_mode():
             model.module(batch.dense, batch.kjt)
 
-    return med(lambda: ranker.predict(frame)), med(forward)
+    return med(lambda: ranker.predict(rows)), med(lambda: model.predict(frame, allow_missing=True)), med(forward)
+
+
+STAGES = ("validation", "lookup", "frame", "encode", "forward", "blend+rerank", "log", "json")
+
+
+def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) -> dict[str, float]:
+    """Median in-process seconds per stage of ``Scorer.rank`` + the JSON encode of its response.
+
+    Runs the real ``Scorer.rank`` (embedded bus, memory store, one torch thread) with timers
+    wrapped around its parts: validation (``parse_request``), real-time lookup, model-input rows
+    (``Scorer._frame``), encode (the ranker's predict minus the forward), the forward
+    (``module.forward``), blend + guardrails + rerank (``strategy.rank`` and ``blend``), the
+    impression log and ``json.dumps`` of the response; ``other`` is the rest, ``total`` the sum.
+    One untimed pass over ``bodies`` first: steady state, as in a server that has seen these
+    items (the encoder's text-token cache warm).
+    """
+    import torch
+
+    import online.app as app_mod
+    from online.app import Scorer, build_serving
+    from online.config import service_config_from_dict
+
+    torch.set_num_threads(1)
+    acc: dict[str, float] = {}
+
+    def timed(stage, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[stage] = acc.get(stage, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = service_config_from_dict({
+            "strategies": {"files": [str(ROOT / "conf/objectives/feed.yaml")]},
+            "model": {"registry": str(registry), "name": name},
+            "bus": {"url": f"embedded://{tmp}/bus", "fsync": "interval"},
+            "store": {"url": "memory://"},
+            "server": {"max_candidates": 2000},
+        })
+        serving = build_serving(config)
+        scorer = Scorer(config, serving, config.nearline.bus.open(), config.nearline.store.open())
+        ranker = serving.chain.models[0]
+        module = ranker.loaded.module
+        saved = {k: getattr(app_mod, k) for k in ("parse_request", "rank", "blend")}
+        try:
+            app_mod.parse_request = timed("validation", saved["parse_request"])
+            app_mod.rank = timed("blend+rerank", saved["rank"])
+            app_mod.blend = timed("blend+rerank", saved["blend"])
+            scorer._lookup = timed("lookup", scorer._lookup)
+            scorer._frame = timed("frame", scorer._frame)
+            scorer._log_impressions = timed("log", scorer._log_impressions)
+            ranker.predict = timed("encode", ranker.predict)       # forward subtracted below
+            module.forward = timed("forward", module.forward)
+            per: dict[str, list[float]] = {s: [] for s in STAGES + ("other", "total")}
+            warm = len(bodies)
+            for r in range(repeats + warm):
+                body = json.loads(bodies[r % len(bodies)])
+                acc.clear()
+                t0 = time.perf_counter()
+                out = scorer.rank(body)
+                t1 = time.perf_counter()
+                json.dumps(out)
+                t2 = time.perf_counter()
+                if r < warm:
+                    continue   # warm-up
+                acc["encode"] = acc.get("encode", 0.0) - acc.get("forward", 0.0)
+                acc["json"] = t2 - t1
+                for s in STAGES:
+                    per[s].append(acc.get(s, 0.0))
+                per["total"].append(t2 - t0)
+                per["other"].append(t2 - t0 - sum(acc.get(s, 0.0) for s in STAGES))
+        finally:
+            for k, v in saved.items():
+                setattr(app_mod, k, v)
+            scorer.close()
+    return {s: statistics.median(v) for s, v in per.items()}
 
 
 def main() -> None:
@@ -159,10 +247,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--stages-only", action="store_true", help="only the in-process per-stage timing (no server)")
     args = ap.parse_args()
+    load_before = os.getloadavg()   # the machine is shared: report what else was running
     registry = Path(args.registry)
     ensure_model(registry, args.model)
     bodies = make_bodies(50, args.candidates, args.llm_share)
+    if args.stages_only:
+        stages = stage_times(registry, args.model, bodies, 100)
+        print("in-process stages (median ms per request, Scorer.rank + json.dumps, 1 thread): "
+              + "  ".join(f"{s} {stages[s] * 1e3:.2f}" for s in STAGES + ("other", "total")))
+        print(f"load average    : before {' '.join(f'{x:.2f}' for x in load_before)}, after "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min; {os.cpu_count()} CPUs)")
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "service.yaml"
@@ -198,7 +295,8 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=30)
 
-    predict_s, forward_s = bare_model_times(registry, args.model, bodies[0], 30)
+    predict_s, pandas_s, forward_s = bare_model_times(registry, args.model, bodies[0], 30)
+    stages = stage_times(registry, args.model, bodies, 60)
     lat_ms = np.array(lat) * 1e3
     server_s = statistics.median(seq)
     print(f"requests: {args.candidates} candidates ({args.llm_share:.0%} LLM), {args.workers} gunicorn workers, "
@@ -208,9 +306,14 @@ def main() -> None:
     print(f"latency         : p50 {np.percentile(lat_ms, 50):6.1f} ms   p99 {np.percentile(lat_ms, 99):6.1f} ms"
           f"   goal p99 <= 30 ms")
     print(f"sequential      : median {server_s * 1e3:6.1f} ms per request (server time, no queueing)")
-    print(f"bare model      : predict (encode + forward) {predict_s * 1e3:6.1f} ms, forward only {forward_s * 1e3:6.1f} ms")
+    print(f"bare model      : predict (serving encode + forward) {predict_s * 1e3:6.1f} ms, forward only "
+          f"{forward_s * 1e3:6.1f} ms   (pandas encode + forward {pandas_s * 1e3:6.1f} ms)")
     print(f"ratio server / predict: {server_s / predict_s:5.2f}   server / forward: {server_s / forward_s:5.2f}"
           f"   goal <= 1.5")
+    print("in-process stages (median ms per request, Scorer.rank + json.dumps, 1 thread): "
+          + "  ".join(f"{s} {stages[s] * 1e3:.2f}" for s in STAGES + ("other", "total")))
+    print(f"load average    : before {' '.join(f'{x:.2f}' for x in load_before)}, after "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min; {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

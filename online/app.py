@@ -33,7 +33,7 @@ from .features import StoreUnavailable
 from .metrics import Metrics
 from .nearline import NearlineThread
 from .openapi import openapi_document
-from .predictor import RankerChain
+from .predictor import RankerChain, RequestRows
 from .ratelimit import TokenBuckets
 from .risk import RiskRules, load_risk
 
@@ -210,40 +210,53 @@ class Scorer:
     # -------------------------------------------------------------- helpers
 
     def _lookup(self, user_id: str, cands) -> dict:
-        """One batched real-time lookup for the user and all candidates (empty without a store)."""
+        """The user's real-time features (empty without a store). The candidates' counters, which
+        only the prior fallback reads, are one batched lookup made when it asks for them
+        (``item_counters`` is a callable): a model-served request reads the user's history alone."""
         if self.store is None or not cands:
             return {}
         try:
-            rt = self.store.lookup(user_id, [c.item_id for c in cands], [c.creator_id for c in cands])
+            rt = self.store.lookup(user_id, [], [])
         except StoreUnavailable as exc:  # rank without real-time features rather than fail the request
-            log.warning("feature store unavailable: %s", exc)
-            self.metrics.add(degraded="feature_store_unavailable")
+            self._store_unavailable(exc)
             return {}
-        return {"recent_items": list(getattr(rt, "recent_items", []) or []),
-                "item_counters": getattr(rt, "item_counters", None)}
+
+        def item_counters():
+            try:
+                full = self.store.lookup(user_id, [c.item_id for c in cands], [c.creator_id for c in cands])
+            except StoreUnavailable as exc:
+                self._store_unavailable(exc)
+                return None
+            return getattr(full, "item_counters", None)
+
+        return {"recent_items": list(getattr(rt, "recent_items", []) or []), "item_counters": item_counters}
+
+    def _store_unavailable(self, exc) -> None:
+        log.warning("feature store unavailable: %s", exc)
+        self.metrics.add(degraded="feature_store_unavailable")
 
     @staticmethod
-    def _frame(req, cands, realtime: dict):
-        """Model input rows: the same columns as the training logs' impressions."""
-        import pandas as pd
-
+    def _frame(req, cands, realtime: dict) -> RequestRows:
+        """Model input rows: the same columns as the training logs' impressions, as plain lists
+        (``RequestRows``; ``.frame()`` is the DataFrame, for models that read one)."""
         recent = realtime.get("recent_items") or []
+        n = len(cands)
+        gens = [c.generator for c in cands]
         rows = {
-            "user_id": [req.user_id] * len(cands),
+            "user_id": [req.user_id] * n,
             "item_id": [c.item_id for c in cands],
             "creator_id": [c.creator_id or "" for c in cands],
             "topic": [c.topic or "" for c in cands],
             "source": [c.source for c in cands],
-            "generator": [c.generator.model if c.generator else "" for c in cands],
-            "prior_score": [c.generator.prior_score if c.generator else np.nan for c in cands],
+            "generator": [g.model if g else "" for g in gens],
+            "prior_score": [g.prior_score if g else np.nan for g in gens],
             "text": [c.text or "" for c in cands],
-            "user_recent_items": [recent] * len(cands),
+            "user_recent_items": [recent] * n,
         }
-        frame = pd.DataFrame(rows)
         extra = {k for c in cands for k in c.features}
         for key in sorted(extra - set(rows)):
-            frame[key] = [c.features.get(key, np.nan) for c in cands]
-        return frame
+            rows[key] = [c.features.get(key, np.nan) for c in cands]
+        return RequestRows(rows, n)
 
     def _log_impressions(self, req, request_id, strategy_name, model_version, experiments, result, cands, realtime):
         if self.bus is None or not result.items:

@@ -19,6 +19,36 @@ DEFAULT_REGRESSION_VALUE = 10.0
 PRIOR_STRENGTH = 50.0  # pseudo-impressions behind the base rate in the popularity order
 
 
+class RequestRows:
+    """One request's model-input rows as plain columns (``{column: list of n values}``).
+
+    The TorchRec ranker encodes them directly (``FeatureEncoder.transform_columns``, no DataFrame);
+    ``frame()`` gives the same rows as a pandas DataFrame (built once) to models that read frames.
+    """
+
+    __slots__ = ("columns", "n", "_frame")
+
+    def __init__(self, columns: dict, n: int):
+        self.columns, self.n, self._frame = columns, n, None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def frame(self):
+        if self._frame is None:
+            import pandas as pd
+
+            self._frame = pd.DataFrame(self.columns)
+        return self._frame
+
+
+def _model_input(model, rows):
+    """What ``model.predict`` reads: request rows as they are where it takes them, else a frame."""
+    if isinstance(rows, RequestRows) and not getattr(model, "reads_request_rows", False):
+        return rows.frame()
+    return rows
+
+
 @dataclass
 class Prediction:
     matrix: np.ndarray  # (N, K) in strategy objective order, natural units
@@ -86,7 +116,9 @@ class RankerChain:
         return cls(models, errors, primary_loaded)
 
     def predict(self, strategy, candidates, frame_fn, counters=None) -> Prediction:
-        """``frame_fn()`` builds the model input rows lazily (only when a model is there)."""
+        """``frame_fn()`` builds the model input rows lazily (only when a model is there);
+        ``counters`` (real-time item counters for the prior) may be a callable, called only when
+        the prior serves."""
         degraded = "no_model" if not self.models else None if self.primary_loaded else "primary_unavailable"
         frame = None
         for rank_pos, model in enumerate(self.models):
@@ -96,7 +128,7 @@ class RankerChain:
                 continue
             try:
                 frame = frame_fn() if frame is None else frame
-                out = np.asarray(model.predict(frame), dtype=np.float64)[:, columns]
+                out = np.asarray(model.predict(_model_input(model, frame)), dtype=np.float64)[:, columns]
             except Exception as exc:  # the service keeps answering on the next ranker
                 log.warning("model %s@%s failed: %s", model.name, model.version, exc)
                 degraded = degraded or "model_error"
@@ -105,6 +137,8 @@ class RankerChain:
                 degraded = degraded or "model_output_invalid"
                 continue
             return Prediction(out, f"{model.name}@{model.version}", degraded if rank_pos or degraded else None)
+        if callable(counters):
+            counters = counters()
         return Prediction(self.prior.predict(strategy, candidates, counters), "prior", degraded or "no_model")
 
 
@@ -127,9 +161,26 @@ class TorchRecRanker:
     """A registered TorchRec model scoring request rows; columns a request lacks (say, a user
     with no history yet) are encoded as missing: out-of-vocabulary ids, empty lists, mean dense."""
 
+    reads_request_rows = True
+
     def __init__(self, loaded):
         self.loaded = loaded
         self.name, self.version, self.objectives = loaded.name, loaded.version, loaded.objectives
+        loaded.encoder.prepare_serving()
 
     def predict(self, rows) -> np.ndarray:
-        return self.loaded.predict(rows, allow_missing=True)
+        """(N, K) natural-unit predictions of a DataFrame or of :class:`RequestRows` (the serving
+        path: the same tensors as ``LoadedModel.predict(rows.frame(), allow_missing=True)``)."""
+        if not isinstance(rows, RequestRows):
+            return self.loaded.predict(rows, allow_missing=True)
+        loaded = self.loaded
+        if len(rows) == 0:
+            return np.zeros((0, len(self.objectives)))
+        import torch
+
+        from ranking.models import to_natural
+
+        batch = loaded.encoder.transform_columns(rows.columns, len(rows))
+        with torch.inference_mode():
+            out = to_natural(loaded.module(batch.dense, batch.kjt), loaded.objective_configs)
+        return out.double().numpy()

@@ -40,7 +40,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import zlib
+from collections import OrderedDict
+from itertools import repeat
+from types import NoneType
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,6 +61,8 @@ FEATURE_KEYS = ("name", "type", "column", "dim", "max_vocab", "min_count", "tabl
                 "log1p", "fill", "lookup")
 TOKEN_RE = re.compile(r"[a-z0-9]+")
 STATE_VERSION = 1
+TOKEN_CACHE_SIZE = 100_000   # texts whose hashed tokens an encoder keeps (LRU; LLM texts repeat across requests)
+_INT64 = (-(1 << 63), 1 << 63)
 
 
 @dataclass(frozen=True)
@@ -304,6 +310,28 @@ def _flatten_lists(column: pd.Series, max_len: int) -> tuple[np.ndarray, np.ndar
     return np.asarray(flat, dtype=object), lengths
 
 
+_STR = frozenset((str,))
+_STR_OR_NONE = frozenset((str, NoneType))
+_INT_OR_FLOAT = frozenset((int, float))
+_NO_TOKENS = np.zeros(0, np.int64)
+_NO_TOKENS.flags.writeable = False
+
+
+def _floats_fast(col, n: int):
+    """A plain list of ints/floats (no bools, ints within int64) -> float64, as pandas reads it; an
+    absent column -> all NaN; anything else -> None (use pandas)."""
+    if col is None:
+        return np.full(n, np.nan)
+    types = set(map(type, col))
+    if not types <= _INT_OR_FLOAT:
+        return None
+    if int in types:
+        ints = [v for v in col if type(v) is int]
+        if min(ints) < _INT64[0] or max(ints) >= _INT64[1]:
+            return None
+    return np.array(col, dtype=np.float64)
+
+
 def tokenize(text) -> list[str]:
     """Lower-cased alphanumeric word tokens (the same at training and serving time)."""
     if not isinstance(text, str):
@@ -330,7 +358,10 @@ class FeatureEncoder:
         self.scaler: dict[str, list[float]] = {}     # {"mean": [...], "scale": [...]}
         self.maps: dict[str, dict[str, str]] = {}    # lookup feature -> {key id: value id}
         self._index: dict[str, pd.Index] = {}
-        self._token_cache: dict[tuple[str, int], tuple] = {}
+        self._rows: dict[str, dict[str, int]] = {}   # table -> {id: embedding row} (serving fast path)
+        self._token_caches: dict[tuple[int, int], OrderedDict] = {}   # (buckets, max_len) -> {text: rows}, LRU
+        self._token_lock = threading.Lock()
+        self._fills: dict[str, str] = {}              # id feature -> its fill as an id string
         self.fitted = False
 
     # ---- schema checks
@@ -402,17 +433,30 @@ class FeatureEncoder:
 
     def _build_index(self) -> None:
         self._index = {t: pd.Index(v) for t, v in self.vocabs.items()}
+        self._rows = {}
+
+    @staticmethod
+    def _dense_column(f: FeatureConfig, v: np.ndarray) -> np.ndarray:
+        """One dense feature's raw float64 values -> log1p / fill applied (before standardising)."""
+        if f.log1p:
+            v = np.log1p(np.clip(v, 0, None))
+        if f.fill is not None:
+            v = np.where(np.isnan(v), f.fill, v)
+        return v
 
     def _dense_raw(self, frame: pd.DataFrame) -> np.ndarray:
         cols = []
         for f in self.spec.dense:
             v = pd.to_numeric(frame[f.column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-            if f.log1p:
-                v = np.log1p(np.clip(v, 0, None))
-            if f.fill is not None:
-                v = np.where(np.isnan(v), f.fill, v)
-            cols.append(v)
+            cols.append(self._dense_column(f, v))
         return np.stack(cols, axis=1) if cols else np.zeros((len(frame), 0))
+
+    def _dense_scaled(self, x: np.ndarray) -> np.ndarray:
+        """Raw dense values (N, D) -> missing filled with the training mean, standardised, float32."""
+        mean = np.asarray(self.scaler["mean"])
+        x = np.where(np.isnan(x), np.asarray(self.scaler["fill"]), x)
+        x = (x - mean) / np.asarray(self.scaler["scale"])
+        return x.astype(np.float32)
 
     # ---- transform
     def num_embeddings(self, f: FeatureConfig) -> int:
@@ -432,18 +476,41 @@ class FeatureEncoder:
         idx = self._index[table].get_indexer(_as_str_ids(ids)) if len(ids) else np.zeros(0, np.int64)
         return (np.asarray(idx, dtype=np.int64) + 1)  # -1 (unknown/missing) -> 0, the OOV row
 
+    def _token_cache(self, f: FeatureConfig) -> OrderedDict:
+        key = (f.buckets, f.max_len)
+        cache = self._token_caches.get(key)
+        if cache is None:
+            with self._token_lock:
+                cache = self._token_caches.setdefault(key, OrderedDict())
+        return cache
+
+    def _tokens(self, text, f: FeatureConfig, cache: OrderedDict | None = None) -> np.ndarray:
+        """The sorted, de-duplicated hashed token rows of one text (at most ``max_len``), cached (LRU).
+
+        Lock-free: each OrderedDict call is atomic under the GIL; a concurrent eviction at worst
+        makes a text computed twice."""
+        cache = self._token_cache(f) if cache is None else cache
+        hit = cache.get(text)
+        if hit is not None:
+            try:
+                cache.move_to_end(text)
+            except KeyError:   # evicted by another thread meanwhile
+                pass
+            return hit
+        hit = np.array(sorted({hash_token(t, f.buckets) for t in tokenize(text)})[: f.max_len], dtype=np.int64)
+        hit.flags.writeable = False   # shared by every batch that reads it
+        cache[text] = hit
+        while len(cache) > TOKEN_CACHE_SIZE:
+            try:
+                cache.popitem(last=False)
+            except KeyError:
+                break
+        return hit
+
     def _text(self, column: pd.Series, f: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
         codes, uniques = pd.factorize(column, use_na_sentinel=True)
-        per_unique = []
-        for text in uniques:
-            key = (text, f.buckets)
-            hit = self._token_cache.get(key)
-            if hit is None:
-                hit = np.array(sorted({hash_token(t, f.buckets) for t in tokenize(text)})[: f.max_len],
-                               dtype=np.int64)
-                if len(self._token_cache) < 200_000:
-                    self._token_cache[key] = hit
-            per_unique.append(hit)
+        cache = self._token_cache(f)
+        per_unique = [self._tokens(text, f, cache) for text in uniques]
         ulen = np.array([len(h) for h in per_unique] + [0], dtype=np.int32)
         lengths = ulen[codes]                           # code -1 (missing) -> the trailing 0
         uoff = np.concatenate([[0], np.cumsum(ulen[:-1], dtype=np.int64)])
@@ -478,32 +545,165 @@ class FeatureEncoder:
         n = len(frame)
         keys, values, lengths = [], [], []
         for f in self.spec.sparse:
-            if f.type == "id":
-                ids = frame[f.column].to_numpy()
-                if f.fill is not None:
-                    ids = _as_str_ids(ids)
-                    ids[pd.isna(ids)] = _as_str_ids([f.fill])[0]
-                v = self._lookup(f.table_name, ids)
-                ln = np.ones(n, dtype=np.int32)
-            elif f.type == "id_list":
-                flat, ln = _flatten_lists(frame[f.column], f.max_len)
-                if f.lookup:
-                    flat = pd.Series(_as_str_ids(flat), dtype=object).map(self.maps.get(f.name, {})).to_numpy(object)
-                v = self._lookup(f.table_name, flat)
-            else:
-                v, ln = self._text(frame[f.column], f)
+            v, ln = self._sparse(f, frame[f.column], n)
             keys.append(f.name)
             values.append(v)
             lengths.append(ln)
         if self.spec.dense:
-            x = self._dense_raw(frame)
-            mean = np.asarray(self.scaler["mean"])
-            x = np.where(np.isnan(x), np.asarray(self.scaler["fill"]), x)
-            x = (x - mean) / np.asarray(self.scaler["scale"])
-            dense = x.astype(np.float32)
+            dense = self._dense_scaled(self._dense_raw(frame))
         else:
             dense = np.zeros((n, 0), dtype=np.float32)
         return FeatureBatch(dense, keys, values, lengths)
+
+    def _sparse(self, f: FeatureConfig, column: pd.Series, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """One sparse feature of a frame column -> (int64 rows, int32 lengths)."""
+        if f.type == "id":
+            ids = column.to_numpy()
+            if f.fill is not None:
+                ids = _as_str_ids(ids)
+                ids[pd.isna(ids)] = _as_str_ids([f.fill])[0]
+            return self._lookup(f.table_name, ids), np.ones(n, dtype=np.int32)
+        if f.type == "id_list":
+            flat, ln = _flatten_lists(column, f.max_len)
+            if f.lookup:
+                flat = pd.Series(_as_str_ids(flat), dtype=object).map(self.maps.get(f.name, {})).to_numpy(object)
+            return self._lookup(f.table_name, flat), ln
+        return self._text(column, f)
+
+    # ---- serving fast path: plain Python columns, no pandas on the common inputs
+    def transform_columns(self, columns, n: int) -> FeatureBatch:
+        """Encode one request's rows given as plain columns (``{column: list of n values}``).
+
+        The serving-time twin of ``transform(pd.DataFrame(columns), allow_missing=True)``: the same
+        tensors, bit for bit (tests/unit/test_serve_fastpath.py), without building a DataFrame. A
+        spec column absent from ``columns`` is missing in every row. Columns of the common serving
+        shapes (ids as strings or None, lists of string ids, texts, ints and floats) are encoded in
+        plain Python/numpy; any other column goes through the pandas path of ``transform``.
+        """
+        if not self.fitted:
+            raise RuntimeError("FeatureEncoder.transform_columns called before fit/load")
+        for c in self.spec.columns:
+            if columns.get(c) is not None and len(columns[c]) != n:
+                raise ValueError(f"column '{c}' has {len(columns[c])} values, expected {n}")
+        keys, values, lengths = [], [], []
+        for f in self.spec.sparse:
+            col = columns.get(f.column)
+            got = self._sparse_fast(f, col, n)
+            if got is None:   # an unusual column: the frame path, on a frame of that column alone
+                got = self._sparse(f, pd.DataFrame({f.column: col})[f.column], n)
+            keys.append(f.name)
+            values.append(got[0])
+            lengths.append(got[1])
+        if self.spec.dense:
+            cols = []
+            for f in self.spec.dense:
+                col = columns.get(f.column)
+                v = _floats_fast(col, n)
+                if v is None:
+                    v = pd.to_numeric(pd.DataFrame({f.column: col})[f.column], errors="coerce").to_numpy(
+                        dtype=np.float64, na_value=np.nan)
+                cols.append(self._dense_column(f, v))
+            dense = self._dense_scaled(np.stack(cols, axis=1))
+        else:
+            dense = np.zeros((n, 0), dtype=np.float32)
+        return FeatureBatch(dense, keys, values, lengths)
+
+    def prepare_serving(self) -> "FeatureEncoder":
+        """Build the id -> row tables of ``transform_columns`` now (at model load) rather than on
+        the first request."""
+        for f in self.spec.sparse:
+            if f.type != "text":
+                self._row_table(f.table_name)
+        return self
+
+    def _row_table(self, table: str) -> dict:
+        rows = self._rows.get(table)
+        if rows is None:   # built once per encoder (a plain assignment: safe under threads)
+            rows = {k: i + 1 for i, k in enumerate(self.vocabs.get(table, ()))}
+            self._rows[table] = rows
+        return rows
+
+    def _sparse_fast(self, f: FeatureConfig, col, n: int):
+        """``_sparse`` for a plain list column of the common shapes, else None (use the frame path)."""
+        if col is None:   # absent column: missing in every row
+            col = (None,) * n
+        if f.type == "id":
+            types = set(map(type, col))
+            if not types <= _STR_OR_NONE:
+                return None
+            if f.fill is not None and NoneType in types:
+                fill = self._fills.get(f.name)
+                if fill is None:
+                    fill = self._fills[f.name] = _as_str_ids([f.fill])[0]
+                col = [fill if v is None else v for v in col]
+            get = self._row_table(f.table_name).get
+            return (np.fromiter(map(get, col, repeat(0, n)), dtype=np.int64, count=n),
+                    np.ones(n, dtype=np.int32))
+        if f.type == "id_list":
+            rows = self._row_table(f.table_name)
+            mapping = self.maps.get(f.name, {}) if f.lookup else None
+
+            def encode(v):
+                if type(v) is str:
+                    items = [t for t in v.split(",") if t][: f.max_len]
+                elif type(v) in (list, tuple):
+                    items = v[: f.max_len]
+                    if not set(map(type, items)) <= _STR:
+                        return None
+                else:
+                    return None
+                if mapping is not None:
+                    items = [mapping.get(t) for t in items]
+                return np.fromiter(map(rows.get, items, repeat(0)), dtype=np.int64, count=len(items))
+
+            try:   # one user history shared by every row? (list.count compares by identity first: C speed)
+                same = n > 0 and col.count(col[0]) == n
+            except (TypeError, ValueError):   # values that do not compare to a bool (arrays)
+                same = False
+            if same:
+                if col[0] is None:
+                    return np.zeros(0, np.int64), np.zeros(n, dtype=np.int32)
+                enc = encode(col[0])
+                if enc is None:
+                    return None
+                return np.tile(enc, n), np.full(n, len(enc), dtype=np.int32)
+            lengths = np.zeros(n, dtype=np.int32)
+            parts, seen = [], {}
+            for i, v in enumerate(col):
+                if v is None:
+                    continue
+                enc = seen.get(id(v))
+                if enc is None:
+                    enc = encode(v)
+                    if enc is None:
+                        return None
+                    seen[id(v)] = enc
+                lengths[i] = len(enc)
+                parts.append(enc)
+            flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            return flat, lengths
+        # text
+        if not set(map(type, col)) <= _STR_OR_NONE:
+            return None
+        cache = self._token_cache(f)
+        get, to_end, tokens = cache.get, cache.move_to_end, self._tokens
+        parts = []
+        for v in col:
+            if v is None:
+                parts.append(_NO_TOKENS)
+                continue
+            hit = get(v)
+            if hit is None:
+                hit = tokens(v, f, cache)
+            else:
+                try:
+                    to_end(v)
+                except KeyError:   # evicted by another thread meanwhile
+                    pass
+            parts.append(hit)
+        lengths = np.fromiter(map(len, parts), dtype=np.int32, count=n)
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return flat, lengths
 
     def fit_transform(self, frame: pd.DataFrame) -> FeatureBatch:
         return self.fit(frame).transform(frame)
