@@ -116,8 +116,8 @@ class FeatureSpec:
     def to_dict(self) -> dict:
         feats = []
         for f in self.features:
-            d = {k: v for k, v in asdict(f).items() if v is not None}
-            feats.append(d)
+            d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(f).items() if v is not None}
+            feats.append(d)  # plain JSON types: from_state(state_dict()) works without a JSON round trip
         return {"name": self.name, "features": feats}
 
     def error(self, index: int, key: str, message: str, code: str) -> FieldError:

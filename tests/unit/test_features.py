@@ -191,6 +191,8 @@ def test_lookup_maps_recent_items_to_their_topics():
     assert b.values[2].tolist() == [2, 1, 0]                           # dogs, cats, unknown item -> OOV
     again = FeatureEncoder.from_state(json.loads(json.dumps(enc.state_dict())))
     assert again.maps == enc.maps
+    direct = FeatureEncoder.from_state(enc.state_dict())               # no JSON round trip needed
+    assert direct.spec.features == enc.spec.features and direct.maps == enc.maps
     with pytest.raises(ValidationError, match="table"):
         feature_spec_from_dict({"features": [{"name": "t", "type": "id", "column": "t"},
                                              {"name": "r", "type": "id_list", "column": "r", "lookup": ["i", "t"]}]})
