@@ -6,7 +6,7 @@ objectives. Every architecture maps ``(dense (N, D), KeyedJaggedTensor)`` to log
 one tower per objective, K in objective order. Binary towers output logits (BCE with logits);
 regression towers output the *transformed* target (e.g. log1p of watch time; MSE).
 
-Two options of :class:`ModelConfig` add to any architecture:
+Three options of :class:`ModelConfig` add to any architecture:
 
 - ``interaction: dot`` (DLRM / FM style): each sparse feature's pooled embedding and the dense
   vector are projected to ``interaction_dim``; the pairwise dot products of these vectors join the
@@ -16,9 +16,14 @@ Two options of :class:`ModelConfig` add to any architecture:
   They explain the logging bias during training; at serving the encoder fills a fixed default (the
   feature's ``fill``, e.g. position 1) so every candidate gets the same shift and the ranking is the
   body's alone.
+- ``dense_encoding: piecewise | bucket | quantile`` (Gorishniy et al. 2022): the dense features enter
+  the body through bins at their training quantiles (:class:`DenseEncoding`), so the MLP need not learn
+  a GBDT's thresholds on heavy-tailed rates and counts itself. The bin edges are buffers of the state
+  dict, fitted on the training rows by ``ranking.train.fit``; serving encodes exactly as training.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,6 +34,7 @@ from strategy.errors import Errors
 
 ARCHS = ("shared_bottom", "mmoe", "ple")
 INTERACTIONS = ("none", "dot")
+DENSE_ENCODINGS = ("none", "quantile", "piecewise", "bucket")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,12 @@ class ModelConfig:
       projected to ``interaction_dim``, appended to the body's input).
     - ``bias_features``: sparse feature names routed to a shallow linear tower added to the logits
       (position bias); they must be features of the spec.
+    - ``dense_encoding``: how the dense features enter the body (see :class:`DenseEncoding`):
+      ``none`` (the encoder's standardised values), ``quantile`` (each value's train quantile, in
+      [-1, 1]), ``piecewise`` (piecewise-linear encoding over ``dense_bins`` train-quantile bins, then a
+      per-feature Linear to ``dense_embedding_dim`` + ReLU) or ``bucket`` (a ``dense_embedding_dim``
+      embedding per train-quantile bin). The bin boundaries are fitted on the training rows
+      (:func:`fit_dense_encodings`, called by ``ranking.train.fit``) and saved as buffers of the state dict.
     """
 
     arch: str = "mmoe"
@@ -82,6 +94,9 @@ class ModelConfig:
     interaction: str = "none"
     interaction_dim: int = 16
     bias_features: tuple[str, ...] = ()
+    dense_encoding: str = "none"
+    dense_bins: int = 16
+    dense_embedding_dim: int = 8
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -129,6 +144,13 @@ def model_config_from_dict(errs: Errors, data: dict, path: str = "model") -> Mod
     if "bias_features" in obj:
         items = as_list(errs, obj["bias_features"], f"{path}.bias_features", max_len=16) or []
         kw["bias_features"] = tuple(as_str(errs, v, f"{path}.bias_features[{i}]") for i, v in enumerate(items))
+    if "dense_encoding" in obj:
+        kw["dense_encoding"] = as_str(errs, obj["dense_encoding"], f"{path}.dense_encoding", choices=DENSE_ENCODINGS)
+    if "dense_bins" in obj:
+        kw["dense_bins"] = as_number(errs, obj["dense_bins"], f"{path}.dense_bins", lo=2, hi=1024, integer=True)
+    if "dense_embedding_dim" in obj:
+        kw["dense_embedding_dim"] = as_number(errs, obj["dense_embedding_dim"], f"{path}.dense_embedding_dim",
+                                              lo=1, hi=1024, integer=True)
     if len(errs.items) != before:
         return None
     return ModelConfig(**kw)
@@ -238,6 +260,105 @@ class PLE(nn.Module):
         return self.towers(inputs[: self.num_tasks])
 
 
+class DenseEncoding(nn.Module):
+    """Dense features (N, D) -> an encoding fitted on the training rows' quantiles.
+
+    GBDTs split heavy-tailed counts and rates at data-driven thresholds; an MLP fed standardised
+    values must learn those thresholds itself. Following Gorishniy et al. (NeurIPS 2022, "On
+    embeddings for numerical features in tabular deep learning"), each feature d gets ``bins``
+    bins whose edges ``b_0 < ... < b_T`` are quantiles of the training values (duplicates removed:
+    a feature with few distinct values gets fewer, the rest have zero width and encode as 0).
+
+    - ``piecewise``: ``e_t = clamp((x - b_{t-1}) / (b_t - b_{t-1}), 0, 1)`` (the PLE encoding), then a
+      per-feature ``Linear(bins, dim)`` + ReLU; output (N, D * dim).
+    - ``bucket``: the index of the bin holding x (values outside [b_0, b_T] go to the first/last bin)
+      looks up a per-feature ``dim`` embedding; output (N, D * dim).
+    - ``quantile``: the mean of the piecewise components, i.e. x's position in the training
+      distribution (interpolated between the quantiles), mapped to [-1, 1]; output (N, D).
+
+    The edges are plain tensors: buffers ``edges`` (D, bins + 1) and ``fitted`` (a 0-d bool), so
+    the registry's ``weights_only=True`` load restores them and serving encodes exactly as training.
+    Forward before :meth:`fit` (or a state-dict load) raises.
+    """
+
+    def __init__(self, dense_dim: int, mode: str, bins: int, dim: int):
+        super().__init__()
+        if mode not in DENSE_ENCODINGS[1:]:
+            raise ValueError(f"model.dense_encoding: '{mode}' is not allowed (allowed: {', '.join(DENSE_ENCODINGS)})")
+        self.mode, self.bins, self.dim, self.dense_dim = mode, int(bins), int(dim), int(dense_dim)
+        self.register_buffer("edges", torch.zeros(dense_dim, self.bins + 1))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        if mode == "piecewise":
+            self.weight = nn.Parameter(torch.empty(dense_dim, self.bins, self.dim))
+            self.bias = nn.Parameter(torch.empty(dense_dim, self.dim))
+            bound = 1.0 / math.sqrt(self.bins)
+            nn.init.uniform_(self.weight, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound)
+        elif mode == "bucket":
+            self.embedding = nn.Embedding(dense_dim * self.bins, self.dim)
+            nn.init.normal_(self.embedding.weight, std=0.1)
+            self.register_buffer("offsets", torch.arange(dense_dim) * self.bins, persistent=False)
+        self.out_dim = dense_dim if mode == "quantile" else dense_dim * self.dim
+
+    @torch.no_grad()
+    def fit(self, dense) -> "DenseEncoding":
+        """Set the bin edges from training rows ``dense`` (N, D): per feature, the distinct values of
+        its ``bins + 1`` quantiles, padded at the top with the largest (zero-width bins)."""
+        x = np.asarray(dense.detach().cpu().numpy() if isinstance(dense, torch.Tensor) else dense, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dense_dim:
+            raise ValueError(f"DenseEncoding.fit: expected (N, {self.dense_dim}) dense rows, got {tuple(x.shape)}")
+        edges = np.zeros((self.dense_dim, self.bins + 1), dtype=np.float64)
+        levels = np.linspace(0.0, 1.0, self.bins + 1)
+        for d in range(self.dense_dim):
+            col = x[:, d][np.isfinite(x[:, d])]
+            if not len(col):
+                continue
+            u = np.unique(np.quantile(col, levels))
+            edges[d, :len(u)] = u
+            edges[d, len(u):] = u[-1]
+        self.edges.copy_(torch.from_numpy(edges).to(self.edges.dtype))
+        self.fitted.fill_(True)
+        return self
+
+    def piecewise(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, D, bins) piecewise-linear components (0 for zero-width bins)."""
+        lo, hi = self.edges[:, :-1], self.edges[:, 1:]
+        width = hi - lo
+        ok = width > 0
+        e = ((x.unsqueeze(-1) - lo) / torch.where(ok, width, torch.ones_like(width))).clamp(0.0, 1.0)
+        return torch.where(ok, e, torch.zeros_like(e))
+
+    def bucket(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, D) bin index in [0, bins) (right-closed inner edges; zero-width bins unused)."""
+        inner = self.edges[:, 1:-1].contiguous()                                # (D, bins - 1)
+        return torch.searchsorted(inner, x.t().contiguous(), right=True).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fitted):
+            raise RuntimeError("DenseEncoding is not fitted: call ranking.models.fit_dense_encodings(model, "
+                               "train_dense) before training (ranking.train.fit does), or load a trained state dict")
+        if self.mode == "bucket":
+            idx = self.bucket(x) + self.offsets
+            return self.embedding(idx).flatten(1)
+        e = self.piecewise(x)
+        if self.mode == "quantile":
+            n = (self.edges[:, 1:] > self.edges[:, :-1]).sum(1).clamp_min(1)
+            return 2.0 * e.sum(-1) / n - 1.0
+        h = torch.einsum("ndb,dbk->ndk", e, self.weight) + self.bias
+        return torch.relu(h).flatten(1)
+
+
+def fit_dense_encodings(model: nn.Module, dense, refit: bool = False) -> int:
+    """Fit every not yet fitted :class:`DenseEncoding` of ``model`` (any wrapper, e.g. DMP) on the
+    training rows ``dense`` (N, D); ``refit=True`` refits fitted ones too. Returns how many were fitted."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, DenseEncoding) and (refit or not bool(m.fitted)):
+            m.fit(dense)
+            n += 1
+    return n
+
+
 class DotInteraction(nn.Module):
     """DLRM-style pairwise interaction: F feature vectors (N, d_f) (+ the dense vector) are projected to
     a common ``dim``; the output is the F' (F' - 1) / 2 pairwise dot products (N, F'(F'-1)/2)."""
@@ -292,7 +413,11 @@ class MultiTaskRanker(nn.Module):
         offsets = np.concatenate([[0], np.cumsum([dims[f] for f in self.feature_order])]).tolist()
         self._slices = {f: (offsets[j], offsets[j + 1]) for j, f in enumerate(self.feature_order)}
         emb_dim = sum(dims[f] for f in self.body_names)
-        in_dim = emb_dim + dense_dim
+        self.dense_encoding = None
+        if config.dense_encoding != "none" and dense_dim:
+            self.dense_encoding = DenseEncoding(dense_dim, config.dense_encoding, config.dense_bins,
+                                                config.dense_embedding_dim)
+        in_dim = emb_dim + (self.dense_encoding.out_dim if self.dense_encoding is not None else dense_dim)
         self.interaction = None
         if config.interaction == "dot":
             self.interaction = DotInteraction([dims[f] for f in self.body_names], dense_dim, config.interaction_dim)
@@ -314,7 +439,8 @@ class MultiTaskRanker(nn.Module):
     def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
         emb = self._pooled(sparse)
         body_embs = [emb[f] for f in self.body_names]
-        parts = body_embs + ([dense] if dense.shape[1] else [])
+        body_dense = self.dense_encoding(dense) if self.dense_encoding is not None else dense
+        parts = body_embs + ([body_dense] if dense.shape[1] else [])
         if self.interaction is not None:
             parts.append(self.interaction(body_embs, dense))
         logits = self.body(torch.cat(parts, dim=1))
@@ -402,6 +528,9 @@ class PlainMultiTaskRanker(nn.Module):
 
     def __init__(self, tables, dense_dim: int, objectives, config: ModelConfig):
         super().__init__()
+        if config.dense_encoding != "none":
+            raise ValueError("PlainMultiTaskRanker takes the standardised dense features only "
+                             f"(model.dense_encoding: none, got '{config.dense_encoding}')")
         self.tables = list(tables)
         self.bags = nn.ModuleDict({t.name: nn.EmbeddingBag(t.num_embeddings, t.embedding_dim, mode="mean",
                                                                 include_last_offset=True)

@@ -514,8 +514,11 @@ def fit(model, prep: Prepared, tcfg: TrainingConfig, *, rank: int = 0, world: in
     import torch
     from tqdm import tqdm
 
-    from .models import MultiTaskLoss
+    from .models import MultiTaskLoss, fit_dense_encodings
 
+    # quantile bin edges of a model's dense encoding (model.dense_encoding) come from the training rows;
+    # every rank sees the same rows, so DMP ranks fit identical edges (already fitted ones are kept)
+    fit_dense_encodings(model, prep.train.dense)
     loss_fn = MultiTaskLoss(prep.objectives)
     if optimizer is None:
         optimizer = make_optimizer(model, tcfg)
