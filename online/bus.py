@@ -10,12 +10,28 @@ One interface, two implementations chosen by URL (:func:`open_bus`):
     may publish to one log (appends are serialised by ``flock``); one process at a time may
     consume under a given name.
 
+    Retention (``retention_s``, default 7 days; ``retention_bytes``, default unlimited) deletes
+    whole closed segments, oldest first, once they are older than ``retention_s`` (by the time
+    of their last append) or while the topic's files exceed ``retention_bytes`` -- and, unless
+    ``retention_wait_for_consumers`` is false, only once every registered consumer (a name
+    with a committed position for the topic: ``consumers/<name>.json``) has committed past
+    them, so nothing unconsumed is lost. A consumer registers with its first commit (one that
+    never commits, like a scorer worker's private memory store, blocks nothing and rebuilds
+    from what is retained); one gone for good is released by deleting its ``.json`` (a warning
+    names a consumer that holds retention back). The active (last) segment is never deleted. It runs
+    when a segment rolls and, at most every few seconds, when a consumer commits
+    (:meth:`EmbeddedBus.enforce_retention` runs it at once). A consumer without a committed
+    position starts at the earliest retained record; one whose committed position was deleted
+    (with ``retention_wait_for_consumers: false``) continues at the earliest retained record
+    with a warning, and counts the bytes it lost in ``retention_skipped_bytes`` (Kafka's
+    ``auto_offset_reset=earliest``, made loud).
+
 ``kafka://HOST:PORT``
     Kafka through kafka-python 2.3.x: records are keyed by ``user_id`` and produced with
     ``acks=all``; a consumer name is a consumer group with manual commits. Publishing never
     blocks on the broker: records are first appended to a local spool (an embedded log) and a
     background thread ships them in order, so while the broker is unreachable they wait on disk
-    and arrive, in order, once it is back.
+    and arrive, in order, once it is back. Spool segments are deleted once shipped.
 
 Delivery is at least once: a consumer commits after it has applied a batch, so after a crash the
 uncommitted tail is delivered again; consumers dedupe (the feature store does, by ``event_id``).
@@ -31,8 +47,8 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from strategy.errors import FieldError, ValidationError, did_you_mean
@@ -53,13 +69,16 @@ MAX_RECORD = 16 << 20
 DEFAULT_SEGMENT_BYTES = 64 << 20
 MIN_SEGMENT_BYTES = 4096
 _READ_CHUNK = 1 << 20
+DEFAULT_RETENTION_S = 7 * 86400.0  # the feature store's default dedupe TTL: older records would count again
+MAX_RETENTION_S = 10 * 365 * 86400.0
+RETENTION_CHECK_S = 5.0  # a committing consumer runs retention at most this often
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed record. ``offset`` is its position in ``(topic, partition)`` and
+class Record(NamedTuple):
+    """One consumed record (immutable). ``offset`` is its position in ``(topic, partition)`` and
     ``next_offset`` the position just after it (what a commit stores). For the embedded log both
-    are byte positions in the topic; for Kafka they are Kafka offsets (``next = offset + 1``)."""
+    are byte positions in the topic; for Kafka they are Kafka offsets (``next = offset + 1``).
+    A named tuple: ~8x cheaper to create than a frozen dataclass, which was ~10% of consuming."""
 
     topic: str
     partition: int
@@ -146,9 +165,12 @@ _OPTION_TYPES = {
     "fsync": str, "fsync_interval_s": (int, float), "segment_bytes": int, "spool_dir": (str, os.PathLike),
     "client_id": str, "linger_ms": int, "partitions": int, "request_timeout_ms": int,
     "retry_backoff_s": (int, float), "fetch_max_wait_ms": int, "session_timeout_ms": int,
+    "retention_bytes": int, "retention_s": (int, float), "retention_wait_for_consumers": bool,
 }
-_EMBEDDED_OPTIONS = ("fsync", "fsync_interval_s", "segment_bytes")
-_KAFKA_OPTIONS = tuple(_OPTION_TYPES)
+_NULLABLE = ("retention_bytes", "retention_s")  # None: no limit
+_EMBEDDED_OPTIONS = ("fsync", "fsync_interval_s", "segment_bytes", "retention_bytes", "retention_s",
+                     "retention_wait_for_consumers")
+_KAFKA_OPTIONS = tuple(k for k in _OPTION_TYPES if not k.startswith("retention_"))
 
 
 def _check_options(options: dict, allowed) -> None:
@@ -159,7 +181,12 @@ def _check_options(options: dict, allowed) -> None:
                                                  f"(allowed: {', '.join(sorted(allowed))})", "unknown_key"))
             continue
         typ = _OPTION_TYPES[key]
-        if isinstance(val, bool) or not isinstance(val, typ):
+        if val is None and key in _NULLABLE:
+            continue
+        if typ is bool:
+            if not isinstance(val, bool):
+                errs.append(FieldError(f"bus.{key}", f"expected true or false, got {val!r}", "type"))
+        elif isinstance(val, bool) or not isinstance(val, typ):
             errs.append(FieldError(f"bus.{key}", f"expected {getattr(typ, '__name__', 'a number')}, got {val!r}", "type"))
     fsync = options.get("fsync")
     if isinstance(fsync, str) and fsync not in FSYNC_POLICIES:
@@ -171,6 +198,12 @@ def _check_options(options: dict, allowed) -> None:
     ival = options.get("fsync_interval_s")
     if isinstance(ival, (int, float)) and not isinstance(ival, bool) and not 0.001 <= ival <= 3600:
         errs.append(FieldError("bus.fsync_interval_s", f"{ival} is out of range [0.001, 3600]", "range"))
+    rb = options.get("retention_bytes")
+    if isinstance(rb, int) and not isinstance(rb, bool) and not 0 <= rb <= 1 << 50:
+        errs.append(FieldError("bus.retention_bytes", f"{rb} is out of range [0, {1 << 50}]", "range"))
+    rs = options.get("retention_s")
+    if isinstance(rs, (int, float)) and not isinstance(rs, bool) and not 1 <= rs <= MAX_RETENTION_S:
+        errs.append(FieldError("bus.retention_s", f"{rs} is out of range [1, {MAX_RETENTION_S:.0f}]", "range"))
     if errs:
         raise ValidationError(errs)
 
@@ -204,7 +237,9 @@ def open_bus(url: str, **options) -> EventBus:
     ``kafka://HOST:PORT``.
 
     Options: ``fsync`` (``always`` | ``interval`` | ``never``, default ``interval``),
-    ``fsync_interval_s`` (1.0), ``segment_bytes`` (64 MiB); Kafka also takes ``spool_dir``
+    ``fsync_interval_s`` (1.0), ``segment_bytes`` (64 MiB); embedded only: ``retention_s``
+    (7 days; None keeps everything), ``retention_bytes`` (None: no size limit) and
+    ``retention_wait_for_consumers`` (True) -- see the module docstring; Kafka also takes ``spool_dir``
     (default ``var/spool/kafka-HOST-PORT``), ``client_id``, ``linger_ms``, ``partitions`` (for
     topics it creates), ``request_timeout_ms``, ``retry_backoff_s``, ``fetch_max_wait_ms``,
     ``session_timeout_ms`` (how soon a dead consumer's partitions move to a live one).
@@ -263,17 +298,18 @@ def _frame(ts: float, key: bytes, value: bytes) -> bytes:
     return _HEAD.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
 
-def _parse(buf, start: int, end: int):
-    """Parse frames of ``buf[start:end]``. Yields ``(pos, next, ts, key, value)`` and stops at the
-    first frame that is incomplete or invalid; returns ``(frames, stop_pos, why)`` with ``why`` one
-    of ``'end'`` (clean end), ``'partial'`` (frame runs past ``end``), ``'bad'`` (corrupt)."""
+def _parse(buf, start: int, end: int, base: int = 0, limit: int = -1):
+    """Parse frames of ``buf[start:end]``. Yields ``(base + pos, base + next, ts, key, value)`` and
+    stops at the first frame that is incomplete or invalid, or after ``limit`` frames (``'end'``);
+    returns ``(frames, stop_pos, why)`` with ``why`` one of ``'end'`` (clean end), ``'partial'``
+    (frame runs past ``end``), ``'bad'`` (corrupt)."""
     frames = []
     pos = start
     head_size, unpack_head, unpack_body, body_size = _HEAD.size, _HEAD.unpack_from, _BODY.unpack_from, _BODY.size
     crc32 = zlib.crc32
     view = memoryview(buf)
     while True:
-        if pos == end:
+        if pos == end or limit == 0:
             return frames, pos, "end"
         if end - pos < head_size:
             return frames, pos, ("partial" if MAGIC.startswith(bytes(buf[pos:end])[:4]) else "bad")
@@ -290,8 +326,9 @@ def _parse(buf, start: int, end: int):
         k0 = b0 + body_size
         if k0 + klen > nxt:
             return frames, pos, "bad"
-        frames.append((pos, nxt, ts, buf[k0:k0 + klen], buf[k0 + klen:nxt]))
+        frames.append((base + pos, base + nxt, ts, buf[k0:k0 + klen], buf[k0 + klen:nxt]))
         pos = nxt
+        limit -= 1
 
 
 def _resync(buf, start: int, end: int) -> int | None:
@@ -339,6 +376,7 @@ class _TopicWriter:
         self._fd = -1
         self._base = -1
         self.dirty = False
+        self.rolled = False  # set when this writer started a new segment (retention may delete old ones)
         self.truncated_bytes = 0
         with self._locked():
             self._open_latest(recover=True)
@@ -386,6 +424,7 @@ class _TopicWriter:
                     _fsync_dir(self.folder)
                     os.close(self._fd)
                     self._fd, self._base = fd, new_base
+                    self.rolled = True
             view = memoryview(data)
             while view:
                 n = os.write(self._fd, view)
@@ -450,6 +489,7 @@ class _TopicReader:
         self._fh = None
         self._fh_base = -1
         self.skipped_bytes = 0
+        self.retention_skipped_bytes = 0  # positions deleted by retention before this reader got there
 
     def _segment_for(self, pos: int, refresh: bool = False) -> tuple[int, int | None]:
         if refresh or not self._segs or pos >= (self._segs[-1] if self._segs else 0):
@@ -484,8 +524,18 @@ class _TopicReader:
             base, nxt_base = self._segment_for(pos, refresh)
             if base < 0:
                 return out, pos
-            pos = max(pos, base)
-            fh = self._file(base)
+            if pos < base:  # retention deleted what lies before ``base``
+                self._retention_skip(pos, base)
+                pos = base
+            try:
+                fh = self._file(base)
+            except FileNotFoundError:  # deleted by retention since the last listing
+                if refresh:
+                    self._segs = _segments(self.folder)
+                    if base in self._segs:
+                        raise
+                refresh = True
+                continue
             rel = pos - base
             size = os.fstat(fh.fileno()).st_size
             if rel >= size:
@@ -499,12 +549,10 @@ class _TopicReader:
             refresh = False
             fh.seek(rel)
             buf = fh.read(min(size - rel, _READ_CHUNK))
-            frames, stop, why = _parse(buf, 0, len(buf))
+            frames, stop, why = _parse(buf, 0, len(buf), pos, max_records - len(out))
             if frames:
-                frames = frames[:max_records - len(out)]
-                for fpos, fnext, ts, key, value in frames:
-                    out.append((pos + fpos, pos + fnext, ts, key, value))
-                pos += frames[-1][1]
+                out += frames
+                pos = frames[-1][1]
                 continue
             if why == "partial" and len(buf) >= _HEAD.size:
                 blen = _HEAD.unpack_from(buf, 0)[1]
@@ -538,6 +586,12 @@ class _TopicReader:
                 return out, pos  # a torn tail: the next writer truncates it
         return out, pos
 
+    def _retention_skip(self, pos: int, base: int) -> None:
+        self.retention_skipped_bytes += base - pos
+        log.warning("embedded log %s: positions [%d, %d) were deleted by retention before they were read; "
+                    "continuing at the earliest retained record (%d bytes lost to this reader)",
+                    self.folder, pos, base, base - pos)
+
     def _skip(self, pos: int, n: int, what: str) -> None:
         self.skipped_bytes += n
         log.warning("embedded log %s: skipping %s of %d bytes at %d", self.folder, what, n, pos)
@@ -551,15 +605,24 @@ class _TopicReader:
 
 class EmbeddedBus(EventBus):
     """``embedded://PATH``: a segment log per topic under ``PATH/topics/<topic>/``, committed
-    positions under ``PATH/consumers/<name>.json``."""
+    positions under ``PATH/consumers/<name>.json``; retention as in the module docstring."""
 
     def __init__(self, path, fsync: str = "interval", fsync_interval_s: float = 1.0,
-                 segment_bytes: int = DEFAULT_SEGMENT_BYTES):
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES, retention_bytes: int | None = None,
+                 retention_s: float | None = DEFAULT_RETENTION_S, retention_wait_for_consumers: bool = True,
+                 retention_required_consumers: tuple = ()):
         self.path = Path(path)
         self.url = f"embedded://{path}"
         self.fsync = fsync
         self.fsync_interval_s = float(fsync_interval_s)
         self.segment_bytes = int(segment_bytes)
+        self.retention_bytes = None if retention_bytes is None else int(retention_bytes)
+        self.retention_s = None if retention_s is None else float(retention_s)
+        self.retention_wait_for_consumers = bool(retention_wait_for_consumers)
+        # consumers that protect every topic, also before their first commit on it (the spool's shipper)
+        self.retention_required_consumers = tuple(retention_required_consumers)
+        self.deleted_segments = 0  # by this process's retention runs
+        self._blocked_warned: set = set()
         (self.path / "topics").mkdir(parents=True, exist_ok=True)
         (self.path / "consumers").mkdir(parents=True, exist_ok=True)
         self._writers: dict[str, _TopicWriter] = {}
@@ -593,9 +656,123 @@ class EmbeddedBus(EventBus):
         with self._cond:
             if self._closed:
                 raise RuntimeError("bus is closed")
-            self._writer(topic).append(data)
+            w = self._writer(topic)
+            w.append(data)
             self._seq += 1
             self._cond.notify_all()
+            if w.rolled:
+                w.rolled = False
+                self._retain_locked([topic], time.time())
+
+    # ---- retention
+
+    @property
+    def retains_everything(self) -> bool:
+        return self.retention_bytes is None and self.retention_s is None
+
+    def enforce_retention(self, topics=None, now: float | None = None) -> dict[str, list[int]]:
+        """Delete the closed segments the retention policy allows (see the module docstring);
+        returns ``{topic: [base offsets of the deleted segments]}``. Safe while other processes
+        publish and consume (each topic's deletions hold its writer ``flock``)."""
+        with self._lock:
+            if self._closed:
+                return {}
+            return self._retain_locked(topics, time.time() if now is None else now)
+
+    def earliest_offset(self, topic: str) -> int:
+        """The position of the oldest retained record of ``topic`` (0 when it has none)."""
+        segs = _segments(self.path / "topics" / topic)
+        return segs[0] if segs else 0
+
+    def _consumer_floors(self, topics) -> dict[str, tuple[int, str]]:
+        """``{topic: (lowest committed position, consumer name)}`` over registered consumers; a
+        required consumer without a position on a topic holds all of it (position 0)."""
+        floors: dict[str, tuple[int, str]] = {}
+        committed: dict[str, dict] = {}
+        folder = self.path / "consumers"
+        for name in os.listdir(folder):
+            if not name.endswith(".json"):
+                continue
+            try:
+                positions = json.loads((folder / name).read_text()).get("positions", {})
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, AttributeError) as exc:  # an unreadable commit file protects everything
+                log.warning("embedded log %s: cannot read %s (%s); retention waits", self.path, name, exc)
+                return {"*": (0, name[:-5])}
+            committed[name[:-5]] = positions
+            for topic, pos in positions.items():
+                if topic not in floors or int(pos) < floors[topic][0]:
+                    floors[topic] = (int(pos), name[:-5])
+        for name in self.retention_required_consumers:
+            for topic in topics:
+                if topic not in committed.get(name, {}):
+                    floors[topic] = (0, name)
+        return floors
+
+    def _retain_locked(self, topics, now: float) -> dict[str, list[int]]:
+        if self.retains_everything:
+            return {}
+        if topics is None:
+            topics = [t for t in os.listdir(self.path / "topics") if TOPIC_RE.match(t)]
+        floors = self._consumer_floors(topics) if self.retention_wait_for_consumers else {}
+        out = {}
+        for topic in topics:
+            folder = self.path / "topics" / topic
+            if not folder.is_dir():
+                continue
+            w = self._writers.get(topic)
+            if w is not None:
+                with w._locked():
+                    deleted = self._retain_topic(folder, topic, now, floors)
+            else:
+                lock_fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                    deleted = self._retain_topic(folder, topic, now, floors)
+                finally:
+                    os.close(lock_fd)  # releases the flock
+            if deleted:
+                out[topic] = deleted
+        return out
+
+    def _retain_topic(self, folder: Path, topic: str, now: float, floors: dict) -> list[int]:
+        segs = _segments(folder)
+        if len(segs) < 2:
+            return []
+        stats = []
+        for base in segs:
+            try:
+                st = os.stat(_seg_path(folder, base))
+            except FileNotFoundError:  # deleted by another process meanwhile
+                return []
+            stats.append(st)
+        total = sum(st.st_size for st in stats)
+        floor = floors.get("*") or floors.get(topic)
+        deleted = []
+        for i in range(len(segs) - 1):  # never the active (last) segment
+            end = segs[i + 1]
+            expired = self.retention_s is not None and now - stats[i].st_mtime >= self.retention_s
+            oversize = self.retention_bytes is not None and total > self.retention_bytes
+            if not (expired or oversize):
+                break
+            if floor is not None and floor[0] < end:
+                if (topic, floor[1]) not in self._blocked_warned:
+                    self._blocked_warned.add((topic, floor[1]))
+                    log.warning("embedded log %s: retention waits for consumer '%s' (committed at %d of topic %s); "
+                                "delete consumers/%s.json if that consumer is gone for good",
+                                self.path, floor[1], floor[0], topic, floor[1])
+                break
+            os.unlink(_seg_path(folder, segs[i]))
+            total -= stats[i].st_size
+            deleted.append(segs[i])
+        if deleted:
+            if self.fsync != "never":
+                _fsync_dir(folder)
+            self.deleted_segments += len(deleted)
+            log.info("embedded log %s: retention deleted %d segment(s) of %s before %d", self.path, len(deleted),
+                     topic, segs[len(deleted)])
+        return deleted
 
     def wait_for_data(self, seq: int, timeout_s: float) -> int:
         """Block until a publish of this process after ``seq`` or the timeout; returns the seq."""
@@ -677,16 +854,23 @@ class EmbeddedConsumer(Consumer):
             raise _bad("consumer", f"consumer '{name}' is in use by another process", "in_use") from None
         self._offsets_path = cdir / f"{name}.json"
         self.committed = self._load()
-        self.position = {t: self.committed.get(t, 0) for t in topics}
+        self.position = {t: self._start(t) for t in topics}
         self._readers = {t: _TopicReader(bus.path / "topics" / t) for t in topics}
         self._next_topic = 0
         self._polled: dict[tuple[str, int], int] = {}
+        self._last_retention = time.monotonic()
+
+    def _start(self, topic: str) -> int:
+        """The committed position, else the earliest retained one (a new name starts there)."""
+        if topic in self.committed:
+            return self.committed[topic]  # below the earliest retained: the reader warns and skips
+        return self.bus.earliest_offset(topic)
 
     def add_topic(self, topic: str) -> None:
         _check_topic(topic)
         if topic not in self.position:
             self.topics.append(topic)
-            self.position[topic] = self.committed.get(topic, 0)
+            self.position[topic] = self._start(topic)
             self._readers[topic] = _TopicReader(self.bus.path / "topics" / topic)
 
     def _load(self) -> dict[str, int]:
@@ -699,6 +883,11 @@ class EmbeddedConsumer(Consumer):
     @property
     def skipped_bytes(self) -> int:
         return sum(r.skipped_bytes for r in self._readers.values())
+
+    @property
+    def retention_skipped_bytes(self) -> int:
+        """Bytes this consumer never read because retention had deleted them (see the module doc)."""
+        return sum(r.retention_skipped_bytes for r in self._readers.values())
 
     def _read_some(self, max_records: int) -> list[Record]:
         out: list[Record] = []
@@ -758,6 +947,9 @@ class EmbeddedConsumer(Consumer):
         os.replace(tmp, self._offsets_path)
         if self.bus.fsync == "always":
             _fsync_dir(self._offsets_path.parent)
+        if not self.bus.retains_everything and time.monotonic() - self._last_retention >= RETENTION_CHECK_S:
+            self._last_retention = time.monotonic()
+            self.bus.enforce_retention(self.topics)
 
     def lag(self) -> dict[str, int]:
         """Bytes not yet consumed per topic (by this consumer's current position)."""
@@ -804,8 +996,10 @@ class BusProducer:
         self.request_timeout_ms = request_timeout_ms
         self.retry_backoff_s = retry_backoff_s
         self.batch = batch
+        # shipped segments are deleted: the spool keeps only what the broker has not acknowledged
         self.spool = EmbeddedBus(spool_dir, fsync=fsync, fsync_interval_s=fsync_interval_s,
-                                 segment_bytes=segment_bytes)
+                                 segment_bytes=segment_bytes, retention_bytes=0, retention_s=None,
+                                 retention_required_consumers=(self.SHIPPER,))
         with self.spool._lock:  # recover torn tails a crash left in the spool before shipping
             for topic in os.listdir(self.spool.path / "topics"):
                 if TOPIC_RE.match(topic):
@@ -1049,6 +1243,187 @@ class KafkaBus(EventBus):
             self._producer = None
 
 
+_FAST_RECORDS = None
+
+
+def _fast_partition_records():
+    """kafka-python 2.3.x's ``Fetcher.PartitionRecords`` with a faster decoder of uncompressed
+    or compressed v2 record batches (the format of every broker since Kafka 0.11): the same
+    checks (batch CRC, record lengths, trailing bytes, control and aborted batches) and the same
+    ``ConsumerRecord`` tuples, with the per-record varint decoding inlined -- about 3x faster
+    than the stock generator, which was half of the Kafka consumer's time. Installed per consumer
+    (an attribute of its fetcher); None on another kafka-python version (the stock one is used)."""
+    global _FAST_RECORDS
+    if _FAST_RECORDS is not None:
+        return _FAST_RECORDS or None
+    import kafka
+    from kafka.consumer import fetcher as _fetcher
+
+    if not kafka.__version__.startswith("2.3.") or not hasattr(_fetcher.Fetcher, "PartitionRecords"):
+        _FAST_RECORDS = False
+        return None
+    Errors = _fetcher.Errors
+    ConsumerRecord = _fetcher.ConsumerRecord
+    from kafka.record.util import decode_varint
+
+    base_cls = _fetcher.Fetcher.PartitionRecords
+    READ_COMMITTED = _fetcher.READ_COMMITTED
+
+    class FastPartitionRecords(base_cls):
+        def _unpack_records(self, tp, records, key_deserializer, value_deserializer):
+            if key_deserializer is not None or value_deserializer is not None:
+                yield from super()._unpack_records(tp, records, key_deserializer, value_deserializer)
+                return
+            topic, partition = tp.topic, tp.partition
+            varint = decode_varint
+            try:
+                batch = records.next_batch()
+                last_batch = None
+                while batch is not None:
+                    last_batch = batch
+                    if self.check_crcs and not batch.validate_crc():
+                        raise Errors.CorruptRecordError("Record batch for partition %s at offset %s failed crc check"
+                                                        % (self.topic_partition, batch.base_offset))
+                    if batch.magic != 2:  # legacy message sets: the stock per-record path
+                        for record in batch:
+                            if self.check_crcs and not record.validate_crc():
+                                raise Errors.CorruptRecordError("Record for partition %s at offset %s failed crc "
+                                                                "check" % (self.topic_partition, record.offset))
+                            key, value = record.key, record.value
+                            self.records_read += 1
+                            self.bytes_read += record.size_in_bytes
+                            self.next_fetch_offset = record.offset + 1
+                            yield ConsumerRecord(topic, partition, self.leader_epoch, record.offset, record.timestamp,
+                                                 record.timestamp_type, key, value, [], record.checksum,
+                                                 len(key) if key is not None else -1,
+                                                 len(value) if value is not None else -1, -1)
+                        batch = records.next_batch()
+                        continue
+                    self.leader_epoch = batch.leader_epoch
+                    if self.isolation_level == READ_COMMITTED and batch.has_producer_id():
+                        self._consume_aborted_transactions_up_to(batch.last_offset)
+                        producer_id = batch.producer_id
+                        if self._contains_abort_marker(batch):
+                            self.aborted_producer_ids.discard(producer_id)
+                        elif self._is_batch_aborted(batch):
+                            self.next_fetch_offset = batch.next_offset
+                            batch = records.next_batch()
+                            continue
+                    if batch.is_control_batch:
+                        self.next_fetch_offset = batch.next_offset
+                        batch = records.next_batch()
+                        continue
+                    batch._maybe_uncompress()
+                    buf, pos = batch._buffer, batch._pos
+                    head = batch._header_data
+                    base_offset, first_ts, max_ts = head[0], head[7], head[8]
+                    ts_type = 1 if head[5] & 0x08 else 0
+                    epoch = self.leader_epoch
+                    end = len(buf)
+                    try:
+                        for _ in range(head[12]):
+                            b = buf[pos]  # record length
+                            if b < 0x80:
+                                length, pos = (b >> 1) ^ -(b & 1), pos + 1
+                            elif buf[pos + 1] < 0x80:
+                                b = (b & 0x7f) | (buf[pos + 1] << 7)
+                                length, pos = (b >> 1) ^ -(b & 1), pos + 2
+                            else:
+                                length, pos = varint(buf, pos)
+                            start = pos
+                            pos += 1  # attributes (int8, unused)
+                            b = buf[pos]
+                            if b < 0x80:
+                                ts_delta, pos = (b >> 1) ^ -(b & 1), pos + 1
+                            elif buf[pos + 1] < 0x80:
+                                b = (b & 0x7f) | (buf[pos + 1] << 7)
+                                ts_delta, pos = (b >> 1) ^ -(b & 1), pos + 2
+                            else:
+                                ts_delta, pos = varint(buf, pos)
+                            b = buf[pos]
+                            if b < 0x80:
+                                off_delta, pos = (b >> 1) ^ -(b & 1), pos + 1
+                            elif buf[pos + 1] < 0x80:
+                                b = (b & 0x7f) | (buf[pos + 1] << 7)
+                                off_delta, pos = (b >> 1) ^ -(b & 1), pos + 2
+                            else:
+                                off_delta, pos = varint(buf, pos)
+                            b = buf[pos]
+                            if b < 0x80:
+                                klen, pos = (b >> 1) ^ -(b & 1), pos + 1
+                            elif buf[pos + 1] < 0x80:
+                                b = (b & 0x7f) | (buf[pos + 1] << 7)
+                                klen, pos = (b >> 1) ^ -(b & 1), pos + 2
+                            else:
+                                klen, pos = varint(buf, pos)
+                            if klen >= 0:
+                                key = bytes(buf[pos:pos + klen])
+                                pos += klen
+                            else:
+                                key = None
+                            b = buf[pos]
+                            if b < 0x80:
+                                vlen, pos = (b >> 1) ^ -(b & 1), pos + 1
+                            elif buf[pos + 1] < 0x80:
+                                b = (b & 0x7f) | (buf[pos + 1] << 7)
+                                vlen, pos = (b >> 1) ^ -(b & 1), pos + 2
+                            else:
+                                vlen, pos = varint(buf, pos)
+                            if vlen >= 0:
+                                value = bytes(buf[pos:pos + vlen])
+                                pos += vlen
+                            else:
+                                value = None
+                            if buf[pos] == 0:  # no headers
+                                nh, pos = 0, pos + 1
+                            else:
+                                nh, pos = varint(buf, pos)
+                            headers, hsize = [], -1
+                            if nh:
+                                if nh < 0:
+                                    raise Errors.CorruptRecordError(f"Found invalid number of record headers {nh}")
+                                hsize = 0
+                                for _h in range(nh):
+                                    hk, pos = varint(buf, pos)
+                                    if hk < 0:
+                                        raise Errors.CorruptRecordError(f"Invalid negative header key size {hk}")
+                                    h_key = buf[pos:pos + hk].decode("utf-8")
+                                    pos += hk
+                                    hv, pos = varint(buf, pos)
+                                    if hv >= 0:
+                                        h_val = bytes(buf[pos:pos + hv])
+                                        pos += hv
+                                    else:
+                                        h_val = None
+                                    headers.append((h_key, h_val))
+                                    hsize += hk + (hv if hv >= 0 else 0)
+                            if pos - start != length or pos > end:
+                                raise Errors.CorruptRecordError(
+                                    f"Invalid record size: expected to read {length} bytes in record payload, "
+                                    f"but instead read {pos - start}")
+                            offset = base_offset + off_delta
+                            self.records_read += 1
+                            self.bytes_read += length
+                            self.next_fetch_offset = offset + 1
+                            yield ConsumerRecord(topic, partition, epoch, offset,
+                                                 max_ts if ts_type else first_ts + ts_delta, ts_type, key, value,
+                                                 headers, None, klen, vlen, hsize)
+                    except (ValueError, IndexError) as err:
+                        raise Errors.CorruptRecordError(f"Found invalid record structure: {err!r}") from None
+                    if pos != end:
+                        raise Errors.CorruptRecordError(f"{end - pos} unconsumed bytes after all records consumed")
+                    batch = records.next_batch()
+                else:
+                    if last_batch and last_batch.magic == 2:
+                        self.next_fetch_offset = last_batch.next_offset
+                    self.drain()
+            except StopIteration:
+                raise RuntimeError("StopIteration raised unpacking messageset") from None
+
+    _FAST_RECORDS = FastPartitionRecords
+    return FastPartitionRecords
+
+
 class KafkaConsumerAdapter(Consumer):
     """A consumer group member (``group_id = name``), no auto-commit, from the earliest offset."""
 
@@ -1062,7 +1437,14 @@ class KafkaConsumerAdapter(Consumer):
             *topics, bootstrap_servers=bootstrap, group_id=name, client_id=f"{client_id}-{name}",
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=fetch_max_wait_ms,
             max_poll_records=10_000, session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=max(100, session_timeout_ms // 3))
+            heartbeat_interval_ms=max(100, session_timeout_ms // 3),
+            # kafka-python's defaults let a fetch response (50 MB) outgrow the frame limit (1 MB): a
+            # fetch of several topics then fails with "Invalid frame length" and is retried
+            fetch_max_bytes=16 << 20, receive_message_max_bytes=32 << 20)
+        fast = _fast_partition_records()
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        if fast is not None and fetcher is not None:
+            fetcher.PartitionRecords = fast  # this consumer only
         self._polled: dict[tuple[str, int], int] = {}
         self.invalid = 0
 

@@ -6,28 +6,37 @@ impressions and for every event type a raw total and a counter with exponential 
 (``half_life_s``); events that carry a ``value`` (watch seconds) also feed ``<type>_sum``.
 
 Applying is idempotent: an event is counted once per ``event_id`` and an impression once per
-``(request_id, item_id)``, so a replay after a crash never double counts (the dedupe keys live
-``dedupe_ttl_s``). Decayed counters are stored as ``(value, time of value)`` pairs, so the result
-does not depend on the order in which events arrive (up to float rounding, ~1e-15 relative).
+``(request_id, item_id)``, so a replay after a crash never double counts. The dedupe keys are
+bounded twice: each lives ``dedupe_ttl_s`` (7 days), and at most ``dedupe_max_keys`` (2M) are
+kept -- when a new key would exceed that, the oldest keys (first seen longest ago) are forgotten
+first. So a record is deduplicated when it comes again within ``dedupe_ttl_s`` and fewer than
+``dedupe_max_keys`` new keys later; a replay of the uncommitted tail (at most one batch for
+Redis, what arrived since the last snapshot for the memory store) always is, as long as
+``dedupe_max_keys`` exceeds that tail (the near-line config checks it against the batch size).
+Decayed counters are stored as ``(value, time of value)`` pairs, so the result does not depend on
+the order in which events arrive (up to float rounding, ~1e-15 relative).
 
 Backends (:func:`open_store`): ``memory://`` (default; ``memory://PATH`` snapshots to ``PATH``
 and restores from it on open) and ``redis://HOST:PORT/DB`` (shared by several scorer replicas;
-a batch is applied by one Lua script, atomically). :meth:`FeatureStore.lookup` reads everything
-a request needs in one round trip.
+a batch is applied in pipelined chunks of pre-aggregated updates, each an atomic Lua script).
+:meth:`FeatureStore.lookup` reads everything a request needs in one round trip.
 
 Which creator and topic an event belongs to: the event's own ``creator_id`` / ``topic`` when it
 carries them (the scorer may add them), otherwise what the impressions of its item said.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -38,10 +47,13 @@ from strategy.errors import FieldError, ValidationError, did_you_mean
 log = logging.getLogger("stratarank.features")
 
 SCHEMES = ("memory", "redis")
+DEFAULT_DEDUPE_MAX_KEYS = 2_000_000  # ~150-250 bytes each in the memory store
 DEFAULT_COUNTERS = ("impressions", "click", "like", "share", "comment", "follow", "report", "watch", "watch_sum")
 DEFAULT_AFFINITY = {"click": 1.0, "like": 2.0, "share": 3.0, "comment": 2.0, "follow": 3.0, "long_view": 1.0,
                     "watch": 1.0, "report": -5.0}
 IMPRESSIONS = "impressions"
+MAX_DEDUPE_KEYS = 1_000_000_000
+_ROW_ITEMS = 500
 
 
 class StoreUnavailable(RuntimeError):
@@ -56,6 +68,7 @@ class StoreOptions:
     half_life_s: float = 3600.0
     recent_items: int = 50
     dedupe_ttl_s: int = 7 * 86400
+    dedupe_max_keys: int = DEFAULT_DEDUPE_MAX_KEYS  # hard bound; the oldest keys are forgotten first
     affinity: dict = field(default_factory=lambda: dict(DEFAULT_AFFINITY))  # event type -> weight; > 0 engages
     counters: tuple = DEFAULT_COUNTERS  # always present in lookups (zeros when never seen)
     key_prefix: str = "sr:"
@@ -213,12 +226,17 @@ def _bad(path, message, code="invalid"):
 
 
 def _options(options: dict) -> StoreOptions:
-    allowed = ("half_life_s", "recent_items", "dedupe_ttl_s", "affinity", "counters", "key_prefix")
+    allowed = ("half_life_s", "recent_items", "dedupe_ttl_s", "dedupe_max_keys", "affinity", "counters",
+               "key_prefix")
     errs = []
     for k in options:
         if k not in allowed:
             errs.append(FieldError(f"store.{k}", f"unknown option '{k}'{did_you_mean(k, allowed)} "
                                                  f"(allowed: {', '.join(sorted(allowed))})", "unknown_key"))
+    mk = options.get("dedupe_max_keys", DEFAULT_DEDUPE_MAX_KEYS)
+    if isinstance(mk, bool) or not isinstance(mk, int) or not 1 <= mk <= MAX_DEDUPE_KEYS:
+        errs.append(FieldError("store.dedupe_max_keys", f"expected an integer in [1, {MAX_DEDUPE_KEYS}], got {mk!r}",
+                               "range"))
     if errs:
         raise ValidationError(errs)
     opts = dict(options)
@@ -275,8 +293,8 @@ class MemoryStore(FeatureStore):
         self.meta: dict[str, list] = {}  # item -> [creator, topic]
         self.recent: dict[str, dict[str, float]] = {}  # user -> item -> last engagement ts
         self.affinity: dict[str, dict[str, list]] = {}  # user -> topic -> [decayed, t]
-        self.seen: dict[str, float] = {}  # dedupe key -> expiry (epoch s)
-        self.stats = {"applied": 0, "duplicates": 0, "invalid": 0}
+        self.seen: dict[str, float] = {}  # dedupe key -> expiry (epoch s), oldest first (insertion order)
+        self.stats = {"applied": 0, "duplicates": 0, "invalid": 0, "dedupe_evicted": 0}
         if self.snapshot_path is not None and self.snapshot_path.exists():
             self._restore(self.snapshot_path)
 
@@ -303,57 +321,89 @@ class MemoryStore(FeatureStore):
             for start in range(0, len(batch), 500):  # short lock holds: lookups interleave
                 with self._lock:
                     new += self._apply(batch[start:start + 500])
+                    if len(self.seen) > self.options.dedupe_max_keys:
+                        self._evict_dedupe()
         return new
+
+    def _evict_dedupe(self) -> None:
+        """Forget the oldest dedupe keys (first seen longest ago) down to ``dedupe_max_keys``."""
+        seen = self.seen
+        excess = len(seen) - self.options.dedupe_max_keys
+        if excess > 0:
+            for key in list(islice(seen, excess)):
+                del seen[key]
+            self.stats["dedupe_evicted"] = self.stats.get("dedupe_evicted", 0) + excess
 
     def _apply(self, batch) -> int:
         opts = self.options
         seen, expiry = self.seen, time.time() + opts.dedupe_ttl_s
         aff_w, keep, half = opts.affinity, opts.recent_items, self._half
+        items, creators, metas, recents, affinities = self.items, self.creators, self.meta, self.recent, self.affinity
         bump = self._bump
-        new = 0
+        new = invalid = dups = 0
         for raw in batch:
             rec = normalise(raw)
             if rec is None:
-                self.stats["invalid"] += 1
+                invalid += 1
                 continue
             key, ts, user, item, creator, topic, etype, value = rec
             if key in seen:
-                self.stats["duplicates"] += 1
+                dups += 1
                 continue
             seen[key] = expiry
             new += 1
-            meta = self.meta.get(item)
+            meta = metas.get(item)
             if etype is None:
                 if creator is not None or topic is not None:
                     if meta is None:
-                        meta = self.meta[item] = [None, None]
+                        meta = metas[item] = [None, None]
                     if creator is not None:
                         meta[0] = creator
                     if topic is not None:
                         meta[1] = topic
-                bump(self.items, item, IMPRESSIONS, ts, 1.0)
+                name = IMPRESSIONS
                 if creator is None and meta is not None:
                     creator = meta[0]
+            else:
+                name = etype
+                if meta is not None:
+                    if creator is None:
+                        creator = meta[0]
+                    if topic is None:
+                        topic = meta[1]
+            # the item's counter, inlined (the hot path); the others through _bump
+            counters = items.get(item)
+            if counters is None:
+                items[item] = {name: [1.0, 1.0, ts]}
+            else:
+                c = counters.get(name)
+                if c is None:
+                    counters[name] = [1.0, 1.0, ts]
+                else:
+                    c[0] += 1.0
+                    t = c[2]
+                    if ts >= t:
+                        c[1] = c[1] * 2.0 ** (-(ts - t) / half) + 1.0
+                        c[2] = ts
+                    else:
+                        c[1] += 2.0 ** (-(t - ts) / half)
+            if etype is None:
                 if creator is not None:
-                    bump(self.creators, creator, IMPRESSIONS, ts, 1.0)
+                    bump(creators, creator, IMPRESSIONS, ts, 1.0)
                 continue
-            if meta is not None:
-                creator = creator if creator is not None else meta[0]
-                topic = topic if topic is not None else meta[1]
-            bump(self.items, item, etype, ts, 1.0)
             if value is not None:
-                bump(self.items, item, etype + "_sum", ts, value)
+                bump(items, item, etype + "_sum", ts, value)
             if creator is not None:
-                bump(self.creators, creator, etype, ts, 1.0)
+                bump(creators, creator, etype, ts, 1.0)
                 if value is not None:
-                    bump(self.creators, creator, etype + "_sum", ts, value)
+                    bump(creators, creator, etype + "_sum", ts, value)
             w = aff_w.get(etype)
             if w is None:
                 continue
             if w > 0:
-                recent = self.recent.get(user)
+                recent = recents.get(user)
                 if recent is None:
-                    recent = self.recent[user] = {}
+                    recent = recents[user] = {}
                 old = recent.get(item)
                 if old is None or ts > old:
                     recent[item] = ts
@@ -361,9 +411,10 @@ class MemoryStore(FeatureStore):
                         worst = min(recent.items(), key=lambda kv: (kv[1], kv[0]))[0]
                         del recent[worst]
             if topic is not None:
-                aff = self.affinity.get(user)
+                aff = affinities.get(user)
                 if aff is None:
-                    aff = self.affinity[user] = {}
+                    affinities[user] = {topic: [w, ts]}
+                    continue
                 a = aff.get(topic)
                 if a is None:
                     aff[topic] = [w, ts]
@@ -372,7 +423,10 @@ class MemoryStore(FeatureStore):
                     a[1] = ts
                 else:
                     a[0] += w * 2.0 ** (-(a[1] - ts) / half)
-        self.stats["applied"] += new
+        stats = self.stats
+        stats["applied"] += new
+        stats["invalid"] += invalid
+        stats["duplicates"] += dups
         return new
 
     def lookup(self, user_id, item_ids, creator_ids=None, now=None) -> RealtimeFeatures:
@@ -434,6 +488,7 @@ class MemoryStore(FeatureStore):
         self.items, self.creators, self.meta = state["items"], state["creators"], state["meta"]
         self.recent, self.affinity, self.seen = state["recent"], state["affinity"], state["seen"]
         self.stats.update(state.get("stats", {}))
+        self._evict_dedupe()  # dedupe_max_keys may have been lowered since
 
     def close(self) -> None:
         pass
@@ -453,69 +508,134 @@ def _arrays(rows, counters, now, half):
 # ---------------------------------------------------------------- redis
 
 _APPLY_LUA = r"""
+-- One chunk, pre-aggregated by RedisStore._payload, applied atomically. ARGV: prefix, half-life, dedupe TTL,
+-- recent items kept, dedupe max keys, now, chain key, previous token, this token, payload JSON {k, c, r, a, u}.
+-- Numbers go to redis.call as Lua numbers: Redis writes them with 17 significant digits (exact).
 local p, H, ttl, keep = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local recs = cjson.decode(ARGV[5])
-local aff = cjson.decode(ARGV[6])
-local function fmt(x) return string.format('%.17g', x) end
-local function bump(key, name, ts, w)
-  local nn, dn, tn = 'n:' .. name, 'd:' .. name, 't:' .. name
-  local got = redis.call('HMGET', key, nn, dn, tn)
-  local n, v, t = tonumber(got[1]), tonumber(got[2]), tonumber(got[3])
-  if v == nil then n, v, t = w, w, ts
-  else
-    n = n + w
-    if ts >= t then v = v * 2 ^ (-(ts - t) / H) + w; t = ts
-    else v = v + w * 2 ^ (-(t - ts) / H) end
-  end
-  redis.call('HSET', key, nn, fmt(n), dn, fmt(v), tn, fmt(t))
+local maxkeys, now, chain, prev, token = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
+-- 0. chunks are pipelined: this one applies only after the one sent before it did (else: resend it)
+if prev ~= '' and redis.call('GET', chain) ~= prev then return {-2} end
+local P = cjson.decode(ARGV[10])
+local K = P.k
+local SLICE = 1000  -- unpack() takes at most ~8000 values
+-- 1. dedupe: one sorted set of keys scored by when they were first applied; expired ones go first. The chunk
+-- was aggregated assuming every key is new: if one is not (a replay), say which and apply nothing
+local dq = p .. 'dedupe'
+redis.call('ZREMRANGEBYSCORE', dq, '-inf', '(' .. (now - ttl))
+local old = {-1}
+for s = 1, #K, SLICE do
+  local part = {unpack(K, s, math.min(s + SLICE - 1, #K))}
+  local got = redis.call('ZMSCORE', dq, unpack(part))
+  for i = 1, #part do if got[i] then old[#old + 1] = s + i - 1 end end
 end
-local new = 0
-for i = 1, #recs do
-  local r = recs[i]
-  local key, ts, user, item, creator, topic, etype, value = r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]
-  if redis.call('SET', p .. key, '1', 'NX', 'EX', ttl) then
-    new = new + 1
-    local mkey = p .. 'm:' .. item
-    if etype == '' then
-      if creator ~= '' then redis.call('HSET', mkey, 'c', creator) end
-      if topic ~= '' then redis.call('HSET', mkey, 't', topic) end
-      if creator == '' then creator = redis.call('HGET', mkey, 'c') or '' end
-      bump(p .. 'i:' .. item, 'impressions', ts, 1)
-      if creator ~= '' then bump(p .. 'c:' .. creator, 'impressions', ts, 1) end
-    else
-      if creator == '' or topic == '' then
-        local m = redis.call('HMGET', mkey, 'c', 't')
-        if creator == '' then creator = m[1] or '' end
-        if topic == '' then topic = m[2] or '' end
-      end
-      bump(p .. 'i:' .. item, etype, ts, 1)
-      if value ~= false then bump(p .. 'i:' .. item, etype .. '_sum', ts, value) end
-      if creator ~= '' then
-        bump(p .. 'c:' .. creator, etype, ts, 1)
-        if value ~= false then bump(p .. 'c:' .. creator, etype .. '_sum', ts, value) end
-      end
-      local w = aff[etype]
-      if w ~= nil then
-        if w > 0 then
-          local rkey = p .. 'ur:' .. user
-          redis.call('ZADD', rkey, 'GT', fmt(ts), item)
-          redis.call('ZREMRANGEBYRANK', rkey, 0, -(keep + 1))
-        end
-        if topic ~= '' then
-          local akey = p .. 'ua:' .. user
-          local got = redis.call('HMGET', akey, 'd:' .. topic, 't:' .. topic)
-          local v, t = tonumber(got[1]), tonumber(got[2])
-          if v == nil then v, t = w, ts
-          elseif ts >= t then v = v * 2 ^ (-(ts - t) / H) + w; t = ts
-          else v = v + w * 2 ^ (-(t - ts) / H) end
-          redis.call('HSET', akey, 'd:' .. topic, fmt(v), 't:' .. topic, fmt(t))
-        end
-      end
-    end
+-- dedupe keys of the earlier layout (a string key each, with a TTL) live on for one TTL after an upgrade
+local legacy = tonumber(redis.call('GET', p .. 'dedupe:legacy_until') or '-1')
+if legacy < 0 then
+  legacy = (redis.call('EXISTS', p .. 'applied') == 1) and (now + ttl) or 0
+  redis.call('SET', p .. 'dedupe:legacy_until', legacy)
+end
+if now < legacy then
+  for i = 1, #K do if redis.call('EXISTS', p .. K[i]) == 1 then old[#old + 1] = i end end
+end
+if #old > 1 then return old end
+for s = 1, #K, SLICE do
+  local args = {}
+  for i = s, math.min(s + SLICE - 1, #K) do args[#args + 1] = now; args[#args + 1] = K[i] end
+  redis.call('ZADD', dq, unpack(args))
+end
+local function merge(v0, t0, v, t)  -- two decayed (value, time) pairs -> one
+  if t >= t0 then return v0 * 2 ^ (-(t - t0) / H) + v, t end
+  return v0 + v * 2 ^ (-(t0 - t) / H), t0
+end
+-- 2. records whose creator / topic only the item's earlier impressions know: read them before this chunk's
+local U = P.u
+for i = 1, #U do
+  local u = U[i]
+  if u[6] == '' or u[7] == '' then
+    local m = redis.call('HMGET', p .. 'i:' .. u[1], 'c', 't')
+    if not m[1] and not m[2] then m = redis.call('HMGET', p .. 'm:' .. u[1], 'c', 't') end  -- earlier layout
+    if u[6] == '' then u[6] = m[1] or '' end
+    if u[7] == '' then u[7] = m[2] or '' end
   end
 end
-if new > 0 then redis.call('INCRBY', p .. 'applied', new) end
-return new
+-- 3. counters: per hash one HMGET and one HSET of the merged (total, decayed, time) triples; item hashes also
+-- take the item's creator ('c') and topic ('t') as the chunk's impressions leave them
+local NDT = {}  -- counter name -> its three field names, built once per script run
+local function merge_hash(key, row, first, mc, mt)
+  local fields = {}
+  for j = first, #row, 4 do
+    local name = row[j]
+    local f = NDT[name]
+    if f == nil then f = {'n:' .. name, 'd:' .. name, 't:' .. name}; NDT[name] = f end
+    fields[#fields + 1] = f[1]
+    fields[#fields + 1] = f[2]
+    fields[#fields + 1] = f[3]
+  end
+  local got = redis.call('HMGET', key, unpack(fields))
+  local out, g = {}, 0
+  for j = first, #row, 4 do
+    local n, v, t = row[j + 1], row[j + 2], row[j + 3]
+    local n0, v0, t0 = tonumber(got[g + 1]), tonumber(got[g + 2]), tonumber(got[g + 3])
+    if v0 ~= nil then n = n0 + n; v, t = merge(v0, t0, v, t) end
+    out[#out + 1] = fields[g + 1]; out[#out + 1] = n
+    out[#out + 1] = fields[g + 2]; out[#out + 1] = v
+    out[#out + 1] = fields[g + 3]; out[#out + 1] = t
+    g = g + 3
+  end
+  if mc ~= '' then out[#out + 1] = 'c'; out[#out + 1] = mc end
+  if mt ~= '' then out[#out + 1] = 't'; out[#out + 1] = mt end
+  redis.call('HSET', key, unpack(out))
+end
+local C = P.c
+for i = 1, #C do local row = C[i]; merge_hash(p .. row[1], row, 4, row[2], row[3]) end
+-- 4. per user: engaged items (sorted set by time, the last `keep`) and topic affinities
+local R = P.r
+for i = 1, #R do
+  local row, rkey = R[i], p .. 'ur:' .. R[i][1]
+  local args = {}
+  for j = 2, #row, 2 do args[#args + 1] = row[j]; args[#args + 1] = row[j + 1] end
+  redis.call('ZADD', rkey, 'GT', unpack(args))
+  redis.call('ZREMRANGEBYRANK', rkey, 0, -(keep + 1))
+end
+local DT = {}  -- topic -> its two field names
+local function merge_affinity(akey, row)  -- row: [user, topic, value, time, topic, ...]
+  local fields = {}
+  for j = 2, #row, 3 do
+    local f = DT[row[j]]
+    if f == nil then f = {'d:' .. row[j], 't:' .. row[j]}; DT[row[j]] = f end
+    fields[#fields + 1] = f[1]; fields[#fields + 1] = f[2]
+  end
+  local got = redis.call('HMGET', akey, unpack(fields))
+  local out, g = {}, -2
+  for j = 2, #row, 3 do
+    g = g + 2
+    local v, t = row[j + 1], row[j + 2]
+    local v0, t0 = tonumber(got[g + 1]), tonumber(got[g + 2])
+    if v0 ~= nil then v, t = merge(v0, t0, v, t) end
+    out[#out + 1] = fields[g + 1]; out[#out + 1] = v
+    out[#out + 1] = fields[g + 2]; out[#out + 1] = t
+  end
+  redis.call('HSET', akey, unpack(out))
+end
+local A = P.a
+for i = 1, #A do merge_affinity(p .. 'ua:' .. A[i][1], A[i]) end
+-- 5. the records of step 2: [item, user, type, ts, value|false, creator, topic, affinity weight|false]
+for i = 1, #U do
+  local u = U[i]
+  local etype, ts, value, creator, topic, w = u[3], u[4], u[5], u[6], u[7], u[8]
+  if creator ~= '' then
+    local row = {'', etype, 1, 1, ts}
+    if value ~= false then row[6] = etype .. '_sum'; row[7] = value; row[8] = value; row[9] = ts end
+    merge_hash(p .. 'c:' .. creator, row, 2, '', '')
+  end
+  if w ~= false and topic ~= '' then merge_affinity(p .. 'ua:' .. u[2], {u[2], topic, w, ts}) end
+end
+-- 6. the hard bound on dedupe keys: forget the oldest beyond `maxkeys` (their TTL would, later)
+local n = redis.call('ZCARD', dq)
+if n > maxkeys then redis.call('ZREMRANGEBYRANK', dq, 0, n - maxkeys - 1) end
+if #K > 0 then redis.call('INCRBY', p .. 'applied', #K) end
+redis.call('SET', chain, token, 'EX', 600)
+return #K
 """
 
 
@@ -560,8 +680,18 @@ class RedisStore(FeatureStore):
     """Keys under ``key_prefix``: ``i:<item>`` / ``c:<creator>`` hashes of ``n:``/``d:``/``t:``
     fields per counter (total, decayed value, its time), ``m:<item>`` (creator, topic),
     ``ur:<user>`` (sorted set of engaged items by time), ``ua:<user>`` (topic affinities),
-    ``e:<event_id>`` / ``p:...`` dedupe keys with a TTL, ``applied`` (records applied, ever).
-    A batch is one atomic Lua script."""
+    ``dedupe`` (a sorted set of the dedupe keys ``e:<event_id>`` / ``p:...`` scored by when they
+    were applied: older than ``dedupe_ttl_s`` or beyond ``dedupe_max_keys`` they are dropped,
+    oldest first), ``applied`` (records applied, ever).
+
+    A chunk of a batch (``chunk`` records) is one atomic Lua script and one round trip: the
+    records are aggregated here first -- per counter hash one merged (total, decayed value, time)
+    triple per counter name, per user the newest ``recent_items`` engaged items and one merged
+    pair per topic -- so the script does one ``HMGET`` + ``HSET`` per hash instead of several
+    calls per record. Decayed pairs merge commutatively, so this equals applying the records
+    one by one (up to float rounding, ~1e-15 relative). The aggregate assumes every record is
+    new; the script checks all dedupe keys first and, if some exist already (a replay), applies
+    nothing and names them, and the chunk is aggregated again without them."""
 
     def __init__(self, host: str, port: int, db: int, options: StoreOptions | None = None, password=None,
                  chunk: int = 2000):
@@ -572,42 +702,254 @@ class RedisStore(FeatureStore):
                        "missing") from None
         self.options = options or StoreOptions()
         self.url = f"redis://{host}:{port}/{db}"
-        self.chunk = chunk
+        self.chunk = max(1, min(int(chunk), 3000))  # Lua's unpack() takes at most ~8000 values
+        self._half = float(self.options.half_life_s)
         self.client = redis.Redis(host=host, port=port, db=db, password=password, socket_timeout=10,
                                   socket_connect_timeout=5, decode_responses=False)
-        self._script = self.client.register_script(_APPLY_LUA)
+        self._sha = hashlib.sha1(_APPLY_LUA.encode()).hexdigest()  # loaded on the first NOSCRIPT reply
+        self._chain_id = uuid.uuid4().hex[:12]
+        self._chain = f"{self.options.key_prefix}chain:{self._chain_id}"
+        self._seq = 0
         self._lookup = self.client.register_script(_LOOKUP_LUA)
         self._errors = (redis.ConnectionError, redis.TimeoutError)
-        self._aff = json.dumps(self.options.affinity)
-        self.stats = {"applied": 0, "duplicates": 0, "invalid": 0}
+        self.stats = {"applied": 0, "duplicates": 0, "invalid": 0, "replayed_chunks": 0}
 
     @property
     def durable(self) -> bool:
         return True
 
     def apply(self, batch: list[dict]) -> int:
-        o = self.options
         rows = []
+        invalid = 0
         for raw in batch:
             rec = normalise(raw)
             if rec is None:
-                self.stats["invalid"] += 1
-                continue
-            key, ts, user, item, creator, topic, etype, value = rec
-            rows.append([key, ts, user, item, creator or "", topic or "", etype or "",
-                         False if value is None else value])
-        new = 0
-        for start in range(0, len(rows), self.chunk):
-            part = rows[start:start + self.chunk]
-            try:  # a chunk is applied whole or not at all; a retry of the batch dedupes
-                n = int(self._script(args=[o.key_prefix, repr(float(o.half_life_s)), int(o.dedupe_ttl_s),
-                                           int(o.recent_items), json.dumps(part), self._aff]))
-            except self._errors as exc:
-                raise StoreUnavailable(f"redis {self.url}: {exc}") from exc
-            new += n
-            self.stats["duplicates"] += len(part) - n
+                invalid += 1
+            else:
+                rows.append(rec)
+        self.stats["invalid"] += invalid
+        new = self._apply_rows(rows) if rows else 0
         self.stats["applied"] += new
         return new
+
+    IN_FLIGHT = 2  # chunks sent ahead: Redis runs one while this process aggregates the next
+
+    def _apply_rows(self, rows: list) -> int:
+        """Apply normalised rows chunk by chunk; each chunk whole or not at all (a retry of the
+        batch dedupes). Chunks are pipelined on one connection: each script applies only if the
+        one sent before it did (a chain token), so a chunk that turns out to be a partial replay
+        is re-aggregated without its duplicates and everything after it is resent, in order --
+        the result is the same as applying the chunks one after the other."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        o = self.options
+        chunks = []
+        dups = 0
+        for start in range(0, len(rows), self.chunk):
+            keys, uniq = set(), []
+            for rec in rows[start:start + self.chunk]:  # a key twice in one chunk: the second is a duplicate
+                if rec[0] not in keys:
+                    keys.add(rec[0])
+                    uniq.append(rec)
+                else:
+                    dups += 1
+            if uniq:
+                chunks.append(uniq)
+        head = [o.key_prefix, repr(self._half), int(o.dedupe_ttl_s), int(o.recent_items), int(o.dedupe_max_keys),
+                repr(time.time()), self._chain]
+        new = 0
+        nxt, prev = 0, ""  # next chunk to send; token of the last chunk sent (in flight or applied)
+        flight: list = []  # [(chunk index, token)] sent, replies not read yet
+        pool = self.client.connection_pool
+        try:
+            conn = pool.get_connection("EVALSHA")
+        except self._errors as exc:
+            raise StoreUnavailable(f"redis {self.url}: {exc}") from exc
+        try:
+            while nxt < len(chunks) or flight:
+                if nxt < len(chunks) and len(flight) < self.IN_FLIGHT:
+                    self._seq += 1
+                    token = f"{self._chain_id}:{self._seq}"
+                    conn.send_command("EVALSHA", self._sha, 0, *head, prev, token, self._payload(chunks[nxt]))
+                    flight.append((nxt, token))
+                    prev, nxt = token, nxt + 1
+                    continue
+                idx, _ = flight.pop(0)
+                try:
+                    got = conn.read_response()
+                except NoScriptError:  # a restarted server: load the script, resend from here
+                    for _ in flight:
+                        try:
+                            conn.read_response()
+                        except ResponseError:
+                            pass
+                    self._sha = self.client.script_load(_APPLY_LUA)
+                    flight, nxt, prev = [], idx, ""
+                    continue
+                if not isinstance(got, list):
+                    new += int(got)
+                    continue
+                for _ in flight:  # the chunks sent after this one did not apply (their chain broke)
+                    conn.read_response()
+                flight, nxt, prev = [], idx, ""
+                if int(got[0]) == -1:  # some keys were applied before (a replay): aggregate the rest again
+                    seen = {int(i) - 1 for i in got[1:]}
+                    self.stats["replayed_chunks"] += 1
+                    dups += len(seen)
+                    chunks[idx] = [rec for i, rec in enumerate(chunks[idx]) if i not in seen]
+                    if not chunks[idx]:
+                        nxt = idx + 1
+        except self._errors as exc:
+            conn.disconnect()
+            raise StoreUnavailable(f"redis {self.url}: {exc}") from exc
+        except BaseException:
+            conn.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            pool.release(conn)
+            self.stats["duplicates"] += dups
+        return new
+
+    def _payload(self, recs: list) -> str:
+        """The JSON the apply script reads: ``k`` dedupe keys; ``c`` [hash, creator, topic, name,
+        total, decayed, time, name, ...] per counter hash (creator / topic: of an item hash, as the
+        chunk's impressions leave them, else "");
+        ``r`` [user, ts, item, ...] (the newest ``recent_items`` per user); ``a`` [user, topic,
+        decayed, time, ...]; ``u`` events (and impressions) whose creator or topic only Redis
+        knows: [item, user, type, ts, value|false, creator|"", topic|"", weight|false]."""
+        half = self._half
+        aff_w = self.options.affinity
+        item_c: dict = {}  # item -> counter name -> [total, decayed, time]
+        creator_c: dict = {}
+        meta: dict = {}
+        recent: dict = {}
+        affinity: dict = {}
+        unresolved = []
+
+        def bump(table, entity, name, ts, w):
+            row = table.get(entity)
+            if row is None:
+                table[entity] = {name: [w, w, ts]}
+                return
+            c = row.get(name)
+            if c is None:
+                row[name] = [w, w, ts]
+                return
+            c[0] += w
+            t = c[2]
+            if ts >= t:
+                c[1] = c[1] * 2.0 ** (-(ts - t) / half) + w
+                c[2] = ts
+            else:
+                c[1] += w * 2.0 ** (-(t - ts) / half)
+
+        for key, ts, user, item, creator, topic, etype, value in recs:
+            m = meta.get(item)
+            if etype is None:
+                if creator is not None or topic is not None:
+                    if m is None:
+                        m = meta[item] = [None, None]
+                    if creator is not None:
+                        m[0] = creator
+                    if topic is not None:
+                        m[1] = topic
+                name = IMPRESSIONS
+                if creator is None and m is not None:
+                    creator = m[0]
+            else:
+                name = etype
+                if m is not None:
+                    if creator is None:
+                        creator = m[0]
+                    if topic is None:
+                        topic = m[1]
+            row = item_c.get(item)  # the item's counter, inlined (every record has one)
+            if row is None:
+                item_c[item] = {name: [1.0, 1.0, ts]}
+            else:
+                c = row.get(name)
+                if c is None:
+                    row[name] = [1.0, 1.0, ts]
+                else:
+                    c[0] += 1.0
+                    t = c[2]
+                    if ts >= t:
+                        c[1] = c[1] * 2.0 ** (-(ts - t) / half) + 1.0
+                        c[2] = ts
+                    else:
+                        c[1] += 2.0 ** (-(t - ts) / half)
+            if etype is None:
+                if creator is not None:
+                    bump(creator_c, creator, IMPRESSIONS, ts, 1.0)
+                else:
+                    unresolved.append([item, user, IMPRESSIONS, ts, False, "", "", False])
+                continue
+            if value is not None:
+                bump(item_c, item, etype + "_sum", ts, value)
+            w = aff_w.get(etype)
+            if w is not None and w > 0:
+                r = recent.get(user)
+                if r is None:
+                    recent[user] = {item: ts}
+                elif ts > r.get(item, -1.0):
+                    r[item] = ts
+            if creator is None or (w is not None and topic is None):
+                unresolved.append([item, user, etype, ts, False if value is None else value, creator or "",
+                                   topic or "", False if w is None else w])
+                continue
+            bump(creator_c, creator, etype, ts, 1.0)
+            if value is not None:
+                bump(creator_c, creator, etype + "_sum", ts, value)
+            if w is not None:
+                a = affinity.get(user)
+                if a is None:
+                    affinity[user] = {topic: [w, ts]}
+                    continue
+                pair = a.get(topic)
+                if pair is None:
+                    a[topic] = [w, ts]
+                elif ts >= pair[1]:
+                    pair[0] = pair[0] * 2.0 ** (-(ts - pair[1]) / half) + w
+                    pair[1] = ts
+                else:
+                    pair[0] += w * 2.0 ** (-(pair[1] - ts) / half)
+        keep = int(self.options.recent_items)
+        most = _ROW_ITEMS  # per row: Lua's unpack() takes at most ~8000 values; a longer row is split
+        r_rows = []
+        for user, items in recent.items():
+            pairs = items.items()
+            if len(items) > keep:  # only the newest can survive the trim (ties: by item, as ZSET ranks)
+                pairs = sorted(pairs, key=lambda kv: (kv[1], kv[0]))[-keep:]
+            row = [user]
+            for item, ts in pairs:
+                if len(row) > 2 * most:
+                    r_rows.append(row)
+                    row = [user]
+                row += (ts, item)
+            r_rows.append(row)
+        c_rows = []
+        for kind, table in (("i:", item_c), ("c:", creator_c)):
+            for entity, names in table.items():
+                hkey = kind + entity
+                m = meta.get(entity) if kind == "i:" else None
+                row = [hkey, "", ""] if m is None else [hkey, m[0] or "", m[1] or ""]
+                for name, c in names.items():
+                    if len(row) > 4 * most:
+                        c_rows.append(row)
+                        row = [hkey, "", ""]
+                    row += (name, c[0], c[1], c[2])
+                c_rows.append(row)
+        a_rows = []
+        for user, topics in affinity.items():
+            row = [user]
+            for topic, pair in topics.items():
+                if len(row) > 3 * most:
+                    a_rows.append(row)
+                    row = [user]
+                row += (topic, pair[0], pair[1])
+            a_rows.append(row)
+        return json.dumps({"k": [rec[0] for rec in recs], "c": c_rows, "r": r_rows, "a": a_rows, "u": unresolved},
+                          separators=(",", ":"), ensure_ascii=False)
 
     def lookup(self, user_id, item_ids, creator_ids=None, now=None) -> RealtimeFeatures:
         now = time.time() if now is None else float(now)

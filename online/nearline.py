@@ -10,9 +10,18 @@ nothing is counted twice.
 Configuration is the ``bus:``, ``store:`` and ``nearline:`` sections of ``conf/service.yaml``
 (other sections belong to the scorer and are not read here)::
 
-    bus:      {url: embedded://var/bus, fsync: interval, fsync_interval_s: 1.0, segment_bytes: 67108864}
-    store:    {url: memory://, snapshot_path: var/features.json, snapshot_interval_s: 5, half_life_s: 3600}
+    bus:      {url: embedded://var/bus, fsync: interval, fsync_interval_s: 1.0, segment_bytes: 67108864,
+               retention_s: 604800, retention_bytes: null, retention_wait_for_consumers: true}
+    store:    {url: memory://, snapshot_path: var/features.json, snapshot_interval_s: 5, half_life_s: 3600,
+               dedupe_ttl_s: 604800, dedupe_max_keys: 2000000}
     nearline: {consumer: nearline, topics: [impressions, events], batch_size: 5000, poll_timeout_s: 0.1}
+
+Retention (embedded bus only; see online/bus.py): closed segments older than ``retention_s`` (7 days;
+null: no age limit), or the oldest while a topic exceeds ``retention_bytes`` (null: no size limit),
+are deleted once every consumer that committed a position on the topic is past them
+(``retention_wait_for_consumers: false`` deletes regardless). The dedupe bound (see
+online/features.py): at most ``dedupe_max_keys`` keys, the oldest forgotten first; it must be at
+least twice ``nearline.batch_size``, since a batch applied but not committed is delivered again.
 """
 from __future__ import annotations
 
@@ -24,15 +33,17 @@ from dataclasses import dataclass, field, replace
 from strategy.checks import as_dict, as_list, as_number, as_str, check_keys
 from strategy.errors import Errors, ValidationError, join_path
 
-from .bus import CONSUMER_RE, FSYNC_POLICIES, TOPIC_RE, EventBus, open_bus, parse_bus_url, positions_of
-from .features import DEFAULT_AFFINITY, DEFAULT_COUNTERS, FeatureStore, StoreUnavailable, open_store
+from .bus import (CONSUMER_RE, DEFAULT_RETENTION_S, FSYNC_POLICIES, MAX_RETENTION_S, TOPIC_RE, EventBus, open_bus,
+                  parse_bus_url, positions_of)
+from .features import (DEFAULT_AFFINITY, DEFAULT_COUNTERS, DEFAULT_DEDUPE_MAX_KEYS, MAX_DEDUPE_KEYS, FeatureStore,
+                       StoreUnavailable, open_store)
 
 log = logging.getLogger("stratarank.nearline")
 
 BUS_KEYS = ("url", "fsync", "fsync_interval_s", "segment_bytes", "spool_dir", "partitions", "linger_ms",
-            "session_timeout_ms")
+            "session_timeout_ms", "retention_s", "retention_bytes", "retention_wait_for_consumers")
 STORE_KEYS = ("url", "half_life_s", "snapshot_path", "snapshot_interval_s", "recent_items", "dedupe_ttl_s",
-              "affinity", "counters", "key_prefix")
+              "dedupe_max_keys", "affinity", "counters", "key_prefix")
 STARTUP_GRACE_S = 15.0
 NEARLINE_KEYS = ("consumer", "topics", "batch_size", "poll_timeout_s", "progress_interval_s")
 
@@ -47,9 +58,16 @@ class BusConfig:
     partitions: int = 3  # kafka only: partitions of the topics the bus creates
     linger_ms: int = 5  # kafka only
     session_timeout_ms: int = 10_000  # kafka only: a dead consumer's partitions move after this
+    # embedded only (Kafka's retention is the broker's; its spool deletes what was shipped):
+    retention_s: float | None = DEFAULT_RETENTION_S  # closed segments older than this go; None: no age limit
+    retention_bytes: int | None = None  # oldest closed segments go while a topic is larger; None: no limit
+    retention_wait_for_consumers: bool = True  # ...and only once every registered consumer committed past them
 
     def options(self) -> dict:
         opts = {"fsync": self.fsync, "fsync_interval_s": self.fsync_interval_s, "segment_bytes": self.segment_bytes}
+        if self.url.startswith("embedded://"):
+            opts.update(retention_s=self.retention_s, retention_bytes=self.retention_bytes,
+                        retention_wait_for_consumers=self.retention_wait_for_consumers)
         if self.url.startswith("kafka://"):
             opts.update(partitions=self.partitions, linger_ms=self.linger_ms,
                         session_timeout_ms=self.session_timeout_ms)
@@ -69,6 +87,7 @@ class StoreConfig:
     snapshot_interval_s: float = 5.0
     recent_items: int = 50
     dedupe_ttl_s: int = 7 * 86400
+    dedupe_max_keys: int = DEFAULT_DEDUPE_MAX_KEYS  # hard bound on remembered dedupe keys, oldest forgotten first
     affinity: dict = field(default_factory=lambda: dict(DEFAULT_AFFINITY))
     counters: tuple = DEFAULT_COUNTERS
     key_prefix: str = "sr:"
@@ -81,7 +100,8 @@ class StoreConfig:
 
     def open(self) -> FeatureStore:
         return open_store(self.effective_url, half_life_s=self.half_life_s, recent_items=self.recent_items,
-                          dedupe_ttl_s=self.dedupe_ttl_s, affinity=dict(self.affinity),
+                          dedupe_ttl_s=self.dedupe_ttl_s, dedupe_max_keys=self.dedupe_max_keys,
+                          affinity=dict(self.affinity),
                           counters=tuple(self.counters), key_prefix=self.key_prefix)
 
 
@@ -112,6 +132,9 @@ class NearlineConfig:
         bus = _bus(errs, root.get("bus", {}), "bus")
         store = _store(errs, root.get("store", {}), "store")
         near = _nearline(errs, root.get("nearline", {}), "nearline")
+        if store.dedupe_max_keys < 2 * near.batch_size:  # a batch applied but not committed comes back whole
+            errs.add("store.dedupe_max_keys", f"{store.dedupe_max_keys} is below twice nearline.batch_size "
+                                              f"({near.batch_size}): a replayed batch could count again", "range")
         errs.raise_if_any(source, lines)
         return cls(bus, store, near, source)
 
@@ -189,8 +212,32 @@ def _bus(errs: Errors, value, path: str) -> BusConfig:
     if "session_timeout_ms" in obj:
         kw["session_timeout_ms"] = as_number(errs, obj["session_timeout_ms"], p("session_timeout_ms"), lo=1000,
                                              hi=3_600_000, integer=True)
+    unlimited = {}  # retention limits given as null: no limit
+    if "retention_s" in obj:
+        if obj["retention_s"] is None:
+            unlimited["retention_s"] = None
+        else:
+            kw["retention_s"] = as_number(errs, obj["retention_s"], p("retention_s"), lo=1, hi=MAX_RETENTION_S)
+    if "retention_bytes" in obj:
+        if obj["retention_bytes"] is None:
+            unlimited["retention_bytes"] = None
+        else:
+            kw["retention_bytes"] = as_number(errs, obj["retention_bytes"], p("retention_bytes"), lo=0, hi=1 << 50,
+                                              integer=True)
+    if "retention_wait_for_consumers" in obj:
+        kw["retention_wait_for_consumers"] = _as_bool(errs, obj["retention_wait_for_consumers"],
+                                                      p("retention_wait_for_consumers"))
     kw = {k: v for k, v in kw.items() if v is not None}
-    return replace(d, **kw)
+    return replace(d, **kw, **unlimited)
+
+
+def _as_bool(errs: Errors, value, path: str):
+    if not isinstance(value, bool):
+        from strategy.checks import type_name
+
+        errs.add(path, f"expected true or false, got {type_name(value)}", "type")
+        return None
+    return value
 
 
 def _store(errs: Errors, value, path: str) -> StoreConfig:
@@ -215,6 +262,9 @@ def _store(errs: Errors, value, path: str) -> StoreConfig:
     if "dedupe_ttl_s" in obj:
         kw["dedupe_ttl_s"] = as_number(errs, obj["dedupe_ttl_s"], p("dedupe_ttl_s"), lo=60, hi=365 * 86400,
                                        integer=True)
+    if "dedupe_max_keys" in obj:
+        kw["dedupe_max_keys"] = as_number(errs, obj["dedupe_max_keys"], p("dedupe_max_keys"), lo=1000,
+                                          hi=MAX_DEDUPE_KEYS, integer=True)
     if "affinity" in obj:
         aff = as_dict(errs, obj["affinity"], p("affinity"))
         if aff is not None:

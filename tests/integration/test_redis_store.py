@@ -1,0 +1,107 @@
+"""The Redis feature store against a real redis-server: pipelined, pre-aggregated chunks give the
+same features as the memory store (also when a chunk turns out to be a partial replay), and the
+dedupe keys are bounded by ``dedupe_max_keys``."""
+import random
+import uuid
+
+import numpy as np
+import pytest
+
+from online.features import RedisStore, StoreOptions, open_store
+from online.nearline import synthetic_stream
+
+H = 1800.0
+
+
+def redis_store(url, chunk=2000, **options):
+    host_port, db = url[len("redis://"):].split("/")
+    host, port = host_port.split(":")
+    opts = StoreOptions(half_life_s=H, key_prefix=f"t{uuid.uuid4().hex[:8]}:", **options)
+    return RedisStore(host, int(port), int(db), opts, chunk=chunk)
+
+
+def same_features(a, b, imps, evs):
+    items = sorted({r["item_id"] for r in imps + evs})
+    creators = sorted({r["creator_id"] for r in imps + evs if "creator_id" in r})
+    now = max(r["ts"] for r in evs) + 60
+    fa, fb = a.lookup("nobody", items, creators, now=now), b.lookup("nobody", items, creators, now=now)
+    for name in set(fa.item_totals) | set(fb.item_totals):
+        exact = np.testing.assert_array_equal if not name.endswith("_sum") else \
+            (lambda x, y, err_msg: np.testing.assert_allclose(x, y, rtol=1e-12, err_msg=err_msg))  # float sums
+        exact(fa.item_totals[name], fb.item_totals[name], err_msg=name)  # counts: exact
+        np.testing.assert_allclose(fa.item(name), fb.item(name), rtol=1e-9, err_msg=name)
+        exact(fa.creator_totals[name], fb.creator_totals[name], err_msg=name)
+        np.testing.assert_allclose(fa.creator(name), fb.creator(name), rtol=1e-9, err_msg=name)
+    for user in sorted({r["user_id"] for r in evs}):
+        ua, ub = a.lookup(user, [], [], now=now), b.lookup(user, [], [], now=now)
+        assert ua.recent_items == ub.recent_items, user
+        assert ua.topic_affinity.keys() == ub.topic_affinity.keys(), user
+        for t in ua.topic_affinity:
+            assert ua.topic_affinity[t] == pytest.approx(ub.topic_affinity[t], rel=1e-9, abs=1e-12)
+
+
+def test_pipelined_chunks_with_partial_replays_match_the_memory_store(redis_server):
+    imps, evs = synthetic_stream(3000, seed=5, users=40, items=300, creators=20, topics=7)
+    recs = imps + evs
+    random.Random(1).shuffle(recs)  # out of time order, impressions after their events
+    for r in recs[::7]:  # some events lack creator / topic: resolved from the item's impressions
+        if "type" in r:
+            r.pop("creator_id", None)
+            r.pop("topic", None)
+    mem = open_store("memory://", half_life_s=H)
+    red = redis_store(redis_server, chunk=100)
+    try:
+        # applied before (by a consumer that crashed before committing): chunks 2-3 and a stray record
+        assert red.apply(recs[150:300] + recs[1000:1001]) == mem.apply(recs[150:300] + recs[1000:1001])
+        new_r, new_m = red.apply(recs), mem.apply(recs)
+        assert new_r == new_m > len(recs) - 500  # (a few impressions repeat a request's item)
+        assert red.stats["replayed_chunks"] >= 3
+        assert red.apply(recs[:500]) == 0  # a full replay
+        assert red.applied_total() == mem.stats["applied"]
+        same_features(red, mem, imps, evs)
+    finally:
+        red.close()
+
+
+def test_the_dedupe_keys_are_bounded_oldest_first(redis_server):
+    store = redis_store(redis_server, chunk=500, dedupe_max_keys=1000)
+    ev = [{"event_id": f"e{i}", "type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.7e9 + i}
+          for i in range(20_000)]
+    try:
+        for lo in range(0, len(ev), 2000):
+            assert store.apply(ev[lo:lo + 2000]) == 2000
+            assert store.client.zcard(store.options.key_prefix + "dedupe") <= 1000
+        assert store.apply(ev[-1000:]) == 0  # the newest 1000 are remembered
+        assert store.apply(ev[:10]) == 10  # older ones were forgotten: counted again
+        assert store.lookup("u1", ["i1"]).item_totals["click"][0] == 20_010
+        assert not store.client.keys(store.options.key_prefix + "e:*")  # no key per event any more
+    finally:
+        store.close()
+
+
+def test_dedupe_keys_of_the_earlier_layout_are_honoured(redis_server):
+    store = redis_store(redis_server)
+    p = store.options.key_prefix
+    store.client.set(p + "applied", 3)  # written by the previous version: one string key per record
+    for i in range(3):
+        store.client.set(f"{p}e:e{i}", "1", ex=3600)
+    ev = [{"event_id": f"e{i}", "type": "click", "user_id": "u1", "item_id": "i1", "ts": 1.7e9 + i}
+          for i in range(10)]
+    try:
+        assert store.apply(ev) == 7
+        assert store.apply(ev) == 0
+    finally:
+        store.close()
+
+
+def test_a_flushed_script_cache_is_reloaded(redis_server):
+    store = redis_store(redis_server, chunk=50)
+    ev = [{"event_id": f"e{i}", "type": "like", "user_id": "u1", "item_id": f"i{i}", "ts": 1.7e9 + i}
+          for i in range(300)]
+    try:
+        assert store.apply(ev[:100]) == 100
+        store.client.script_flush()
+        assert store.apply(ev) == 200
+        assert store.lookup("u1", []).recent_items[:3] == ["i299", "i298", "i297"]
+    finally:
+        store.close()
