@@ -159,7 +159,8 @@ def load_ranker(registry: str, ref: str):
 
 class TorchRecRanker:
     """A registered TorchRec model scoring request rows; columns a request lacks (say, a user
-    with no history yet) are encoded as missing: out-of-vocabulary ids, empty lists, mean dense."""
+    with no history yet) are encoded as missing: out-of-vocabulary ids, empty lists, mean dense.
+    A model with GBDT leaves (``loaded.leaves``) computes its leaf-id column from the rows first."""
 
     reads_request_rows = True
 
@@ -180,7 +181,11 @@ class TorchRecRanker:
 
         from ranking.models import to_natural
 
-        batch = loaded.encoder.transform_columns(rows.columns, len(rows))
+        columns = rows.columns
+        leaves = getattr(loaded, "leaves", None)
+        if leaves is not None:   # the GBDT leaf ids, computed as training computed them
+            columns = {**columns, leaves.column: leaves.transform(columns, len(rows))}
+        batch = loaded.encoder.transform_columns(columns, len(rows))
         with torch.inference_mode():
             out = to_natural(loaded.module(batch.dense, batch.kjt), loaded.objective_configs)
         return out.double().numpy()

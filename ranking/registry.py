@@ -7,6 +7,8 @@ A version folder holds::
     objectives.json   the objectives it predicts, in output order (type, transform, loss weight, label)
     metrics.json      validation/test metrics and the training history
     manifest.json     name, version, created, model config, objective types/transforms, data description
+    leaves/           (optional) the GBDT whose leaf ids feed an id_list feature (ranking/leaves.py:
+                      LightGBM text models + leaves.json); loading computes the same leaf column
 
 ``registry/<name>/current`` is a one-line file naming the current version, replaced with
 ``os.replace`` of a temp file (readers see the old or the new version, never a partial one).
@@ -30,6 +32,7 @@ from strategy.errors import FieldError, ValidationError
 
 VERSION_RE = re.compile(r"^v(\d+)$")
 FILES = ("weights.pt", "features.json", "objectives.json", "metrics.json", "manifest.json")
+LEAVES_DIR = "leaves"
 
 
 def _write_json(path: Path, obj) -> None:
@@ -128,12 +131,17 @@ def publish_version(registry_dir: str | Path, name: str, write, make_current: bo
 
 def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, model_config, objectives,
                metrics: dict, data: dict | None = None, train_config: str | None = None,
-               make_current: bool = True) -> Path:
-    """Write a new version of a TorchRec ranker and (by default) make it current; returns its folder."""
+               make_current: bool = True, leaves=None) -> Path:
+    """Write a new version of a TorchRec ranker and (by default) make it current; returns its folder.
+
+    ``leaves``: the fitted :class:`ranking.leaves.LeafFeatures` whose column the encoder reads (saved in
+    ``leaves/``, LightGBM text format)."""
     import torch
 
     def write(folder: Path) -> dict:
         torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder / "weights.pt")
+        if leaves is not None:
+            leaves.save(folder / LEAVES_DIR)
         _write_json(folder / "features.json", encoder.state_dict())
         _write_json(folder / "objectives.json", [o.to_dict() for o in objectives])
         _write_json(folder / "metrics.json", _clean(metrics))
@@ -145,7 +153,9 @@ def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, m
             "objectives": [{"name": o.name, "type": o.type, "transform": o.transform} for o in objectives],
             "data": _clean(data or {}),
             "train_config": train_config,
-            "files": list(FILES),
+            "files": list(FILES) + ([LEAVES_DIR] if leaves is not None else []),
+            **({"leaves": {"dir": LEAVES_DIR, "column": leaves.column, "objectives": leaves.objectives,
+                           "n_trees": leaves.n_trees}} if leaves is not None else {}),
         }
 
     return publish_version(registry_dir, name, write, make_current)
@@ -215,11 +225,20 @@ class LoadedModel:
     encoder: object
     module: object
     path: Path
+    leaves: object | None = None   # ranking.leaves.LeafFeatures: computes the encoder's leaf-id column
 
     @property
     def columns(self) -> list[str]:
-        """The input columns the model's feature spec reads."""
-        return self.encoder.spec.columns
+        """The input columns the model reads: its feature spec's, with the GBDT leaves' inputs in place
+        of the leaf-id column they compute."""
+        if self.leaves is None:
+            return self.encoder.spec.columns
+        return sorted((set(self.encoder.spec.columns) - {self.leaves.column}) | set(self.leaves.feature_columns))
+
+    def with_leaves(self, rows):
+        """``rows`` (a DataFrame) with the leaf-id column computed, as training added it (the rows as
+        they are when the model has no GBDT leaves)."""
+        return rows if self.leaves is None else self.leaves.add_column(rows)
 
     def predict(self, rows, allow_missing: bool = False) -> np.ndarray:
         """(N, K) predictions of ``rows`` (a DataFrame) in natural units; one batched forward.
@@ -232,7 +251,7 @@ class LoadedModel:
 
         if len(rows) == 0:
             return np.zeros((0, len(self.objectives)))
-        batch = self.encoder.transform(rows, allow_missing=allow_missing)
+        batch = self.encoder.transform(self.with_leaves(rows), allow_missing=allow_missing)
         with torch.inference_mode():
             out = to_natural(self.module(batch.dense, batch.kjt), self.objective_configs)
         return out.double().numpy()
@@ -260,5 +279,10 @@ def load_model(registry_dir: str | Path, ref: str) -> LoadedModel:
     state = torch.load(vdir / "weights.pt", map_location="cpu", weights_only=True)
     module.load_state_dict(state)
     module.eval()
+    leaves = None
+    if manifest.get("leaves") is not None:
+        from .leaves import LeafFeatures
+
+        leaves = LeafFeatures.load(vdir / manifest["leaves"].get("dir", LEAVES_DIR))
     return LoadedModel(manifest["name"], manifest["version"], tuple(o.name for o in objectives), objectives,
-                       manifest, metrics, encoder, module, vdir)
+                       manifest, metrics, encoder, module, vdir, leaves)

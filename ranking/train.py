@@ -20,6 +20,7 @@ Train config format::
     training: {epochs: 5, batch_size: 512, lr: 0.001, weight_decay: 0.0, patience: 2, seed: 0,
                threads: 2, max_rows: null}
     registry: registry
+    leaves: {n_trees: 30, num_leaves: 31}   # optional: GBDT leaf ids as one id_list column (ranking/leaves.py)
 
 Determinism: one ``seed`` sets numpy/torch/python RNGs and the per-epoch shuffles.
 Dropped rows (missing or invalid labels) are counted and printed by reason — never silently.
@@ -43,7 +44,8 @@ from strategy.config import read_yaml
 from strategy.errors import Errors, FieldError, ValidationError, join_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOP_KEYS = ("name", "data", "features", "objectives", "labels", "loss_weights", "model", "training", "registry")
+TOP_KEYS = ("name", "data", "features", "objectives", "labels", "loss_weights", "model", "training", "registry",
+            "leaves")
 DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "test_fraction")
 LOADERS = ("table", "sim", "kuairand")
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "embedding_lr", "weight_decay", "patience", "seed", "threads",
@@ -88,6 +90,7 @@ class TrainConfig:
     registry: str = "registry"
     source: str | None = None
     lines: dict = field(default_factory=dict, repr=False, compare=False)
+    leaves: object | None = None   # ranking.leaves.LeavesConfig: GBDT leaf ids as an id_list column
 
     def error(self, path: str, message: str, code: str) -> FieldError:
         from strategy.errors import _line_for
@@ -209,6 +212,24 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
         else:
             errs.add("training.refit", "expected true or false", "type")
     registry = as_str(errs, obj.get("registry", "registry"), "registry") or "registry"
+    leaves = None
+    if obj.get("leaves") is not None:
+        from .leaves import leaves_config_from_dict
+
+        names = [o.name for o in objectives] if objectives else None
+        leaves = leaves_config_from_dict(errs, obj["leaves"], "leaves", names)
+        if leaves is not None and objectives:
+            types = {o.name: o.type for o in objectives}
+            chosen = leaves.objectives or tuple(k for k, t in types.items() if t == "binary")
+            if not chosen:
+                errs.add("leaves.objectives", "no binary objective to fit the GBDT leaves on", "required")
+            for i, k in enumerate(leaves.objectives or ()):
+                if types.get(k) != "binary":
+                    errs.add(f"leaves.objectives[{i}]", f"objective '{k}' is a {types.get(k)}; GBDT leaves "
+                             "fit binary objectives only", "invalid")
+            import dataclasses
+
+            leaves = dataclasses.replace(leaves, objectives=tuple(chosen))
     try:
         errs.raise_if_any(source, lines)
     except ValidationError as exc:
@@ -216,7 +237,7 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
     if external:
         raise ValidationError(external)
     cfg = TrainConfig(name, data_cfg, _resolve(features, base), objectives, model, TrainingConfig(**tk),
-                      registry, source, dict(lines or {}))
+                      registry, source, dict(lines or {}), leaves)
     return cfg
 
 
@@ -242,6 +263,7 @@ class Prepared:
     y_test: np.ndarray | None
     description: dict
     dropped: dict
+    leaves: object | None = None   # ranking.leaves.LeafFeatures (fitted) when the config has a leaves section
 
 
 def _read_table(path: str) -> pd.DataFrame:
@@ -273,14 +295,15 @@ def load_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
         ds = load_kuairand(d.path or None)
         train, test = ds.train, ds.test
         train, valid = _time_split(train, "ts", d.valid_fraction)
-        desc = {"loader": "kuairand", "path": d.path, "summary": ds.summary()}
+        desc = {"loader": "kuairand", "path": d.path, "summary": ds.summary(), "dense_columns": ds.dense_columns}
         return train, valid, test, desc
     if d.loader == "sim":
         from .datasets import load_sim_logs
 
         names = {o.name: o.type for o in cfg.objectives}
         ds = load_sim_logs(d.path, names, valid_frac=d.valid_fraction, test_frac=max(d.test_fraction, 1e-9))
-        return ds.train, ds.valid, ds.test, {"loader": "sim", "path": d.path, "summary": ds.summary()}
+        return ds.train, ds.valid, ds.test, {"loader": "sim", "path": d.path, "summary": ds.summary(),
+                                             "dense_columns": ds.dense_columns}
     frame = _read_table(d.path)
     desc = {"loader": "table", "path": d.path, "rows": len(frame)}
     if d.time_column and d.time_column not in frame.columns:
@@ -359,8 +382,10 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
     if cfg.training.max_rows and len(train) > cfg.training.max_rows:
         train = train.iloc[len(train) - cfg.training.max_rows:].reset_index(drop=True)
         desc["max_rows"] = cfg.training.max_rows
+    dense_columns = desc.pop("dense_columns", None)   # the loader's numeric inputs (GBDT leaves read them)
     encoder = FeatureEncoder(spec)
-    encoder.check_columns(train, f"data ({cfg.data.path or cfg.data.loader})")
+    leaf_cols = leaves_feature_check(cfg, spec)
+    encoder.check_columns(train, f"data ({cfg.data.path or cfg.data.loader})", optional=leaf_cols)
     columns = label_columns(cfg, train, cfg.source, cfg.lines, f"data ({cfg.data.path or cfg.data.loader})")
     splits, dropped = {}, {}
     for split, frame in (("train", train), ("valid", valid), ("test", test)):
@@ -378,13 +403,65 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
     if splits["train"] is None or splits["valid"] is None:
         raise ValidationError([FieldError("data", "no rows left for training/validation after the split",
                                           "empty", cfg.source)])
+    leaves = None
+    if cfg.leaves is not None:
+        columns_in = dense_columns or [f.column for f in spec.dense]
+        leaves = fit_leaves(cfg, splits["train"][0], splits["train"][1], columns_in, log)
+        splits = {s: (leaves.add_column(v[0]), v[1]) if v else None for s, v in splits.items()}
+        desc["leaves"] = {"fit_rows": leaves.fit_rows, "trees": leaves.max_len, "column": leaves.column}
     encoder.fit(splits["train"][0])
     enc = {s: (encoder.transform(v[0]), v[1]) if v else (None, None) for s, v in splits.items()}
     desc.update({f"{s}_rows": (len(v[0]) if v else 0) for s, v in splits.items()})
     desc["label_columns"] = dict(zip([o.name for o in cfg.objectives], columns))
     desc["dropped"] = dropped
     return Prepared(encoder, cfg.objectives, enc["train"][0], transform_labels(enc["train"][1], cfg.objectives),
-                    enc["valid"][0], enc["valid"][1], enc["test"][0], enc["test"][1], desc, dropped)
+                    enc["valid"][0], enc["valid"][1], enc["test"][0], enc["test"][1], desc, dropped, leaves)
+
+
+def leaves_feature_check(cfg: TrainConfig, spec) -> frozenset:
+    """With a ``leaves`` section, the feature spec must read its column as an ``id_list`` long enough for
+    one leaf per tree; returns the columns the leaves add (absent from the raw data)."""
+    if cfg.leaves is None:
+        return frozenset()
+    col = cfg.leaves.column
+    feats = [f for f in spec.features if f.column == col]
+    per_row = cfg.leaves.n_trees * len(cfg.leaves.objectives or ())
+    errors = []
+    if not feats:
+        errors.append(cfg.error("leaves.column", f"the feature spec {spec.source or spec.name} has no feature reading "
+                                f"column '{col}' (add {{name: {col}, type: id_list, column: {col}, "
+                                f"max_len: {per_row}}})", "unknown_column"))
+    for f in feats:
+        if f.type != "id_list":
+            errors.append(cfg.error("leaves.column", f"feature '{f.name}' reads the leaf column '{col}' as "
+                                    f"'{f.type}'; it must be an id_list", "invalid"))
+        elif f.max_len < per_row:
+            errors.append(cfg.error("leaves.n_trees", f"{per_row} leaf ids per row ({cfg.leaves.n_trees} trees x "
+                                    f"{len(cfg.leaves.objectives)} objectives) but feature '{f.name}' keeps "
+                                    f"max_len {f.max_len}", "invalid"))
+    if errors:
+        raise ValidationError(errors)
+    return frozenset({col})
+
+
+def fit_leaves(cfg: TrainConfig, frame: pd.DataFrame, y: np.ndarray, feature_columns, log=print):
+    """Fit the config's :class:`ranking.leaves.LeafFeatures` on training rows ``frame`` (raw labels ``y``
+    in ``cfg.objectives`` order): on the earliest ``fit_fraction`` of them by time."""
+    from .leaves import LeafFeatures, earliest
+
+    t0 = time.perf_counter()
+    lc = cfg.leaves
+    names = [o.name for o in cfg.objectives]
+    idx = [names.index(k) for k in lc.objectives]
+    keep = earliest(frame, lc.fit_fraction, cfg.data.time_column or "ts")
+    leaves = LeafFeatures.from_config(lc, lc.objectives, feature_columns)
+    sub = frame.loc[keep] if not keep.all() else frame
+    leaves.fit(sub, y[keep][:, idx])
+    leaves.fit_rows = int(keep.sum())
+    log(f"leaves: {lc.n_trees} trees x {len(lc.objectives)} objectives ({', '.join(lc.objectives)}) on "
+        f"{leaves.fit_rows:,} of {len(frame):,} training rows, {len(feature_columns)} columns "
+        f"({time.perf_counter() - t0:.1f}s)")
+    return leaves
 
 
 # ---------------------------------------------------------------- metrics
@@ -648,7 +725,8 @@ def finish(cfg: TrainConfig, prep: Prepared, result: dict, metrics: dict, state:
     summary = {"metrics": metrics, "version": None, "path": None}
     if register:
         path = save_model(registry or cfg.registry, cfg.name, state, prep.encoder, cfg.model, prep.objectives,
-                          metrics, data=prep.description, train_config=cfg.source)
+                          metrics, data=prep.description, train_config=cfg.source,
+                          leaves=getattr(prep, "leaves", None))
         summary.update(version=path.name, path=str(path))
         log(f"registered {cfg.name}@{path.name} in {path.parent.parent} (current)")
     return summary

@@ -1,0 +1,176 @@
+"""GBDT leaf features (ranking/leaves.py): fit/transform/save/load, the ``leaves:`` train config section,
+and no train/serve skew: training, the registry round trip (weights_only) and the online ranker's
+plain-column path give the same leaf ids and the same predictions."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ranking.leaves import LeafFeatures, earliest
+from ranking.train import synthetic_impressions
+from strategy.errors import ValidationError
+
+torch.set_num_threads(1)
+
+DENSE = ["prior_score", "duration", "creator_followers", "text_len"]
+SPEC = {"name": "t", "features": [
+    {"name": "user_id", "type": "id", "column": "user_id", "dim": 4},
+    {"name": "prior_score", "type": "dense", "column": "prior_score"},
+    {"name": "duration", "type": "dense", "column": "duration", "log1p": True},
+    {"name": "creator_followers", "type": "dense", "column": "creator_followers", "log1p": True},
+    {"name": "gbdt_leaves", "type": "id_list", "column": "gbdt_leaves", "dim": 4, "max_len": 64},
+]}
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return synthetic_impressions(1500, seed=5)
+
+
+@pytest.fixture(scope="module")
+def fitted(frame):
+    return LeafFeatures(["click", "like"], DENSE, n_trees=5, num_leaves=7, min_data_in_leaf=20).fit(frame)
+
+
+def test_leaf_ids_one_per_tree_and_deterministic(frame, fitted):
+    ids = fitted.transform(frame.iloc[:50])
+    assert len(ids) == 50 and all(len(r) == 10 for r in ids)
+    assert ids[0][0].startswith("click:t0:l") and ids[0][5].startswith("like:t0:l")
+    assert len({i for r in ids for i in r}) > 10
+    again = LeafFeatures(["click", "like"], DENSE, n_trees=5, num_leaves=7, min_data_in_leaf=20).fit(frame)
+    assert again.transform(frame.iloc[:50]) == ids
+    # labels may be passed apart from the frame
+    apart = LeafFeatures(["click", "like"], DENSE, n_trees=5, num_leaves=7, min_data_in_leaf=20)
+    apart.fit(frame[DENSE], frame[["click", "like"]].to_numpy())
+    assert apart.transform(frame.iloc[:50]) == ids
+
+
+def test_save_load_round_trip_uses_lightgbm_text(tmp_path, frame, fitted):
+    fitted.save(tmp_path / "leaves")
+    assert (tmp_path / "leaves" / "leaves.json").exists()
+    assert (tmp_path / "leaves" / "trees" / "click.txt").read_text().startswith("tree")
+    assert not list((tmp_path / "leaves").rglob("*.pkl"))
+    back = LeafFeatures.load(tmp_path / "leaves")
+    assert back.transform(frame) == fitted.transform(frame)
+    assert back.column == "gbdt_leaves" and back.feature_columns == DENSE
+
+
+def test_plain_columns_equal_the_frame_path(frame, fitted):
+    rows = frame.iloc[:40].reset_index(drop=True)
+    cols = {c: rows[c].tolist() for c in DENSE}
+    cols["prior_score"] = [None if v != v else v for v in cols["prior_score"]]     # JSON: null, not NaN
+    cols["creator_followers"] = [int(v) for v in cols["creator_followers"]]           # JSON ints
+    assert fitted.transform(cols, len(rows)) == fitted.transform(rows)
+    # an absent column is missing in every row, on both paths
+    del cols["duration"]
+    assert fitted.transform(cols, len(rows)) == fitted.transform(rows.drop(columns=["duration"]))
+    cols["text_len"] = [str(v) for v in rows["text_len"]] + []                        # numeric strings
+    assert fitted.transform(cols, len(rows)) == fitted.transform(rows.drop(columns=["duration"]))
+
+
+def test_earliest_fraction_by_time():
+    df = pd.DataFrame({"ts": [5.0, 1.0, 4.0, 2.0, 3.0]})
+    assert earliest(df, 0.4).tolist() == [False, True, False, True, False]
+    assert earliest(df, 1.0).all()
+
+
+def _config(tmp_path, leaves, spec=SPEC, epochs=2):
+    df = synthetic_impressions(1200, seed=2)
+    df.to_parquet(tmp_path / "imp.parquet")
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+    cfg = {"name": "hyb", "data": {"loader": "table", "path": str(tmp_path / "imp.parquet")},
+           "features": str(tmp_path / "spec.yaml"),
+           "objectives": {"click": {"type": "binary"}, "like": {"type": "binary"},
+                          "watch_time": {"type": "regression", "transform": "log1p"}},
+           "model": {"arch": "mmoe", "expert": [8], "num_experts": 2, "tower": [4]},
+           "training": {"epochs": epochs, "batch_size": 128, "threads": 1}, "registry": str(tmp_path / "reg")}
+    if leaves is not None:
+        cfg["leaves"] = leaves
+    (tmp_path / "train.yaml").write_text(json.dumps(cfg))
+    return df, tmp_path / "train.yaml"
+
+
+@pytest.mark.parametrize("leaves, path, words", [
+    ({"n_tree": 5}, "leaves.n_tree", ["n_trees"]),
+    ({"n_trees": 0}, "leaves.n_trees", ["[1, 10000]"]),
+    ({"fit_fraction": 1.5}, "leaves.fit_fraction", ["1"]),
+    ({"objectives": ["clik"]}, "leaves.objectives[0]", ["click", "like"]),
+    ({"objectives": ["watch_time"]}, "leaves.objectives[0]", ["binary"]),
+    ({"column": "bad column"}, "leaves.column", []),
+    ("yes", "leaves", []),
+])
+def test_leaves_section_is_validated(tmp_path, leaves, path, words):
+    from ranking.train import load_train_config
+
+    _, cfg_path = _config(tmp_path, leaves)
+    with pytest.raises(ValidationError) as exc:
+        load_train_config(cfg_path)
+    errors = {e.path: e.message for e in exc.value.errors}
+    assert path in errors, errors
+    for w in words:
+        assert w in errors[path], errors[path]
+
+
+def test_spec_must_read_the_leaf_column(tmp_path):
+    from ranking.train import load_train_config, prepare
+
+    spec = {"name": "t", "features": SPEC["features"][:-1]}
+    _, cfg_path = _config(tmp_path, {"n_trees": 5}, spec=spec)
+    with pytest.raises(ValidationError) as exc:
+        prepare(load_train_config(cfg_path), log=lambda *a: None)
+    assert [e.path for e in exc.value.errors] == ["leaves.column"]
+    short = {"name": "t", "features": SPEC["features"][:-1] + [dict(SPEC["features"][-1], max_len=8)]}
+    _, cfg_path = _config(tmp_path, {"n_trees": 5}, spec=short)
+    with pytest.raises(ValidationError) as exc:
+        prepare(load_train_config(cfg_path), log=lambda *a: None)
+    assert [e.path for e in exc.value.errors] == ["leaves.n_trees"]
+
+
+def test_train_register_serve_without_skew(tmp_path):
+    """Training, ``load_model`` (weights_only) and the scorer's plain-column path predict the same."""
+    from online.predictor import RequestRows, TorchRecRanker
+    from ranking.models import build_model, to_natural
+    from ranking.registry import load_model, save_model
+    from ranking.train import (fit, load_train_config, predict_outputs, prepare, seed_everything,
+                               train_from_config)
+
+    df, cfg_path = _config(tmp_path, {"n_trees": 5, "num_leaves": 7, "min_data_in_leaf": 20, "fit_fraction": 0.7})
+    cfg = load_train_config(cfg_path)
+    assert cfg.leaves.objectives == ("click", "like")            # default: the binary objectives
+    lines = []
+    prep = prepare(cfg, log=lines.append)
+    assert prep.leaves is not None and prep.leaves.fit_rows < len(prep.train)
+    assert any(ln.startswith("leaves: 5 trees x 2 objectives") for ln in lines)
+    assert "gbdt_leaves" in prep.encoder.sparse_keys and len(prep.encoder.vocabs["gbdt_leaves"]) > 10
+    seed_everything(0)
+    model = build_model(prep.encoder, cfg.objectives, cfg.model)
+    result = fit(model, prep, cfg.training, log=lambda *a: None, progress=False)
+    model.load_state_dict(result["best_state"])
+    model.eval()
+    trained = to_natural(torch.from_numpy(predict_outputs(model, prep.test, 4096)), cfg.objectives).double().numpy()
+
+    path = save_model(tmp_path / "reg2", "hyb", model.state_dict(), prep.encoder, cfg.model, prep.objectives, {},
+                      leaves=prep.leaves)
+    assert (path / "leaves" / "leaves.json").exists()
+    loaded = load_model(tmp_path / "reg2", "hyb")
+    assert loaded.leaves is not None and "gbdt_leaves" not in loaded.columns and "duration" in loaded.columns
+    n_test = len(prep.test)
+    test_rows = df.sort_values("ts", kind="mergesort").iloc[len(df) - n_test:].reset_index(drop=True)
+    served = loaded.predict(test_rows)                        # raw rows: the leaves are computed on load
+    np.testing.assert_allclose(served, trained, rtol=1e-6, atol=1e-7)
+
+    ranker = TorchRecRanker(loaded)
+    spec_cols = sorted(set(loaded.columns) - {"gbdt_leaves"})
+    rows = test_rows.iloc[:60]
+    columns = {c: [None if isinstance(v, float) and v != v else v for v in rows[c].tolist()] for c in spec_cols}
+    fast = ranker.predict(RequestRows(columns, len(rows)))
+    np.testing.assert_array_equal(fast, ranker.predict(pd.DataFrame(columns)))
+    np.testing.assert_allclose(fast, served[:60], rtol=1e-6, atol=1e-7)
+
+    summary = train_from_config(cfg, log=lambda *a: None, progress=False)   # end to end: registered with leaves
+    reg = load_model(tmp_path / "reg", "hyb")
+    assert reg.leaves is not None and reg.manifest["leaves"]["column"] == "gbdt_leaves"
+    assert 0 <= summary["metrics"]["valid"]["click"]["auc"] <= 1
+    assert reg.predict(test_rows.iloc[:5]).shape == (5, 3)
