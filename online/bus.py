@@ -1440,7 +1440,7 @@ class KafkaConsumerAdapter(Consumer):
             heartbeat_interval_ms=max(100, session_timeout_ms // 3),
             # kafka-python's defaults let a fetch response (50 MB) outgrow the frame limit (1 MB): a
             # fetch of several topics then fails with "Invalid frame length" and is retried
-            fetch_max_bytes=16 << 20, receive_message_max_bytes=32 << 20)
+            fetch_max_bytes=16 << 20, max_partition_fetch_bytes=8 << 20, receive_message_max_bytes=32 << 20)
         fast = _fast_partition_records()
         fetcher = getattr(self._consumer, "_fetcher", None)
         if fast is not None and fetcher is not None:
