@@ -79,6 +79,18 @@ def ensure_model(registry: Path, name: str) -> None:
     train_from_config(cfg, registry=str(registry), progress=False)
 
 
+def post_rank(conn, port: int, body: bytes):
+    """``(ok, connection)`` of one ``/v1/rank`` call; a failed call gets a fresh connection."""
+    try:
+        conn.request("POST", "/v1/rank", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status == 200, conn
+    except OSError:
+        conn.close()
+        return False, http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+
 def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: int, out: mp.Queue) -> None:
     """Runs in its own process: ``concurrency`` keep-alive connections for ``seconds``."""
     latencies, errors = [], [0]
@@ -92,15 +104,7 @@ def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: i
             body = bodies[i % len(bodies)]
             i += concurrency
             t0 = time.perf_counter()
-            try:
-                conn.request("POST", "/v1/rank", body=body, headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                resp.read()
-                ok = resp.status == 200
-            except OSError:
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                ok = False
+            ok, conn = post_rank(conn, port, body)
             dt = time.perf_counter() - t0
             with lock:
                 if ok:
@@ -142,16 +146,7 @@ def paced_worker(port: int, bodies: list[bytes], seconds: float, rate: float, ou
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            try:
-                conn.request("POST", "/v1/rank", body=bodies[i % len(bodies)],
-                             headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                resp.read()
-                ok = resp.status == 200
-            except OSError:
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                ok = False
+            ok, conn = post_rank(conn, port, bodies[i % len(bodies)])
             dt = time.perf_counter() - due
             with lock:
                 if ok:

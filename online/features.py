@@ -268,6 +268,30 @@ def open_store(url: str = "memory://", **options) -> FeatureStore:
     return RedisStore(parts.hostname, port, int(db), opts, password=parts.password)
 
 
+def item_meta(metas: dict, item, creator, topic, etype):
+    """``(counter name, creator, topic)`` of a normalised record: an impression (``etype`` None)
+    records the item's creator and topic in ``metas`` (item -> [creator, topic]); feedback events,
+    which may lack them, take them from there."""
+    meta = metas.get(item)
+    if etype is None:
+        if creator is not None or topic is not None:
+            if meta is None:
+                meta = metas[item] = [None, None]
+            if creator is not None:
+                meta[0] = creator
+            if topic is not None:
+                meta[1] = topic
+        if creator is None and meta is not None:
+            creator = meta[0]
+        return IMPRESSIONS, creator, topic
+    if meta is not None:
+        if creator is None:
+            creator = meta[0]
+        if topic is None:
+            topic = meta[1]
+    return etype, creator, topic
+
+
 def _decay(v: float, t: float, now: float, half_life: float) -> float:
     return v * 2.0 ** (-(now - t) / half_life) if now > t else v
 
@@ -352,25 +376,7 @@ class MemoryStore(FeatureStore):
                 continue
             seen[key] = expiry
             new += 1
-            meta = metas.get(item)
-            if etype is None:
-                if creator is not None or topic is not None:
-                    if meta is None:
-                        meta = metas[item] = [None, None]
-                    if creator is not None:
-                        meta[0] = creator
-                    if topic is not None:
-                        meta[1] = topic
-                name = IMPRESSIONS
-                if creator is None and meta is not None:
-                    creator = meta[0]
-            else:
-                name = etype
-                if meta is not None:
-                    if creator is None:
-                        creator = meta[0]
-                    if topic is None:
-                        topic = meta[1]
+            name, creator, topic = item_meta(metas, item, creator, topic, etype)
             # the item's counter, inlined (the hot path); the others through _bump
             counters = items.get(item)
             if counters is None:
@@ -844,25 +850,7 @@ class RedisStore(FeatureStore):
                 c[1] += w * 2.0 ** (-(t - ts) / half)
 
         for key, ts, user, item, creator, topic, etype, value in recs:
-            m = meta.get(item)
-            if etype is None:
-                if creator is not None or topic is not None:
-                    if m is None:
-                        m = meta[item] = [None, None]
-                    if creator is not None:
-                        m[0] = creator
-                    if topic is not None:
-                        m[1] = topic
-                name = IMPRESSIONS
-                if creator is None and m is not None:
-                    creator = m[0]
-            else:
-                name = etype
-                if m is not None:
-                    if creator is None:
-                        creator = m[0]
-                    if topic is None:
-                        topic = m[1]
+            name, creator, topic = item_meta(meta, item, creator, topic, etype)
             row = item_c.get(item)  # the item's counter, inlined (every record has one)
             if row is None:
                 item_c[item] = {name: [1.0, 1.0, ts]}
