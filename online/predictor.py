@@ -184,7 +184,7 @@ class TorchRecRanker:
         columns = rows.columns
         leaves = getattr(loaded, "leaves", None)
         if leaves is not None:   # the GBDT leaf ids, computed as training computed them
-            columns = {**columns, leaves.column: leaves.transform(columns, len(rows))}
+            columns = {**columns, **leaves.compute(columns, len(rows))}
         batch = loaded.encoder.transform_columns(columns, len(rows))
         with torch.inference_mode():
             out = to_natural(loaded.module(batch.dense, batch.kjt), loaded.objective_configs)

@@ -24,6 +24,13 @@ Train config section (``ranking.train``)::
       column: gbdt_leaves  # the id_list column the feature spec reads
       fit_fraction: 1.0    # the GBDT fits on the earliest fraction of the training rows (by time);
                            # 1.0 = all of them (never validation or test rows)
+      per_objective: false # true: one id_list column per objective, ``<column>_<objective>`` (each its
+                           # own feature / table / pooled vector) instead of all ids in ``<column>``
+      scores: false        # true: also each objective's raw GBDT score (logit) as a dense column
+                           # ``gbdt_score_<objective>`` (stacking; the spec declares them as dense features)
+
+:meth:`LeafFeatures.compute` gives every column the leaves add (:attr:`LeafFeatures.columns`), for a DataFrame
+(training, ``LoadedModel.predict``) and for plain request columns (the online ranker) alike.
 """
 from __future__ import annotations
 
@@ -39,7 +46,8 @@ MANIFEST = "leaves.json"
 FORMAT = "stratarank-leaves/1"
 MODEL_SUBDIR = "trees"
 LEAVES_KEYS = ("objectives", "n_trees", "num_leaves", "learning_rate", "min_data_in_leaf", "seed", "column",
-               "fit_fraction")
+               "fit_fraction", "per_objective", "scores")
+SCORE_PREFIX = "gbdt_score"
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class LeavesConfig:
     seed: int = 0
     column: str = "gbdt_leaves"
     fit_fraction: float = 1.0
+    per_objective: bool = False
+    scores: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -102,6 +112,12 @@ def leaves_config_from_dict(errs, value, path: str = "leaves", objectives: Seque
         col = as_str(errs, d["column"], f"{path}.column", pattern=NAME_RE)
         if col:
             kw["column"] = col
+    for key in ("per_objective", "scores"):
+        if d.get(key) is not None:
+            if isinstance(d[key], bool):
+                kw[key] = d[key]
+            else:
+                errs.add(f"{path}.{key}", f"expected true or false, not {d[key]!r}", "type")
     return LeavesConfig(**kw) if len(errs.items) == before else None
 
 
@@ -115,7 +131,8 @@ class LeafFeatures:
 
     def __init__(self, objectives: Sequence[str], feature_columns: Sequence[str], n_trees: int = 30,
                  num_leaves: int = 31, learning_rate: float = 0.1, min_data_in_leaf: int = 50, seed: int = 0,
-                 column: str = "gbdt_leaves", params: Mapping | None = None):
+                 column: str = "gbdt_leaves", params: Mapping | None = None, per_objective: bool = False,
+                 scores: bool = False):
         if not objectives:
             raise ValueError("LeafFeatures needs at least one objective")
         if not feature_columns:
@@ -129,13 +146,19 @@ class LeafFeatures:
         self.seed = int(seed)
         self.column = str(column)
         self.params = dict(params or {})
+        self.per_objective = bool(per_objective)
+        self.scores = bool(scores)
+        # never the leaves' own output columns (a spec's dense features may list the score columns)
+        self.feature_columns = [c for c in self.feature_columns if c not in set(self.columns)]
+        if not self.feature_columns:
+            raise ValueError("LeafFeatures needs at least one feature column besides its own outputs")
         self.model = None   # ranking.lgbm.LGBMMultiObjective
         self.fit_rows: int | None = None
 
     @classmethod
     def from_config(cls, cfg: LeavesConfig, objectives: Sequence[str], feature_columns: Sequence[str]) -> "LeafFeatures":
         return cls(cfg.objectives or objectives, feature_columns, cfg.n_trees, cfg.num_leaves, cfg.learning_rate,
-                   cfg.min_data_in_leaf, cfg.seed, cfg.column)
+                   cfg.min_data_in_leaf, cfg.seed, cfg.column, per_objective=cfg.per_objective, scores=cfg.scores)
 
     def _lgbm_params(self) -> dict:
         return {"num_leaves": self.num_leaves, "learning_rate": self.learning_rate,
@@ -143,8 +166,25 @@ class LeafFeatures:
 
     @property
     def max_len(self) -> int:
-        """Leaf ids per row (one per tree)."""
+        """Leaf ids per row (one per tree) of all objectives together."""
         return self.n_trees * len(self.objectives)
+
+    @property
+    def leaf_columns(self) -> dict[str, tuple[str, ...]]:
+        """``{id_list column: objectives whose leaf ids it holds}``."""
+        if self.per_objective:
+            return {f"{self.column}_{k}": (k,) for k in self.objectives}
+        return {self.column: tuple(self.objectives)}
+
+    @property
+    def score_columns(self) -> dict[str, str]:
+        """``{dense column: objective}`` of the raw GBDT scores (empty unless ``scores``)."""
+        return {f"{SCORE_PREFIX}_{k}": k for k in self.objectives} if self.scores else {}
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column :meth:`compute` adds (leaf-id lists, then scores)."""
+        return list(self.leaf_columns) + list(self.score_columns)
 
     def fit(self, frame: pd.DataFrame, labels=None) -> "LeafFeatures":
         """Fit ``n_trees`` trees per objective on ``frame``'s feature columns.
@@ -239,16 +279,47 @@ class LeafFeatures:
             raise RuntimeError(f"{leaves.shape[1]} leaves per row for {len(prefixes)} trees")
         return [[p + str(v) for p, v in zip(prefixes, row)] for row in leaves.tolist()]
 
+    def raw_scores(self, rows, n: int | None = None) -> np.ndarray:
+        """``(N, len(objectives))`` float64 raw scores (logits) of the boosters, objectives in order."""
+        if self.model is None:
+            raise RuntimeError("LeafFeatures is not fitted")
+        x = self._matrix(rows, n)
+        if not len(x):
+            return np.zeros((0, len(self.objectives)))
+        return np.stack([np.asarray(self.model.boosters[k].predict(x, raw_score=True), dtype=np.float64)
+                         for k in self.objectives], axis=1)
+
+    def compute(self, rows, n: int | None = None) -> dict:
+        """Every column the leaves add (:attr:`columns`): ``{id_list column: per-row lists of leaf ids}`` and,
+        with ``scores``, ``{gbdt_score_<objective>: float64 array}``; ``rows`` is a DataFrame or plain
+        columns ``{column: list of n values}`` (the serving path), which give the same values."""
+        ids = self.transform(rows, n)
+        out: dict = {}
+        start = 0
+        for col, objs in self.leaf_columns.items():
+            width = sum(self.model.boosters[k].num_trees() for k in objs)
+            out[col] = ids if len(self.leaf_columns) == 1 else [r[start:start + width] for r in ids]
+            start += width
+        if self.scores:
+            raw = self.raw_scores(rows, n)
+            for j, col in enumerate(self.score_columns):
+                out[col] = raw[:, j].copy()
+        return out
+
     def add_column(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """``frame`` with the leaf-id column added (a new frame; ``frame`` is not modified)."""
-        return frame.assign(**{self.column: pd.Series(self.transform(frame), index=frame.index, dtype=object)})
+        """``frame`` with every column of :meth:`compute` added (a new frame; ``frame`` is not modified)."""
+        cols = self.compute(frame)
+        return frame.assign(**{c: (pd.Series(v, index=frame.index, dtype=object) if c in self.leaf_columns
+                                   else pd.Series(v, index=frame.index, dtype=np.float64))
+                               for c, v in cols.items()})
 
     # ---- persistence (LightGBM text format + JSON)
     def to_dict(self) -> dict:
         return {"format": FORMAT, "objectives": self.objectives, "feature_columns": self.feature_columns,
                 "n_trees": self.n_trees, "num_leaves": self.num_leaves, "learning_rate": self.learning_rate,
                 "min_data_in_leaf": self.min_data_in_leaf, "seed": self.seed, "column": self.column,
-                "params": self.params, "trees": MODEL_SUBDIR, "fit_rows": self.fit_rows}
+                "params": self.params, "trees": MODEL_SUBDIR, "fit_rows": self.fit_rows,
+                "per_objective": self.per_objective, "scores": self.scores}
 
     def save(self, directory) -> Path:
         if self.model is None:
@@ -271,7 +342,8 @@ class LeafFeatures:
         if m.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} model (format {m.get('format')!r})")
         out = cls(m["objectives"], m["feature_columns"], m["n_trees"], m["num_leaves"], m["learning_rate"],
-                  m["min_data_in_leaf"], m["seed"], m["column"], m.get("params"))
+                  m["min_data_in_leaf"], m["seed"], m["column"], m.get("params"),
+                  per_objective=m.get("per_objective", False), scores=m.get("scores", False))
         out.model = LGBMMultiObjective.load(directory / m.get("trees", MODEL_SUBDIR))
         out.fit_rows = m.get("fit_rows")
         missing = [k for k in out.objectives if k not in out.model.boosters]

@@ -233,7 +233,7 @@ class LoadedModel:
         of the leaf-id column they compute."""
         if self.leaves is None:
             return self.encoder.spec.columns
-        return sorted((set(self.encoder.spec.columns) - {self.leaves.column}) | set(self.leaves.feature_columns))
+        return sorted((set(self.encoder.spec.columns) - set(self.leaves.columns)) | set(self.leaves.feature_columns))
 
     def with_leaves(self, rows):
         """``rows`` (a DataFrame) with the leaf-id column computed, as training added it (the rows as

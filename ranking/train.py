@@ -20,16 +20,14 @@ Train config format::
     training: {epochs: 5, batch_size: 512, lr: 0.001, weight_decay: 0.0, patience: 2, seed: 0,
                threads: 2, max_rows: null}
     registry: registry
-    leaves: {n_trees: 30, num_leaves: 31}   # optional: GBDT leaf ids as one id_list column (ranking/leaves.py)
+    leaves: {n_trees: 30, num_leaves: 31}   # optional: GBDT leaf ids as id_list column(s) (ranking/leaves.py)
 
 Determinism: one ``seed`` sets numpy/torch/python RNGs and the per-epoch shuffles.
 Dropped rows (missing or invalid labels) are counted and printed by reason — never silently.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import sys
 import time
@@ -419,29 +417,37 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
 
 
 def leaves_feature_check(cfg: TrainConfig, spec) -> frozenset:
-    """With a ``leaves`` section, the feature spec must read its column as an ``id_list`` long enough for
-    one leaf per tree; returns the columns the leaves add (absent from the raw data)."""
+    """With a ``leaves`` section, the feature spec must read each leaf column as an ``id_list`` long enough
+    for one leaf per tree (and, with ``leaves.scores``, each score column as a dense feature); returns the
+    columns the leaves add (absent from the raw data)."""
     if cfg.leaves is None:
         return frozenset()
-    col = cfg.leaves.column
-    feats = [f for f in spec.features if f.column == col]
-    per_row = cfg.leaves.n_trees * len(cfg.leaves.objectives or ())
+    from .leaves import LeafFeatures
+
+    lc = cfg.leaves
+    objs = tuple(lc.objectives or ())
+    shape = LeafFeatures(objs or ("_",), ["_"], column=lc.column, per_objective=lc.per_objective, scores=lc.scores)
     errors = []
-    if not feats:
-        errors.append(cfg.error("leaves.column", f"the feature spec {spec.source or spec.name} has no feature reading "
-                                f"column '{col}' (add {{name: {col}, type: id_list, column: {col}, "
-                                f"max_len: {per_row}}})", "unknown_column"))
-    for f in feats:
-        if f.type != "id_list":
-            errors.append(cfg.error("leaves.column", f"feature '{f.name}' reads the leaf column '{col}' as "
-                                    f"'{f.type}'; it must be an id_list", "invalid"))
-        elif f.max_len < per_row:
-            errors.append(cfg.error("leaves.n_trees", f"{per_row} leaf ids per row ({cfg.leaves.n_trees} trees x "
-                                    f"{len(cfg.leaves.objectives)} objectives) but feature '{f.name}' keeps "
-                                    f"max_len {f.max_len}", "invalid"))
+    wanted = [(col, "id_list", "leaves.column", lc.n_trees * len(objs), f"{len(objs)} objectives")
+              for col, objs in shape.leaf_columns.items()]
+    wanted += [(col, "dense", "leaves.scores", None, "") for col in shape.score_columns]
+    for col, kind, key, per_row, objs in wanted:
+        feats = [f for f in spec.features if f.column == col]
+        if not feats:
+            extra = f", max_len: {per_row}" if per_row else ""
+            errors.append(cfg.error(key, f"the feature spec {spec.source or spec.name} has no feature reading the "
+                                    f"GBDT column '{col}' (add {{name: {col}, type: {kind}, column: {col}{extra}}})",
+                                    "unknown_column"))
+        for f in feats:
+            if f.type != kind:
+                errors.append(cfg.error(key, f"feature '{f.name}' reads the GBDT column '{col}' as '{f.type}'; "
+                                        f"it must be {kind}", "invalid"))
+            elif per_row and f.max_len < per_row:
+                errors.append(cfg.error("leaves.n_trees", f"{per_row} leaf ids per row ({lc.n_trees} trees x "
+                                        f"{objs}) but feature '{f.name}' keeps max_len {f.max_len}", "invalid"))
     if errors:
         raise ValidationError(errors)
-    return frozenset({col})
+    return frozenset(shape.columns)
 
 
 def fit_leaves(cfg: TrainConfig, frame: pd.DataFrame, y: np.ndarray, feature_columns, log=print):
@@ -603,7 +609,6 @@ def fit(model, prep: Prepared, tcfg: TrainingConfig, *, rank: int = 0, world: in
     y_train = torch.from_numpy(prep.y_train)
     n = len(prep.train)
     bs = tcfg.batch_size
-    per = max(1, bs // world)
     history, best, best_state, best_epoch, bad = [], -math.inf, None, 0, 0
     show = progress and rank == 0
     t_train = 0.0
