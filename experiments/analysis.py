@@ -153,7 +153,7 @@ def normalize_metrics(metrics: Mapping[str, Any]) -> dict[str, dict]:
         else:
             for part in ("numerator", "denominator"):
                 if part not in spec:
-                    errors.add(join_path(path, part), f"required for a ratio metric: {{event: ...}}", "missing")
+                    errors.add(join_path(path, part), "required for a ratio metric: {event: ...}", "missing")
             if "numerator" in spec and "denominator" in spec:
                 x = _event_ref(spec["numerator"], join_path(path, "numerator"), errors)
                 y = _event_ref(spec["denominator"], join_path(path, "denominator"), errors)

@@ -626,7 +626,7 @@ def dashboard_blueprint(results_dir: str | Path, url_prefix: str = "/dashboard",
             body = render_experiment(b, name)
         except KeyError:
             abort(404)
-        body = f"<p><a href='../'>← all experiments</a></p>" + body
+        body = "<p><a href='../'>← all experiments</a></p>" + body
         return _page(f"Stratarank · {name}", body, b.get("meta", {}))
 
     @bp.get("/results.json")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 import uuid
 
@@ -30,7 +29,6 @@ def _free_port() -> int:
 
 def table_wise_plan(model, world_size: int, pg=None):
     """A collective sharding plan placing every table of ``model``'s EBC whole on one rank (CPU)."""
-    import torch
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.sharding_plan import get_default_sharders

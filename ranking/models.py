@@ -24,7 +24,7 @@ Three options of :class:`ModelConfig` add to any architecture:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch

@@ -1,5 +1,4 @@
 """experiments.analysis: tables → records, checked against a plain pandas reference + gbstats."""
-import math
 
 import numpy as np
 import pandas as pd

@@ -10,7 +10,7 @@ import pytest
 
 from experiments import control as C
 from experiments import ope
-from experiments.assignment import Assigner, merge_assignments
+from experiments.assignment import Assigner
 from experiments.stats import SampleStats
 from experiments.world import World
 from strategy import ValidationError, load_strategy, parse_request, rank
@@ -179,7 +179,6 @@ guardrails:
     assigner = Assigner(C.apply_state(cfg.experiments, state))
     rng = np.random.default_rng(0)
     exposures, events = [], []
-    names = base.objective_names
     for k in range(400):
         uid = f"u{rng.integers(0, 300)}"
         assigned = [a for a in assigner.assign(uid) if a.experiment == "like_up"]
