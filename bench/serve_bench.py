@@ -79,6 +79,20 @@ def ensure_model(registry: Path, name: str) -> None:
     train_from_config(cfg, registry=str(registry), progress=False)
 
 
+class Tally:
+    """Latencies of successful calls and a count of failed ones, shared by a load generator's threads."""
+
+    def __init__(self):
+        self.latencies, self.errors, self._lock = [], 0, threading.Lock()
+
+    def add(self, ok: bool, seconds: float) -> None:
+        with self._lock:
+            if ok:
+                self.latencies.append(seconds)
+            else:
+                self.errors += 1
+
+
 def post_rank(conn, port: int, body: bytes):
     """``(ok, connection)`` of one ``/v1/rank`` call; a failed call gets a fresh connection."""
     try:
@@ -93,9 +107,8 @@ def post_rank(conn, port: int, body: bytes):
 
 def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: int, out: mp.Queue) -> None:
     """Runs in its own process: ``concurrency`` keep-alive connections for ``seconds``."""
-    latencies, errors = [], [0]
+    tally = Tally()
     stop = time.perf_counter() + seconds
-    lock = threading.Lock()
 
     def loop(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -105,12 +118,7 @@ def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: i
             i += concurrency
             t0 = time.perf_counter()
             ok, conn = post_rank(conn, port, body)
-            dt = time.perf_counter() - t0
-            with lock:
-                if ok:
-                    latencies.append(dt)
-                else:
-                    errors[0] += 1
+            tally.add(ok, time.perf_counter() - t0)
         conn.close()
 
     threads = [threading.Thread(target=loop, args=(k,)) for k in range(concurrency)]
@@ -119,7 +127,7 @@ def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: i
         t.start()
     for t in threads:
         t.join()
-    out.put((latencies, errors[0], time.perf_counter() - t0))
+    out.put((tally.latencies, tally.errors, time.perf_counter() - t0))
 
 
 def paced_worker(port: int, bodies: list[bytes], seconds: float, rate: float, out: mp.Queue,
@@ -128,10 +136,10 @@ def paced_worker(port: int, bodies: list[bytes], seconds: float, rate: float, ou
     ``t0 + i / rate``) over ``connections`` keep-alive connections. Each latency counts from the
     request's due time, so time spent waiting for a free connection or a busy server is included
     (no coordinated omission, as in wrk2)."""
-    latencies, errors = [], [0]
+    tally = Tally()
     n = int(seconds * rate)
     nxt = [0]
-    lock = threading.Lock()
+    lock = threading.Lock()  # hands out request indices
     t0 = time.perf_counter() + 0.05
 
     def loop() -> None:
@@ -147,12 +155,7 @@ def paced_worker(port: int, bodies: list[bytes], seconds: float, rate: float, ou
             if delay > 0:
                 time.sleep(delay)
             ok, conn = post_rank(conn, port, bodies[i % len(bodies)])
-            dt = time.perf_counter() - due
-            with lock:
-                if ok:
-                    latencies.append(dt)
-                else:
-                    errors[0] += 1
+            tally.add(ok, time.perf_counter() - due)
         conn.close()
 
     threads = [threading.Thread(target=loop) for _ in range(connections)]
@@ -160,7 +163,7 @@ def paced_worker(port: int, bodies: list[bytes], seconds: float, rate: float, ou
         t.start()
     for t in threads:
         t.join()
-    out.put((latencies, errors[0], time.perf_counter() - t0))
+    out.put((tally.latencies, tally.errors, time.perf_counter() - t0))
 
 
 def run_load(port, bodies, seconds, concurrency, rate: float | None = None):

@@ -429,22 +429,9 @@ def true_value(world, strategy: Strategy, logged_or_context, metric="like",
     ``logged_or_context``: a :class:`LoggedSlate` or a ``(user_id, request or candidates, predictions)`` tuple
     (then ``names`` are the prediction columns, default the strategy's objectives).
     """
-    if isinstance(logged_or_context, LoggedSlate):
-        request, P, names = logged_or_context.request, logged_or_context.predictions, logged_or_context.objective_names
-    else:
-        uid, cands, P = logged_or_context
-        request = _as_request(uid, cands)
-        names = names or strategy.objective_names
-    _, M, order = _policy_table(strategy, request, _align(strategy, P, names))
-    if not order:
-        return 0.0
-    S = M.shape[1]
-    truth = world.true_probs(request.user_id, np.array(order)[:, None], np.arange(1, S + 1)[None, :])
     weights = {metric: 1.0} if isinstance(metric, str) else dict(metric)
-    total = 0.0
-    for k, w in weights.items():
-        total += w * float((M * truth[_world_key(k)].reshape(len(order), S)).sum())
-    return total
+    values = true_values(world, strategy, logged_or_context, list(weights), names)
+    return float(sum(w * v for w, v in zip(weights.values(), values)))
 
 
 def true_values(world, strategy: Strategy, context, metrics: Sequence[str],

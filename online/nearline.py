@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from strategy.checks import as_dict, as_list, as_number, as_str, check_keys
+from strategy.checks import as_bool, as_dict, as_list, as_number, as_str, check_keys
 from strategy.errors import Errors, ValidationError, join_path
 
 from .bus import (CONSUMER_RE, DEFAULT_RETENTION_S, FSYNC_POLICIES, MAX_RETENTION_S, TOPIC_RE, EventBus, open_bus,
@@ -225,19 +225,10 @@ def _bus(errs: Errors, value, path: str) -> BusConfig:
             kw["retention_bytes"] = as_number(errs, obj["retention_bytes"], p("retention_bytes"), lo=0, hi=1 << 50,
                                               integer=True)
     if "retention_wait_for_consumers" in obj:
-        kw["retention_wait_for_consumers"] = _as_bool(errs, obj["retention_wait_for_consumers"],
-                                                      p("retention_wait_for_consumers"))
+        kw["retention_wait_for_consumers"] = as_bool(errs, obj["retention_wait_for_consumers"],
+                                                     p("retention_wait_for_consumers"))
     kw = {k: v for k, v in kw.items() if v is not None}
     return replace(d, **kw, **unlimited)
-
-
-def _as_bool(errs: Errors, value, path: str):
-    if not isinstance(value, bool):
-        from strategy.checks import type_name
-
-        errs.add(path, f"expected true or false, got {type_name(value)}", "type")
-        return None
-    return value
 
 
 def _store(errs: Errors, value, path: str) -> StoreConfig:

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from strategy.checks import NAME_RE, as_dict, as_list, as_number, as_str, check_keys
+from strategy.checks import NAME_RE, as_bool, as_dict, as_list, as_number, as_str, check_keys
 from strategy.config import read_yaml
 from strategy.errors import Errors, FieldError, ValidationError, did_you_mean, join_path
 
@@ -156,11 +156,8 @@ def feature_spec_from_dict(data, source: str | None = None, lines: dict | None =
                 v = as_number(errs, spec[key], join_path(path, key), lo=lo, hi=hi, integer=True)
                 if v is not None:
                     kw[key] = v
-        if "log1p" in spec:
-            if isinstance(spec["log1p"], bool):
-                kw["log1p"] = spec["log1p"]
-            else:
-                errs.add(join_path(path, "log1p"), "expected true or false", "type")
+        if "log1p" in spec and as_bool(errs, spec["log1p"], join_path(path, "log1p")) is not None:
+            kw["log1p"] = spec["log1p"]
         if spec.get("fill") is not None:
             if ftype == "id" and isinstance(spec["fill"], str) and spec["fill"]:
                 kw["fill"] = spec["fill"]

@@ -75,7 +75,7 @@ def leaves_config_from_dict(errs, value, path: str = "leaves", objectives: Seque
     """Validate a ``leaves:`` mapping into ``errs`` (``strategy.errors.Errors``); ``None`` when invalid.
 
     ``objectives``: the config's objective names (an unknown one names the allowed ones)."""
-    from strategy.checks import NAME_RE, as_dict, as_list, as_number, as_str, check_keys
+    from strategy.checks import NAME_RE, as_bool, as_dict, as_list, as_number, as_str, check_keys
 
     d = as_dict(errs, value, path)
     if d is None:
@@ -113,11 +113,8 @@ def leaves_config_from_dict(errs, value, path: str = "leaves", objectives: Seque
         if col:
             kw["column"] = col
     for key in ("per_objective", "scores"):
-        if d.get(key) is not None:
-            if isinstance(d[key], bool):
-                kw[key] = d[key]
-            else:
-                errs.add(f"{path}.{key}", f"expected true or false, not {d[key]!r}", "type")
+        if d.get(key) is not None and as_bool(errs, d[key], f"{path}.{key}") is not None:
+            kw[key] = d[key]
     return LeavesConfig(**kw) if len(errs.items) == before else None
 
 

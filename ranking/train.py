@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from strategy.checks import NAME_RE, as_dict, as_number, as_str, check_keys
+from strategy.checks import NAME_RE, as_bool, as_dict, as_number, as_str, check_keys
 from strategy.config import read_yaml
 from strategy.errors import Errors, FieldError, ValidationError, join_path
 
@@ -204,11 +204,8 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
                           lo_open=key in ("lr", "embedding_lr"))
             if v is not None:
                 tk[key] = v
-    if t.get("refit") is not None:
-        if isinstance(t["refit"], bool):
-            tk["refit"] = t["refit"]
-        else:
-            errs.add("training.refit", "expected true or false", "type")
+    if t.get("refit") is not None and as_bool(errs, t["refit"], "training.refit") is not None:
+        tk["refit"] = t["refit"]
     registry = as_str(errs, obj.get("registry", "registry"), "registry") or "registry"
     leaves = None
     if obj.get("leaves") is not None:

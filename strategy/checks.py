@@ -119,6 +119,14 @@ def as_str(
     return value
 
 
+def as_bool(errs: Errors, value, path: str) -> bool | None:
+    """A YAML boolean; anything else (``"yes"``, 1) is an error naming ``path``."""
+    if not isinstance(value, bool):
+        errs.add(path, f"expected true or false, got {type_name(value)}", "type")
+        return None
+    return value
+
+
 def as_id(errs: Errors, value, path: str) -> str | None:
     """An identifier: a non-empty string or an integer, normalised to ``str``."""
     if isinstance(value, int) and not isinstance(value, bool):
