@@ -38,6 +38,7 @@ uncommitted tail is delivered again; consumers dedupe (the feature store does, b
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -836,9 +837,29 @@ def _decode_values(raw: list) -> list:
     return out
 
 
+def _hold_name(path: Path, name: str) -> int:
+    """An fd holding an exclusive ``flock`` on ``path`` (created if missing). The lock file of a
+    consumer that never committed is removed when it closes, so after locking, the path must still
+    be the locked file; if its last holder removed it meanwhile, lock the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _bad("consumer", f"consumer '{name}' is in use by another process", "in_use") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 class EmbeddedConsumer(Consumer):
     """Reads the topics round-robin from the committed positions of ``name``. One process at a
-    time may hold a name (an ``flock`` on ``consumers/<name>.lock``)."""
+    time may hold a name (an ``flock`` on ``consumers/<name>.lock``). A consumer that never
+    committed leaves nothing behind (scorer workers follow the log under a name per pid)."""
 
     def __init__(self, bus: EmbeddedBus, name: str, topics: list[str], poll_interval_s: float = 0.005):
         self.bus = bus
@@ -846,12 +867,8 @@ class EmbeddedConsumer(Consumer):
         self.topics = topics
         self.poll_interval_s = poll_interval_s
         cdir = bus.path / "consumers"
-        self._lock_fd = os.open(cdir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise _bad("consumer", f"consumer '{name}' is in use by another process", "in_use") from None
+        self._lock_path = cdir / f"{name}.lock"
+        self._lock_fd = _hold_name(self._lock_path, name)
         self._offsets_path = cdir / f"{name}.json"
         self.committed = self._load()
         self.position = {t: self._start(t) for t in topics}
@@ -964,6 +981,9 @@ class EmbeddedConsumer(Consumer):
         for r in self._readers.values():
             r.close()
         if self._lock_fd >= 0:
+            if not self._offsets_path.exists():   # nothing committed under this name: no trace left
+                with contextlib.suppress(FileNotFoundError):
+                    self._lock_path.unlink()
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = -1

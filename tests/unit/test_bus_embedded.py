@@ -190,6 +190,24 @@ def test_one_process_per_consumer_name(tmp_path):
                 bus.consumer("a", ["events"])
 
 
+def test_a_consumer_that_never_committed_leaves_no_file_behind(tmp_path):
+    """Scorer workers follow the log under a name per pid and never commit: nothing may pile up."""
+    cdir = tmp_path / "consumers"
+    with open_bus(f"embedded://{tmp_path}") as bus:
+        bus.publish("events", records(3))
+        before = set(os.listdir(cdir))
+        with bus.consumer("scorer-101", ["events"]) as c:
+            assert len(drain(c)) == 3 and (cdir / "scorer-101.lock").exists()
+        assert set(os.listdir(cdir)) == before
+        with bus.consumer("nearline", ["events"]) as c:
+            c.commit(drain(c))
+        assert {"nearline.json", "nearline.lock"} <= set(os.listdir(cdir))   # a committed name stays
+        held = bus.consumer("scorer-101", ["events"])                          # a removed name is taken anew,
+        with pytest.raises(ValidationError, match="in use"):                  # exclusively
+            bus.consumer("scorer-101", ["events"])
+        held.close()
+
+
 @pytest.mark.parametrize("url, needle", [
     ("kafak://127.0.0.1:9092", "unknown scheme 'kafak'; did you mean 'kafka'?"),
     ("redis://x:1", "allowed schemes: embedded, kafka"),
