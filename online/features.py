@@ -27,6 +27,7 @@ carries them (the scorer may add them), otherwise what the impressions of its it
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -292,6 +293,15 @@ def item_meta(metas: dict, item, creator, topic, etype):
     return etype, creator, topic
 
 
+def _ts_item(kv):
+    return kv[1], kv[0]
+
+
+def newest_recent(recent: dict, keep: int) -> list:
+    """The ``keep`` newest ``(item, ts)`` of a user's ``{item: ts}``, newest first (ties: larger id first)."""
+    return heapq.nlargest(keep, recent.items(), key=_ts_item)
+
+
 def _decay(v: float, t: float, now: float, half_life: float) -> float:
     return v * 2.0 ** (-(now - t) / half_life) if now > t else v
 
@@ -315,7 +325,10 @@ class MemoryStore(FeatureStore):
         self.items: dict[str, dict[str, list]] = {}  # item -> name -> [total, decayed, t]
         self.creators: dict[str, dict[str, list]] = {}
         self.meta: dict[str, list] = {}  # item -> [creator, topic]
-        self.recent: dict[str, dict[str, float]] = {}  # user -> item -> last engagement ts
+        # user -> item -> last engagement ts: the newest ``recent_items`` by (ts, item) and up to as many
+        # older ones, trimmed only when twice full (amortised O(log n) per engagement, not O(n)); readers
+        # take the newest ``recent_items`` (newest_recent), which is order-independent like an eager trim
+        self.recent: dict[str, dict[str, float]] = {}
         self.affinity: dict[str, dict[str, list]] = {}  # user -> topic -> [decayed, t]
         self.seen: dict[str, float] = {}  # dedupe key -> expiry (epoch s), oldest first (insertion order)
         self.stats = {"applied": 0, "duplicates": 0, "invalid": 0, "dedupe_evicted": 0}
@@ -413,9 +426,8 @@ class MemoryStore(FeatureStore):
                 old = recent.get(item)
                 if old is None or ts > old:
                     recent[item] = ts
-                    if len(recent) > keep:
-                        worst = min(recent.items(), key=lambda kv: (kv[1], kv[0]))[0]
-                        del recent[worst]
+                    if len(recent) > 2 * keep:
+                        recent = recents[user] = dict(newest_recent(recent, keep))
             if topic is not None:
                 aff = affinities.get(user)
                 if aff is None:
@@ -440,8 +452,7 @@ class MemoryStore(FeatureStore):
         half = self.options.half_life_s
         creator_ids = list(creator_ids) if creator_ids is not None else [None] * len(item_ids)
         with self._lock:
-            recent = self.recent.get(user_id, {})
-            recent_items = [i for i, _ in sorted(recent.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+            recent_items = [i for i, _ in newest_recent(self.recent.get(user_id, {}), self.options.recent_items)]
             affinity = {t: _decay(a[0], a[1], now, half) for t, a in self.affinity.get(user_id, {}).items()}
             item_rows = [self.items.get(i) for i in item_ids]
             creator_rows = [self.creators.get(c) if c is not None else None for c in creator_ids]

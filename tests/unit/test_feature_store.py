@@ -90,6 +90,25 @@ def test_recent_items_keeps_the_last_50_distinct_most_recent_first():
     assert f.recent_items == [f"i{k}" for k in range(59, 9, -1)]  # report does not engage
 
 
+def test_recent_items_are_the_newest_per_item_whatever_the_order_and_batching():
+    """The store trims a user's items lazily (at twice the cap); readers must still get exactly the
+    ``recent_items`` newest by each item's latest engagement, for any arrival order and batch size."""
+    rng = random.Random(7)
+    evs = [ev(f"e{i}", "click", f"i{rng.randrange(40)}", ts=T0 + rng.randrange(500)) for i in range(2000)]
+    latest: dict = {}
+    for e in evs:
+        latest[e["item_id"]] = max(latest.get(e["item_id"], 0), e["ts"])
+    want = [i for i, _ in sorted(latest.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:4]]
+    for seed, size in ((0, 1), (1, 7), (2, 2000)):
+        order = evs[:]
+        random.Random(seed).shuffle(order)
+        store = open_store("memory://", recent_items=4)
+        for k in range(0, len(order), size):
+            store.apply(order[k:k + size])
+        assert store.lookup("u1", []).recent_items == want
+        assert len(store.recent["u1"]) <= 8                       # bounded: twice the cap at most
+
+
 def test_invalid_records_are_skipped_and_counted():
     store = open_store("memory://")
     assert store.apply([{"type": "click"}, ev("e1", "click", "a", ts="not a time"), "x",
