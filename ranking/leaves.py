@@ -35,7 +35,7 @@ Train config section (``ranking.train``)::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -65,49 +65,39 @@ class LeavesConfig:
     per_objective: bool = False
     scores: bool = False
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["objectives"] = list(self.objectives) if self.objectives is not None else None
-        return d
+
+def objective_section(errs, value, path: str, keys, objectives: Sequence[str] | None, ranges: dict):
+    """The checked head of a GBDT config section (``leaves:``, ``distill:``): ``(mapping, values)``
+    with its allowed ``keys``, its ``objectives`` list (each one of the config's ``objectives``) and
+    the numbers of ``ranges`` (``strategy.checks.as_numbers``); ``(None, None)`` when not a mapping."""
+    from strategy.checks import as_dict, as_names, as_numbers, check_keys
+
+    d = as_dict(errs, value, path)
+    if d is None:
+        return None, None
+    check_keys(errs, d, path, keys)
+    kw: dict = {}
+    if d.get("objectives") is not None:
+        names = as_names(errs, d["objectives"], f"{path}.objectives", objectives, "objective")
+        if names is not None:
+            kw["objectives"] = names
+    kw.update(as_numbers(errs, d, path, ranges))
+    return d, kw
 
 
 def leaves_config_from_dict(errs, value, path: str = "leaves", objectives: Sequence[str] | None = None):
     """Validate a ``leaves:`` mapping into ``errs`` (``strategy.errors.Errors``); ``None`` when invalid.
 
     ``objectives``: the config's objective names (an unknown one names the allowed ones)."""
-    from strategy.checks import NAME_RE, as_bool, as_dict, as_list, as_number, as_str, check_keys
+    from strategy.checks import NAME_RE, as_bool, as_str
 
-    d = as_dict(errs, value, path)
+    before = len(errs.items)
+    d, kw = objective_section(errs, value, path, LEAVES_KEYS, objectives, {
+        "n_trees": (1, 10_000, True, False), "num_leaves": (2, 131_072, True, False),
+        "learning_rate": (0, 10, False, True), "min_data_in_leaf": (1, 10 ** 9, True, False),
+        "seed": (0, 2 ** 31, True, False), "fit_fraction": (0, 1, False, True)})
     if d is None:
         return None
-    before = len(errs.items)
-    check_keys(errs, d, path, LEAVES_KEYS)
-    kw: dict = {}
-    if d.get("objectives") is not None:
-        names = as_list(errs, d["objectives"], f"{path}.objectives", max_len=100)
-        if names is not None:
-            if not names:
-                errs.add(f"{path}.objectives", "at least one objective is required", "required")
-            out = []
-            for i, name in enumerate(names):
-                if not isinstance(name, str):
-                    errs.add(f"{path}.objectives[{i}]", "expected an objective name", "type")
-                elif objectives is not None and name not in objectives:
-                    errs.add(f"{path}.objectives[{i}]", f"unknown objective '{name}' "
-                             f"(objectives: {', '.join(objectives)})", "unknown_objective")
-                else:
-                    out.append(name)
-            if len(set(out)) != len(out):
-                errs.add(f"{path}.objectives", "objectives listed twice", "duplicate")
-            kw["objectives"] = tuple(out)
-    ranges = {"n_trees": (1, 10_000, True), "num_leaves": (2, 131_072, True), "learning_rate": (0, 10, False),
-              "min_data_in_leaf": (1, 10 ** 9, True), "seed": (0, 2 ** 31, True), "fit_fraction": (0, 1, False)}
-    for key, (lo, hi, integer) in ranges.items():
-        if d.get(key) is not None:
-            v = as_number(errs, d[key], f"{path}.{key}", lo=lo, hi=hi, integer=integer,
-                          lo_open=key in ("learning_rate", "fit_fraction"))
-            if v is not None:
-                kw[key] = v
     if d.get("column") is not None:
         col = as_str(errs, d["column"], f"{path}.column", pattern=NAME_RE)
         if col:

@@ -21,6 +21,7 @@ Train config format::
                threads: 2, max_rows: null}
     registry: registry
     leaves: {n_trees: 30, num_leaves: 31}   # optional: GBDT leaf ids as id_list column(s) (ranking/leaves.py)
+    distill: {alpha: 0.5, folds: 5}         # optional: soft targets from a LightGBM teacher (ranking/distill.py)
 
 Determinism: one ``seed`` sets numpy/torch/python RNGs and the per-epoch shuffles.
 Dropped rows (missing or invalid labels) are counted and printed by reason — never silently.
@@ -43,7 +44,7 @@ from strategy.errors import Errors, FieldError, ValidationError, join_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOP_KEYS = ("name", "data", "features", "objectives", "labels", "loss_weights", "model", "training", "registry",
-            "leaves")
+            "leaves", "distill")
 DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "test_fraction")
 LOADERS = ("table", "sim", "kuairand")
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "embedding_lr", "weight_decay", "patience", "seed", "threads",
@@ -89,6 +90,7 @@ class TrainConfig:
     source: str | None = None
     lines: dict = field(default_factory=dict, repr=False, compare=False)
     leaves: object | None = None   # ranking.leaves.LeavesConfig: GBDT leaf ids as an id_list column
+    distill: object | None = None  # ranking.distill.DistillConfig: soft targets from a LightGBM teacher
 
     def error(self, path: str, message: str, code: str) -> FieldError:
         from strategy.errors import _line_for
@@ -207,24 +209,17 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
     if t.get("refit") is not None and as_bool(errs, t["refit"], "training.refit") is not None:
         tk["refit"] = t["refit"]
     registry = as_str(errs, obj.get("registry", "registry"), "registry") or "registry"
-    leaves = None
+    leaves = distill = None
     if obj.get("leaves") is not None:
         from .leaves import leaves_config_from_dict
 
-        names = [o.name for o in objectives] if objectives else None
-        leaves = leaves_config_from_dict(errs, obj["leaves"], "leaves", names)
-        if leaves is not None and objectives:
-            types = {o.name: o.type for o in objectives}
-            chosen = leaves.objectives or tuple(k for k, t in types.items() if t == "binary")
-            if not chosen:
-                errs.add("leaves.objectives", "no binary objective to fit the GBDT leaves on", "required")
-            for i, k in enumerate(leaves.objectives or ()):
-                if types.get(k) != "binary":
-                    errs.add(f"leaves.objectives[{i}]", f"objective '{k}' is a {types.get(k)}; GBDT leaves "
-                             "fit binary objectives only", "invalid")
-            import dataclasses
+        leaves = _binary_section(errs, "leaves", "GBDT leaves", objectives, leaves_config_from_dict(
+            errs, obj["leaves"], "leaves", [o.name for o in objectives] if objectives else None))
+    if obj.get("distill") is not None:
+        from .distill import distill_config_from_dict
 
-            leaves = dataclasses.replace(leaves, objectives=tuple(chosen))
+        distill = _binary_section(errs, "distill", "the distillation teacher", objectives, distill_config_from_dict(
+            errs, obj["distill"], "distill", [o.name for o in objectives] if objectives else None))
     try:
         errs.raise_if_any(source, lines)
     except ValidationError as exc:
@@ -232,8 +227,26 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
     if external:
         raise ValidationError(external)
     cfg = TrainConfig(name, data_cfg, _resolve(features, base), objectives, model, TrainingConfig(**tk),
-                      registry, source, dict(lines or {}), leaves)
+                      registry, source, dict(lines or {}), leaves, distill)
     return cfg
+
+
+def _binary_section(errs: Errors, section: str, what: str, objectives, cfg):
+    """A ``leaves`` / ``distill`` config with its objectives resolved: the listed ones (each must be
+    binary) or, when none are listed, every binary objective of the config."""
+    if cfg is None or not objectives:
+        return cfg
+    import dataclasses
+
+    types = {o.name: o.type for o in objectives}
+    chosen = cfg.objectives or tuple(k for k, t in types.items() if t == "binary")
+    if not chosen:
+        errs.add(f"{section}.objectives", f"no binary objective to fit {what} on", "required")
+    for i, k in enumerate(cfg.objectives or ()):
+        if types.get(k) != "binary":
+            errs.add(f"{section}.objectives[{i}]", f"objective '{k}' is a {types.get(k)}; {what} "
+                     "fits binary objectives only", "invalid")
+    return dataclasses.replace(cfg, objectives=tuple(chosen))
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
@@ -399,11 +412,15 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
         raise ValidationError([FieldError("data", "no rows left for training/validation after the split",
                                           "empty", cfg.source)])
     leaves = None
+    columns_in = dense_columns or [f.column for f in spec.dense]   # the GBDTs' inputs
     if cfg.leaves is not None:
-        columns_in = dense_columns or [f.column for f in spec.dense]
         leaves = fit_leaves(cfg, splits["train"][0], splits["train"][1], columns_in, log)
         splits = {s: (leaves.add_column(v[0]), v[1]) if v else None for s, v in splits.items()}
         desc["leaves"] = {"fit_rows": leaves.fit_rows, "trees": leaves.max_len, "column": leaves.column}
+    if cfg.distill is not None:
+        teacher, y_soft = fit_teacher(cfg, splits["train"], splits["valid"], columns_in, log)
+        splits["train"] = (splits["train"][0], y_soft)
+        desc["distill"] = teacher.describe()
     encoder.fit(splits["train"][0])
     enc = {s: (encoder.transform(v[0]), v[1]) if v else (None, None) for s, v in splits.items()}
     desc.update({f"{s}_rows": (len(v[0]) if v else 0) for s, v in splits.items()})
@@ -465,6 +482,27 @@ def fit_leaves(cfg: TrainConfig, frame: pd.DataFrame, y: np.ndarray, feature_col
         f"{leaves.fit_rows:,} of {len(frame):,} training rows, {len(feature_columns)} columns "
         f"({time.perf_counter() - t0:.1f}s)")
     return leaves
+
+
+def fit_teacher(cfg: TrainConfig, train: tuple, valid: tuple, feature_columns, log=print):
+    """Fit the config's :class:`ranking.distill.Teacher` on the training rows (early stopping on the
+    validation rows); ``train`` / ``valid``: ``(frame, raw labels in cfg.objectives order)``. Returns the
+    teacher and the training labels with its objectives' columns softened (the others unchanged)."""
+    from .distill import Teacher
+
+    t0 = time.perf_counter()
+    dc = cfg.distill
+    names = [o.name for o in cfg.objectives]
+    idx = [names.index(k) for k in dc.objectives]
+    teacher = Teacher.from_config(dc, dc.objectives, feature_columns)
+    teacher.fit(train[0], train[1][:, idx], valid[0], valid[1][:, idx])
+    y = np.array(train[1], dtype=np.float64)
+    y[:, idx] = teacher.soft_targets(train[1][:, idx])
+    log(f"distill: LightGBM teacher on {len(train[0]):,} training rows, {len(feature_columns)} columns, "
+        f"rounds {teacher.rounds_}, out-of-fold AUC "
+        + ", ".join(f"{k} {v:.4f}" for k, v in teacher.oof_auc_.items())
+        + f"; targets = {dc.alpha:g} x label + {1 - dc.alpha:g} x teacher ({time.perf_counter() - t0:.1f}s)")
+    return teacher, y
 
 
 # ---------------------------------------------------------------- metrics

@@ -119,6 +119,40 @@ def as_str(
     return value
 
 
+def as_names(errs: Errors, value, path: str, allowed=None, what: str = "name", max_len: int = 100) -> tuple | None:
+    """A non-empty list of distinct strings, each one of ``allowed`` when given (an unknown one is an
+    error naming ``path[i]`` and the allowed values); None when invalid."""
+    names = as_list(errs, value, path, max_len=max_len)
+    if names is None:
+        return None
+    before = len(errs.items)
+    if not names:
+        errs.add(path, f"at least one {what} is required", "required")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            errs.add(f"{path}[{i}]", f"expected {'an' if what[:1] in 'aeiou' else 'a'} {what}, got {type_name(name)}",
+                     "type")
+        elif allowed is not None and name not in allowed:
+            errs.add(f"{path}[{i}]", f"unknown {what} '{name}'{did_you_mean(name, list(allowed))} "
+                     f"(allowed: {', '.join(allowed)})", f"unknown_{what.replace(' ', '_')}")
+    if len(set(map(str, names))) != len(names):
+        errs.add(path, f"{what}s listed twice", "duplicate")
+    return tuple(names) if len(errs.items) == before else None
+
+
+def as_numbers(errs: Errors, obj: dict, path: str, ranges: dict) -> dict:
+    """The numbers of ``obj`` that ``ranges`` names, each checked by :func:`as_number`:
+    ``{key: (lo, hi, integer, lo_open)}``; absent or null keys are left out, bad ones reported."""
+    out = {}
+    for key, (lo, hi, integer, lo_open) in ranges.items():
+        if obj.get(key) is not None:
+            v = as_number(errs, obj[key], join_path(path, key) if path else key, lo=lo, hi=hi, integer=integer,
+                          lo_open=lo_open)
+            if v is not None:
+                out[key] = v
+    return out
+
+
 def as_bool(errs: Errors, value, path: str) -> bool | None:
     """A YAML boolean; anything else (``"yes"``, 1) is an error naming ``path``."""
     if not isinstance(value, bool):
