@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+import orjson
+
 from strategy.errors import FieldError, ValidationError, did_you_mean
 
 log = logging.getLogger("stratarank.bus")
@@ -817,23 +819,16 @@ class EmbeddedBus(EventBus):
 
 
 def _decode_values(raw: list) -> list:
-    """JSON objects of ``raw`` values (None where one is not a JSON object); one parse per batch."""
-    if not raw:
-        return []
-    if all(v[:1] == b"{" and v[-1:] == b"}" for v in raw):
-        try:
-            values = json.loads(b"[" + b",".join(raw) + b"]")
-            if len(values) == len(raw):
-                return [v if type(v) is dict else None for v in values]
-        except ValueError:
-            pass
+    """JSON objects of ``raw`` values (None where one is not a JSON object), each parsed on its own
+    (orjson: strict RFC 8259, so ``NaN`` literals, which the producers never write, are not objects)."""
     out = []
-    for value in raw:  # a bad record somewhere: one at a time
+    append, loads = out.append, orjson.loads
+    for value in raw:
         try:
-            v = json.loads(value)
-        except ValueError:
+            v = loads(value)
+        except orjson.JSONDecodeError:
             v = None
-        out.append(v if type(v) is dict else None)
+        append(v if type(v) is dict else None)
     return out
 
 
@@ -908,6 +903,7 @@ class EmbeddedConsumer(Consumer):
 
     def _read_some(self, max_records: int) -> list[Record]:
         out: list[Record] = []
+        append, new = out.append, tuple.__new__   # a Record without its Python-level __new__ (hot loop)
         n = len(self.topics)
         for i in range(n):
             if len(out) >= max_records:
@@ -920,7 +916,7 @@ class EmbeddedConsumer(Consumer):
                 if obj is None:
                     log.warning("embedded log %s: record at %d is not a JSON object; skipped", topic, fpos)
                     continue
-                out.append(Record(topic, 0, fpos, fnext, key.decode() if key else None, obj, ts))
+                append(new(Record, (topic, 0, fpos, fnext, key.decode() if key else None, obj, ts)))
             if frames:
                 self._polled[(topic, 0)] = pos
         self._next_topic = (self._next_topic + 1) % max(n, 1)
@@ -1294,6 +1290,13 @@ def _fast_partition_records():
         def _maybe_skip_record(self, record):
             return record[0] < self.fetch_offset   # records before the fetch offset (mid-batch fetch)
 
+        def take(self, n=None):
+            # the position after the last record handed out, set once per take, not once per record
+            records = super().take(n)
+            if records and records[-1][0] + 1 > self.next_fetch_offset:
+                self.next_fetch_offset = records[-1][0] + 1
+            return records
+
         def _unpack_records(self, tp, records, key_deserializer, value_deserializer):
             if key_deserializer is not None or value_deserializer is not None:
                 for r in super()._unpack_records(tp, records, key_deserializer, value_deserializer):
@@ -1340,6 +1343,8 @@ def _fast_partition_records():
                     base_offset, first_ts, max_ts = head[0], head[7], head[8]
                     ts_type = 1 if head[5] & 0x08 else 0
                     end = len(buf)
+                    self.records_read += head[12]   # fetch metrics, counted per batch
+                    self.bytes_read += end - pos
                     try:
                         for _ in range(head[12]):
                             b = buf[pos]  # record length
@@ -1377,7 +1382,7 @@ def _fast_partition_records():
                             else:
                                 klen, pos = varint(buf, pos)
                             if klen >= 0:
-                                key = bytes(buf[pos:pos + klen])
+                                key = buf[pos:pos + klen]   # a bytearray slice: one copy
                                 pos += klen
                             else:
                                 key = None
@@ -1390,7 +1395,7 @@ def _fast_partition_records():
                             else:
                                 vlen, pos = varint(buf, pos)
                             if vlen >= 0:
-                                value = bytes(buf[pos:pos + vlen])
+                                value = buf[pos:pos + vlen]
                                 pos += vlen
                             else:
                                 value = None
@@ -1414,9 +1419,6 @@ def _fast_partition_records():
                                     f"Invalid record size: expected to read {length} bytes in record payload, "
                                     f"but instead read {pos - start}")
                             offset = base_offset + off_delta
-                            self.records_read += 1
-                            self.bytes_read += length
-                            self.next_fetch_offset = offset + 1
                             yield offset, max_ts if ts_type else first_ts + ts_delta, key, value
                     except (ValueError, IndexError) as err:
                         raise Errors.CorruptRecordError(f"Found invalid record structure: {err!r}") from None

@@ -136,6 +136,7 @@ def dedupe_key(rec: dict) -> str | None:
 
 
 _MISSING = object()
+_INF = math.inf
 
 
 def _fast_id(value):
@@ -150,7 +151,7 @@ def normalise(rec) -> tuple | None:
         return None
     get = rec.get
     ts = get("ts")
-    ts = ts if type(ts) is float and 0.0 <= ts < math.inf else _ts(ts)
+    ts = ts if type(ts) is float and 0.0 <= ts < _INF else _ts(ts)
     user = get("user_id")
     if type(user) is not str or not 0 < len(user) <= 256:
         user = _id(user)

@@ -67,3 +67,13 @@ def test_a_corrupt_batch_is_refused_like_kafka_python_refuses_it():
         decode(FAST, bytes(data))
     with pytest.raises(CorruptRecordError):
         stock(bytes(data))
+
+
+def test_each_value_is_parsed_on_its_own():
+    """Values that only form valid JSON when joined (a string opened in one record and closed in the
+    next) must not shift the other records' values; non-objects and NaN literals are not objects."""
+    from online.bus import _decode_values
+
+    assert _decode_values([b'{"a":"}', b'{"}', b'{"b":1},{"c":2}']) == [None, None, None]
+    raw = [bytearray(b'{"ok": true}'), b"[1]", b'{"x": NaN}', b"", b"{", b'{"u": "\xc3\xa9"}']
+    assert _decode_values(raw) == [{"ok": True}, None, None, None, None, {"u": "\u00e9"}]
