@@ -133,7 +133,8 @@ class TorchRecRanker:
     columns in ``objectives`` order. ``optional``: a failure leaves its column out with a note.
     A config with a ``leaves:`` section first fits its GBDT leaf model (``ranking.train.fit_leaves``) on the
     training part only (``leaf_columns``: the trees' inputs, the data set's ``dense_columns``) and adds the
-    leaf-id column to every frame it encodes.
+    leaf-id column to every frame it encodes. A ``distill:`` section softens the training part's targets
+    with a LightGBM teacher's out-of-fold probabilities (``ranking.train.fit_teacher``, the same columns).
     """
 
     optional = True
@@ -148,6 +149,8 @@ class TorchRecRanker:
         self.name = name or (f"TorchRec {arch.upper()}" if arch else "TorchRec")
         if getattr(self.cfg, "leaves", None) is not None and not name:
             self.name += " + GBDT leaves"
+        if getattr(self.cfg, "distill", None) is not None and not name:
+            self.name += ", distilled"
         self.progress = progress
         self.log = log or (lambda msg: None)
         self.model = None
