@@ -916,7 +916,7 @@ class EmbeddedConsumer(Consumer):
                 if obj is None:
                     log.warning("embedded log %s: record at %d is not a JSON object; skipped", topic, fpos)
                     continue
-                append(new(Record, (topic, 0, fpos, fnext, key.decode() if key else None, obj, ts)))
+                append(new(Record, (topic, 0, fpos, fnext, key.decode("utf-8", "replace") if key else None, obj, ts)))
             if frames:
                 self._polled[(topic, 0)] = pos
         self._next_topic = (self._next_topic + 1) % max(n, 1)
@@ -1477,8 +1477,8 @@ class KafkaConsumerAdapter(Consumer):
                     self.invalid += 1
                     log.warning("kafka %s[%d]@%d: not a JSON object; skipped", topic, partition, offset)
                 else:
-                    append(new(Record, (topic, partition, offset, offset + 1, key.decode() if key else None, value,
-                                        ts / 1000.0)))
+                    append(new(Record, (topic, partition, offset, offset + 1,
+                                        key.decode("utf-8", "replace") if key else None, value, ts / 1000.0)))
             self._polled[(topic, partition)] = recs[-1][0] + 1
         return out
 

@@ -103,3 +103,25 @@ def test_publish_rejects_bad_records_before_spooling(kafka_broker, tmp_path):
         assert bus.producer.pending() == 0
     finally:
         bus.close()
+
+
+def test_foreign_records_are_skipped_and_counted_never_fatal(kafka_broker, tmp_path):
+    """Another producer on the topic: values that are not JSON objects are skipped and counted, a key
+    that is not UTF-8 is decoded with replacement characters; the good records around them arrive."""
+    from kafka import KafkaProducer
+
+    topic = f"t_{uuid.uuid4().hex[:8]}"
+    raw = KafkaProducer(bootstrap_servers=kafka_broker)
+    for key, value in [(b"u1", b'{"n": 1}'), (b"\xffu", b'{"n": 2}'), (b"u1", b"not json"), (b"u1", b"[1, 2]"),
+                       (b"u1", None), (b"u1", b'{"n": 3, "x": NaN}'), (b"u1", b'{"n": 4}')]:
+        raw.send(topic, key=key, value=value, partition=0)
+    raw.flush(30)
+    raw.close()
+    bus = open_bus(f"kafka://{kafka_broker}", spool_dir=str(tmp_path / "spool"))
+    try:
+        c = bus.consumer(f"g_{uuid.uuid4().hex[:8]}", [topic])
+        got = drain(c, 3)
+        assert [(r.key, r.value["n"]) for r in got] == [("u1", 1), ("\ufffdu", 2), ("u1", 4)]
+        assert c.invalid == 4 and got[-1].next_offset == 7
+    finally:
+        bus.close()

@@ -190,6 +190,16 @@ def test_one_process_per_consumer_name(tmp_path):
                 bus.consumer("a", ["events"])
 
 
+def test_foreign_frames_are_skipped_or_decoded_never_fatal(tmp_path):
+    """Frames another writer put in the log: a value that is not a JSON object is skipped, a key that
+    is not UTF-8 is decoded with replacement characters."""
+    with open_bus(f"embedded://{tmp_path}") as bus:
+        bus.publish_encoded("events", [(b"u1", b'{"n": 1}'), (b"\xffu", b'{"n": 2}'), (b"u1", b"[1]"),
+                                       (b"u1", b'{"n": NaN}'), (b"", b'{"n": 3}')])
+        with bus.consumer("c", ["events"]) as c:
+            assert [(r.key, r.value["n"]) for r in drain(c)] == [("u1", 1), ("\ufffdu", 2), (None, 3)]
+
+
 def test_a_consumer_that_never_committed_leaves_no_file_behind(tmp_path):
     """Scorer workers follow the log under a name per pid and never commit: nothing may pile up."""
     cdir = tmp_path / "consumers"
