@@ -294,6 +294,26 @@ def item_meta(metas: dict, item, creator, topic, etype):
     return etype, creator, topic
 
 
+def bump(table: dict, entity: str, name: str, ts: float, w: float, half: float) -> None:
+    """Add ``w`` at time ``ts`` to ``table[entity][name]`` = [total, decayed, time] (decayed with half-life
+    ``half``; a late record decays itself to the counter's time): the one counter update of both stores."""
+    counters = table.get(entity)
+    if counters is None:
+        table[entity] = {name: [w, w, ts]}
+        return
+    c = counters.get(name)
+    if c is None:
+        counters[name] = [w, w, ts]
+        return
+    c[0] += w
+    t = c[2]
+    if ts >= t:
+        c[1] = c[1] * 2.0 ** (-(ts - t) / half) + w
+        c[2] = ts
+    else:
+        c[1] += w * 2.0 ** (-(t - ts) / half)
+
+
 def _ts_item(kv):
     return kv[1], kv[0]
 
@@ -336,23 +356,6 @@ class MemoryStore(FeatureStore):
         if self.snapshot_path is not None and self.snapshot_path.exists():
             self._restore(self.snapshot_path)
 
-    def _bump(self, table: dict, entity: str, name: str, ts: float, w: float) -> None:
-        counters = table.get(entity)
-        if counters is None:
-            table[entity] = {name: [w, w, ts]}
-            return
-        c = counters.get(name)
-        if c is None:
-            counters[name] = [w, w, ts]
-            return
-        c[0] += w
-        t = c[2]
-        if ts >= t:
-            c[1] = c[1] * 2.0 ** (-(ts - t) / self._half) + w
-            c[2] = ts
-        else:
-            c[1] += w * 2.0 ** (-(t - ts) / self._half)
-
     def apply(self, batch: list[dict]) -> int:
         new = 0
         with self._write_lock:
@@ -377,7 +380,6 @@ class MemoryStore(FeatureStore):
         seen, expiry = self.seen, time.time() + opts.dedupe_ttl_s
         aff_w, keep, half = opts.affinity, opts.recent_items, self._half
         items, creators, metas, recents, affinities = self.items, self.creators, self.meta, self.recent, self.affinity
-        bump = self._bump
         new = invalid = dups = 0
         for raw in batch:
             rec = normalise(raw)
@@ -391,7 +393,8 @@ class MemoryStore(FeatureStore):
             seen[key] = expiry
             new += 1
             name, creator, topic = item_meta(metas, item, creator, topic, etype)
-            # the item's counter, inlined (the hot path); the others through _bump
+            # bump(items, item, name, ts, 1.0, half), inlined: every record takes this path and the call costs
+            # ~0.1 us of the ~3.7 us a record takes here (the Redis path, bound by its server, calls it)
             counters = items.get(item)
             if counters is None:
                 items[item] = {name: [1.0, 1.0, ts]}
@@ -409,14 +412,14 @@ class MemoryStore(FeatureStore):
                         c[1] += 2.0 ** (-(t - ts) / half)
             if etype is None:
                 if creator is not None:
-                    bump(creators, creator, IMPRESSIONS, ts, 1.0)
+                    bump(creators, creator, IMPRESSIONS, ts, 1.0, half)
                 continue
             if value is not None:
-                bump(items, item, etype + "_sum", ts, value)
+                bump(items, item, etype + "_sum", ts, value, half)
             if creator is not None:
-                bump(creators, creator, etype, ts, 1.0)
+                bump(creators, creator, etype, ts, 1.0, half)
                 if value is not None:
-                    bump(creators, creator, etype + "_sum", ts, value)
+                    bump(creators, creator, etype + "_sum", ts, value, half)
             w = aff_w.get(etype)
             if w is None:
                 continue
@@ -844,48 +847,17 @@ class RedisStore(FeatureStore):
         affinity: dict = {}
         unresolved = []
 
-        def bump(table, entity, name, ts, w):
-            row = table.get(entity)
-            if row is None:
-                table[entity] = {name: [w, w, ts]}
-                return
-            c = row.get(name)
-            if c is None:
-                row[name] = [w, w, ts]
-                return
-            c[0] += w
-            t = c[2]
-            if ts >= t:
-                c[1] = c[1] * 2.0 ** (-(ts - t) / half) + w
-                c[2] = ts
-            else:
-                c[1] += w * 2.0 ** (-(t - ts) / half)
-
         for key, ts, user, item, creator, topic, etype, value in recs:
             name, creator, topic = item_meta(meta, item, creator, topic, etype)
-            row = item_c.get(item)  # the item's counter, inlined (every record has one)
-            if row is None:
-                item_c[item] = {name: [1.0, 1.0, ts]}
-            else:
-                c = row.get(name)
-                if c is None:
-                    row[name] = [1.0, 1.0, ts]
-                else:
-                    c[0] += 1.0
-                    t = c[2]
-                    if ts >= t:
-                        c[1] = c[1] * 2.0 ** (-(ts - t) / half) + 1.0
-                        c[2] = ts
-                    else:
-                        c[1] += 2.0 ** (-(t - ts) / half)
+            bump(item_c, item, name, ts, 1.0, half)
             if etype is None:
                 if creator is not None:
-                    bump(creator_c, creator, IMPRESSIONS, ts, 1.0)
+                    bump(creator_c, creator, IMPRESSIONS, ts, 1.0, half)
                 else:
                     unresolved.append([item, user, IMPRESSIONS, ts, False, "", "", False])
                 continue
             if value is not None:
-                bump(item_c, item, etype + "_sum", ts, value)
+                bump(item_c, item, etype + "_sum", ts, value, half)
             w = aff_w.get(etype)
             if w is not None and w > 0:
                 r = recent.get(user)
@@ -897,9 +869,9 @@ class RedisStore(FeatureStore):
                 unresolved.append([item, user, etype, ts, False if value is None else value, creator or "",
                                    topic or "", False if w is None else w])
                 continue
-            bump(creator_c, creator, etype, ts, 1.0)
+            bump(creator_c, creator, etype, ts, 1.0, half)
             if value is not None:
-                bump(creator_c, creator, etype + "_sum", ts, value)
+                bump(creator_c, creator, etype + "_sum", ts, value, half)
             if w is not None:
                 a = affinity.get(user)
                 if a is None:

@@ -178,15 +178,14 @@ class TorchRecRanker:
             parts.append((frame.loc[keep].reset_index(drop=True) if not keep.all() else frame.reset_index(drop=True),
                           y[keep]))
         spec = load_feature_spec(cfg.features)
+        columns_in = self.leaf_columns or [f.column for f in spec.dense]   # the GBDTs' inputs
         if getattr(cfg, "leaves", None) is not None:
             # GBDT leaf ids (ranking/leaves.py), fitted on the training part only (never the validation rows)
             tr.leaves_feature_check(cfg, spec)
-            columns_in = self.leaf_columns or [f.column for f in spec.dense]
             self.leaves = tr.fit_leaves(cfg, parts[0][0], parts[0][1], columns_in, self.log)
             parts = [(self.leaves.add_column(f), y) for f, y in parts]
         if getattr(cfg, "distill", None) is not None:
             # soft targets from a LightGBM teacher (ranking/distill.py) for the training part only
-            columns_in = self.leaf_columns or [f.column for f in spec.dense]
             parts[0] = (parts[0][0], tr.fit_teacher(cfg, parts[0], parts[1], columns_in, self.log)[1])
         self.encoder = FeatureEncoder(spec).fit(parts[0][0])
         prep = tr.Prepared(self.encoder, cfg.objectives, self.encoder.transform(parts[0][0]),

@@ -14,3 +14,29 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def feed_yaml() -> Path:
     return ROOT / "conf" / "objectives" / "feed.yaml"
+
+
+@pytest.fixture
+def small_train_config(tmp_path):
+    """``write(spec, rows=1500, name="small", **sections) -> (impressions frame, train config path)``: synthetic
+    impressions and a tiny MMoE train config (click, like, watch_time) in ``tmp_path``; ``sections`` add or
+    replace top keys (``leaves=...``, ``distill=...``)."""
+    import json
+
+    from ranking.train import synthetic_impressions
+
+    def write(spec: dict, rows: int = 1500, name: str = "small", **sections):
+        df = synthetic_impressions(rows, seed=2)
+        df.to_parquet(tmp_path / "imp.parquet")
+        (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+        cfg = {"name": name, "data": {"loader": "table", "path": str(tmp_path / "imp.parquet")},
+               "features": str(tmp_path / "spec.yaml"),
+               "objectives": {"click": {"type": "binary"}, "like": {"type": "binary"},
+                              "watch_time": {"type": "regression", "transform": "log1p"}},
+               "model": {"arch": "mmoe", "expert": [8], "num_experts": 2, "tower": [4]},
+               "training": {"epochs": 2, "batch_size": 128, "threads": 1}, "registry": str(tmp_path / "reg"),
+               **sections}
+        (tmp_path / "train.yaml").write_text(json.dumps(cfg))
+        return df, tmp_path / "train.yaml"
+
+    return write

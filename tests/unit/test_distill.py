@@ -1,7 +1,5 @@
 """Distillation from a LightGBM teacher (ranking/distill.py): out-of-fold soft targets, the ``distill:``
 train config section, and a training run that softens only the training rows' targets."""
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +7,6 @@ import torch
 
 from ranking.distill import Teacher
 from ranking.metrics import auc
-from ranking.train import synthetic_impressions
 from strategy.errors import ValidationError
 
 torch.set_num_threads(1)
@@ -58,21 +55,6 @@ def test_soft_targets_mix_labels_and_teacher():
     assert d["alpha"] == 0.3 and set(d["rounds"]) == {"click", "like"} and set(d["oof_auc"]) == {"click", "like"}
 
 
-def _config(tmp_path, distill):
-    df = synthetic_impressions(1500, seed=2)
-    df.to_parquet(tmp_path / "imp.parquet")
-    (tmp_path / "spec.yaml").write_text(json.dumps(SPEC))
-    cfg = {"name": "kd", "data": {"loader": "table", "path": str(tmp_path / "imp.parquet")},
-           "features": str(tmp_path / "spec.yaml"),
-           "objectives": {"click": {"type": "binary"}, "like": {"type": "binary"},
-                          "watch_time": {"type": "regression", "transform": "log1p"}},
-           "model": {"arch": "mmoe", "expert": [8], "num_experts": 2, "tower": [4]},
-           "training": {"epochs": 2, "batch_size": 128, "threads": 1}, "registry": str(tmp_path / "reg"),
-           "distill": distill}
-    (tmp_path / "train.yaml").write_text(json.dumps(cfg))
-    return tmp_path / "train.yaml"
-
-
 @pytest.mark.parametrize("distill, path, words", [
     ({"alpah": 0.5}, "distill.alpah", ["alpha"]),
     ({"alpha": 1.5}, "distill.alpha", ["[0, 1]"]),
@@ -83,23 +65,24 @@ def _config(tmp_path, distill):
     ({"objectives": ["click", "click"]}, "distill.objectives", ["twice"]),
     ("yes", "distill", []),
 ])
-def test_distill_section_is_validated(tmp_path, distill, path, words):
+def test_distill_section_is_validated(small_train_config, distill, path, words):
     from ranking.train import load_train_config
 
     with pytest.raises(ValidationError) as exc:
-        load_train_config(_config(tmp_path, distill))
+        load_train_config(small_train_config(SPEC, name="kd", distill=distill)[1])
     errors = {e.path: e.message for e in exc.value.errors}
     assert path in errors, errors
     for w in words:
         assert w in errors[path], errors[path]
 
 
-def test_training_softens_only_the_training_targets(tmp_path):
+def test_training_softens_only_the_training_targets(tmp_path, small_train_config):
     from ranking.registry import load_model
     from ranking.train import load_train_config, prepare, train_from_config
 
-    cfg = load_train_config(_config(tmp_path, {"alpha": 0.25, "folds": 3, "max_rounds": 40,
-                                               "early_stopping_rounds": 10}))
+    _, path = small_train_config(SPEC, name="kd", distill={"alpha": 0.25, "folds": 3, "max_rounds": 40,
+                                                           "early_stopping_rounds": 10})
+    cfg = load_train_config(path)
     assert cfg.distill.objectives == ("click", "like")             # default: the binary objectives
     lines = []
     prep = prepare(cfg, log=lines.append)

@@ -1,8 +1,6 @@
 """GBDT leaf features (ranking/leaves.py): fit/transform/save/load, the ``leaves:`` train config section,
 and no train/serve skew: training, the registry round trip (weights_only) and the online ranker's
 plain-column path give the same leaf ids and the same predictions."""
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -119,22 +117,6 @@ def test_earliest_fraction_by_time():
     assert earliest(df, 1.0).all()
 
 
-def _config(tmp_path, leaves, spec=SPEC, epochs=2):
-    df = synthetic_impressions(1200, seed=2)
-    df.to_parquet(tmp_path / "imp.parquet")
-    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
-    cfg = {"name": "hyb", "data": {"loader": "table", "path": str(tmp_path / "imp.parquet")},
-           "features": str(tmp_path / "spec.yaml"),
-           "objectives": {"click": {"type": "binary"}, "like": {"type": "binary"},
-                          "watch_time": {"type": "regression", "transform": "log1p"}},
-           "model": {"arch": "mmoe", "expert": [8], "num_experts": 2, "tower": [4]},
-           "training": {"epochs": epochs, "batch_size": 128, "threads": 1}, "registry": str(tmp_path / "reg")}
-    if leaves is not None:
-        cfg["leaves"] = leaves
-    (tmp_path / "train.yaml").write_text(json.dumps(cfg))
-    return df, tmp_path / "train.yaml"
-
-
 @pytest.mark.parametrize("leaves, path, words", [
     ({"n_tree": 5}, "leaves.n_tree", ["n_trees"]),
     ({"n_trees": 0}, "leaves.n_trees", ["[1, 10000]"]),
@@ -146,10 +128,10 @@ def _config(tmp_path, leaves, spec=SPEC, epochs=2):
     ({"scores": 1}, "leaves.scores", ["true or false"]),
     ("yes", "leaves", []),
 ])
-def test_leaves_section_is_validated(tmp_path, leaves, path, words):
+def test_leaves_section_is_validated(small_train_config, leaves, path, words):
     from ranking.train import load_train_config
 
-    _, cfg_path = _config(tmp_path, leaves)
+    _, cfg_path = small_train_config(SPEC, rows=1200, name="hyb", leaves=leaves)
     with pytest.raises(ValidationError) as exc:
         load_train_config(cfg_path)
     errors = {e.path: e.message for e in exc.value.errors}
@@ -158,21 +140,22 @@ def test_leaves_section_is_validated(tmp_path, leaves, path, words):
         assert w in errors[path], errors[path]
 
 
-def test_spec_must_read_the_leaf_column(tmp_path):
+def test_spec_must_read_the_leaf_column(small_train_config):
     from ranking.train import load_train_config, prepare
 
     spec = {"name": "t", "features": SPEC["features"][:-1]}
-    _, cfg_path = _config(tmp_path, {"n_trees": 5}, spec=spec)
+    _, cfg_path = small_train_config(spec, rows=1200, name="hyb", leaves={"n_trees": 5})
     with pytest.raises(ValidationError) as exc:
         prepare(load_train_config(cfg_path), log=lambda *a: None)
     assert [e.path for e in exc.value.errors] == ["leaves.column"]
     short = {"name": "t", "features": SPEC["features"][:-1] + [dict(SPEC["features"][-1], max_len=8)]}
-    _, cfg_path = _config(tmp_path, {"n_trees": 5}, spec=short)
+    _, cfg_path = small_train_config(short, rows=1200, name="hyb", leaves={"n_trees": 5})
     with pytest.raises(ValidationError) as exc:
         prepare(load_train_config(cfg_path), log=lambda *a: None)
     assert [e.path for e in exc.value.errors] == ["leaves.n_trees"]
     # per_objective: one id_list per objective; scores: a dense feature per objective
-    _, cfg_path = _config(tmp_path, {"n_trees": 5, "per_objective": True, "scores": True}, spec=SPEC)
+    _, cfg_path = small_train_config(SPEC, rows=1200, name="hyb",
+                                     leaves={"n_trees": 5, "per_objective": True, "scores": True})
     with pytest.raises(ValidationError) as exc:
         prepare(load_train_config(cfg_path), log=lambda *a: None)
     errors = [(e.path, e.message) for e in exc.value.errors]
@@ -180,7 +163,8 @@ def test_spec_must_read_the_leaf_column(tmp_path):
     assert "gbdt_leaves_click" in errors[0][1] and "gbdt_score_like" in errors[3][1]
     bad = {"name": "t", "features": [dict(f, type="id_list", max_len=4, dim=4) if f["name"] == "gbdt_score_like"
                                      else f for f in SPEC_SPLIT["features"]]}
-    _, cfg_path = _config(tmp_path, {"n_trees": 5, "per_objective": True, "scores": True}, spec=bad)
+    _, cfg_path = small_train_config(bad, rows=1200, name="hyb",
+                                     leaves={"n_trees": 5, "per_objective": True, "scores": True})
     with pytest.raises(ValidationError) as exc:
         prepare(load_train_config(cfg_path), log=lambda *a: None)
     assert [e.path for e in exc.value.errors] == ["leaves.scores"]
@@ -191,7 +175,7 @@ def test_spec_must_read_the_leaf_column(tmp_path):
     ({"per_objective": True, "scores": True}, SPEC_SPLIT,
      ["gbdt_leaves_click", "gbdt_leaves_like", "gbdt_score_click", "gbdt_score_like"]),
 ])
-def test_train_register_serve_without_skew(tmp_path, extra, spec, added):
+def test_train_register_serve_without_skew(tmp_path, small_train_config, extra, spec, added):
     """Training, ``load_model`` (weights_only) and the scorer's plain-column path predict the same."""
     from online.predictor import RequestRows, TorchRecRanker
     from ranking.models import build_model, to_natural
@@ -199,8 +183,8 @@ def test_train_register_serve_without_skew(tmp_path, extra, spec, added):
     from ranking.train import (fit, load_train_config, predict_outputs, prepare, seed_everything,
                                train_from_config)
 
-    df, cfg_path = _config(tmp_path, {"n_trees": 5, "num_leaves": 7, "min_data_in_leaf": 20, "fit_fraction": 0.7,
-                                      **extra}, spec=spec)
+    df, cfg_path = small_train_config(spec, rows=1200, name="hyb", leaves={
+        "n_trees": 5, "num_leaves": 7, "min_data_in_leaf": 20, "fit_fraction": 0.7, **extra})
     cfg = load_train_config(cfg_path)
     assert cfg.leaves.objectives == ("click", "like")            # default: the binary objectives
     lines = []
