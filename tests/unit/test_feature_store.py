@@ -130,6 +130,54 @@ def test_snapshot_and_restore_then_a_replay_counts_nothing(tmp_path):
         np.testing.assert_array_equal(a.item(name), b.item(name))
 
 
+def test_a_snapshot_keeps_the_version_1_layout_both_ways(tmp_path):
+    """The JSON of a snapshot is the one the earlier store wrote (per entity [total, decayed, time]
+    lists): an old snapshot restores, and what is written back is the same state."""
+    import json
+
+    path = tmp_path / "features.json"
+    far = time.time() + 86400
+    state = {"version": 1, "written": T0, "half_life_s": H,
+             "items": {"a": {"impressions": [3.0, 2.5, T0], "click": [2.0, 1.5, T0 + H]}},
+             "creators": {"c1": {"click": [2.0, 2.0, T0]}}, "meta": {"a": ["c1", "cats"], "b": [None, "dogs"]},
+             "recent": {"u1": {"a": T0 + H}}, "affinity": {"u1": {"cats": [4.0, T0]}},
+             "seen": {"e:e1": far}, "stats": {"applied": 5, "duplicates": 0, "invalid": 0, "dedupe_evicted": 0}}
+    path.write_text(json.dumps(state))
+    store = open_store(f"memory://{path}", half_life_s=H)
+    f = store.lookup("u1", ["a", "b"], ["c1", None], now=T0 + 2 * H)
+    assert f.item_totals["impressions"].tolist() == [3.0, 0.0] and f.item_totals["click"].tolist() == [2.0, 0.0]
+    assert f.item("click")[0] == pytest.approx(0.75) and f.item("impressions")[0] == pytest.approx(2.5 / 4)
+    assert f.creator("click").tolist() == pytest.approx([0.5, 0.0])
+    assert f.recent_items == ["a"] and f.topic_affinity == {"cats": pytest.approx(1.0)}
+    assert store.apply([ev("e1", "click", "a")]) == 0  # its dedupe key came back too
+    assert store.apply([ev("e2", "click", "b", ts=T0 + 2 * H)]) == 1  # b's topic is known from the snapshot's meta
+    assert store.lookup("u1", [], now=T0 + 2 * H).topic_affinity["dogs"] == pytest.approx(1.0)
+    store.snapshot()
+    again = json.loads(path.read_text())
+    assert again["items"]["a"] == state["items"]["a"] and again["creators"] == state["creators"]
+    assert again["meta"] == state["meta"] and again["affinity"]["u1"]["cats"] == [4.0, T0]
+
+
+def test_the_state_is_invisible_to_the_cyclic_garbage_collector():
+    """Every container of the store holds only strings and numbers: Python's cyclic GC tracks none of
+    them, so a full collection takes as long with a million items as with none (each counter used to
+    be a list, and a full collection walked them all)."""
+    import gc
+
+    store = open_store("memory://")
+    store.apply([imp("r", "i", creator="c", topic="t"), ev("e", "watch", "i", value=1.0)])  # the tables exist
+    gc.collect()
+    before = len(gc.get_objects())
+    n = 3000
+    batch = [imp(f"r{i}", f"i{i}", user=f"u{i}", creator=f"c{i}", topic=f"t{i % 7}") for i in range(n)]
+    batch += [ev(f"e{i}", "watch", f"i{i}", user=f"u{i}", value=2.0) for i in range(n)]
+    assert store.apply(batch) == 2 * n
+    del batch
+    gc.collect()
+    assert len(gc.get_objects()) - before < 20  # the earlier layout: 33k more (~11 per item, creator, user)
+    assert store.lookup("u7", ["i7"], ["c7"], now=T0).item_totals["watch_sum"].tolist() == [2.0]
+
+
 @pytest.mark.parametrize("url, needle", [("memcached://x", "unknown scheme 'memcached'"),
                                          ("redis://h:notaport/0", "bad port"), ("nourl", "expected a URL")])
 def test_bad_store_urls_name_the_field(url, needle):
