@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from online.bus import open_bus, positions_of  # noqa: E402
+from online.bus import open_bus  # noqa: E402
 from online.features import open_store  # noqa: E402
 from online.nearline import synthetic_stream  # noqa: E402
 
@@ -117,14 +117,14 @@ def drain(bus, store, topics, total: int, batch: int, timeout_s: float = 300.0) 
     deadline = time.monotonic() + timeout_s
     try:
         while seen < total and time.monotonic() < deadline:
-            recs = consumer.poll(batch, 0.2)
-            if not recs:
+            got = consumer.poll_batch(batch, 0.2)
+            if not got:
                 continue
             if t0 is None:  # the first poll's group join / wait is not counted; its records are
                 t0, c0, s0 = time.perf_counter(), time.thread_time(), server_cpu(store)
-            store.apply([r.value for r in recs])
-            consumer.commit(positions_of(recs))
-            seen += len(recs)
+            store.apply(got.values)
+            consumer.commit(got)
+            seen += len(got)
         now = time.perf_counter()
         return now - (t0 or now), seen, time.thread_time() - c0, server_cpu(store) - s0
     finally:
@@ -135,6 +135,7 @@ def throughput(bus_kind, store_kind, where, redis_url, n_events, batch, seed) ->
     """(records/s, feedback events/s, feedback events per CPU second of the consumer thread,
     store server CPU microseconds per record)."""
     imps, evs = synthetic_stream(n_events, seed=seed)
+    total = len(imps) + len(evs)
     tag = uuid.uuid4().hex[:8]
     topics = [f"imp_{tag}", f"ev_{tag}"]
     bus = open_bus(where if bus_kind == "embedded" else f"kafka://{where}",
@@ -144,12 +145,13 @@ def throughput(bus_kind, store_kind, where, redis_url, n_events, batch, seed) ->
             bus.publish(topics[0], imps[i:i + 5000])
             bus.publish(topics[1], evs[i:i + 5000])
         bus.flush(300)
+        del imps, evs  # a near-line process does not hold what was published (every full GC would walk it)
         store = open_store_for(store_kind, redis_url)
-        seconds, seen, cpu, server = drain(bus, store, topics, len(imps) + len(evs), batch)
+        seconds, seen, cpu, server = drain(bus, store, topics, total, batch)
         store.close()
     finally:
         bus.close()
-    share = n_events * seen / (len(imps) + len(evs))  # feedback events among the records read
+    share = n_events * seen / total  # feedback events among the records read
     return seen / seconds, share / seconds, share / max(cpu, 1e-9), server / max(seen, 1) * 1e6
 
 
@@ -195,15 +197,15 @@ def lag(bus_kind, store_kind, where, redis_url, rate, seconds, batch) -> tuple[f
     t_end = time.monotonic() + seconds + 5
     try:
         while time.monotonic() < t_end:
-            recs = consumer.poll(batch, 0.05)
-            if not recs:
+            got = consumer.poll_batch(batch, 0.05)
+            if not got:
                 if not proc.is_alive() and len(lags) > 0:
                     break
                 continue
-            store.apply([r.value for r in recs])
+            store.apply(got.values)
             visible = time.time()
-            lags.extend(visible - r.value["pub_ts"] for r in recs if "pub_ts" in r.value)
-            consumer.commit(recs)
+            lags.extend(visible - v["pub_ts"] for v in got.values if "pub_ts" in v)
+            consumer.commit(got)
     finally:
         proc.join(30)
         consumer.close()

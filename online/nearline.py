@@ -34,7 +34,7 @@ from strategy.checks import as_bool, as_dict, as_list, as_number, as_str, check_
 from strategy.errors import Errors, ValidationError, join_path
 
 from .bus import (CONSUMER_RE, DEFAULT_RETENTION_S, FSYNC_POLICIES, MAX_RETENTION_S, TOPIC_RE, EventBus, open_bus,
-                  parse_bus_url, positions_of)
+                  parse_bus_url)
 from .features import (DEFAULT_AFFINITY, DEFAULT_COUNTERS, DEFAULT_DEDUPE_MAX_KEYS, MAX_DEDUPE_KEYS, FeatureStore,
                        StoreUnavailable, open_store)
 
@@ -364,22 +364,22 @@ def run_nearline(config: NearlineConfig, *, bus: EventBus | None = None, store: 
 
     try:
         while not stop.is_set():
-            records = consumer.poll(settings.batch_size, settings.poll_timeout_s)
+            batch = consumer.poll_batch(settings.batch_size, settings.poll_timeout_s)
             now = time.monotonic()
-            if records:
-                if not _apply_with_retry(store, [r.value for r in records], stats, stop):
+            if batch.positions:
+                if not _apply_with_retry(store, batch.values, stats, stop):
                     break  # stopped while the store was down: nothing of this batch is committed
-                stats.records += len(records)
+                stats.records += len(batch)
                 stats.batches += 1
                 last_data = now
                 if store.durable:
-                    consumer.commit(records)
+                    consumer.commit(batch)
                     stats.commits += 1
                 elif can_snapshot:
-                    for k, v in positions_of(records).items():
+                    for k, v in batch.positions.items():
                         if v > pending.get(k, -1):
                             pending[k] = v
-            if pending and (now - last_snapshot >= config.store.snapshot_interval_s or not records):
+            if pending and (now - last_snapshot >= config.store.snapshot_interval_s or not batch.positions):
                 checkpoint()
             if on_progress is not None and now - last_progress >= settings.progress_interval_s:
                 last_progress = now

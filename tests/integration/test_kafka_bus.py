@@ -123,5 +123,18 @@ def test_foreign_records_are_skipped_and_counted_never_fatal(kafka_broker, tmp_p
         got = drain(c, 3)
         assert [(r.key, r.value["n"]) for r in got] == [("u1", 1), ("\ufffdu", 2), ("u1", 4)]
         assert c.invalid == 4 and got[-1].next_offset == 7
+        # the same by column: poll_batch's values, and the position to commit after them
+        from kafka.structs import TopicPartition
+
+        group = f"g_{uuid.uuid4().hex[:8]}"
+        cols = bus.consumer(group, [topic])
+        values, positions, deadline = [], {}, time.monotonic() + 60
+        while len(values) < 3 and time.monotonic() < deadline:
+            batch = cols.poll_batch(5000, 0.5)
+            values += batch.values
+            positions.update(batch.positions)
+            cols.commit(batch)
+        assert [v["n"] for v in values] == [1, 2, 4] and positions == {(topic, 0): 7} and cols.invalid == 4
+        assert cols._consumer.committed(TopicPartition(topic, 0)) == 7
     finally:
         bus.close()

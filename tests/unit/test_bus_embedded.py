@@ -200,6 +200,29 @@ def test_foreign_frames_are_skipped_or_decoded_never_fatal(tmp_path):
             assert [(r.key, r.value["n"]) for r in drain(c)] == [("u1", 1), ("\ufffdu", 2), (None, 3)]
 
 
+def test_poll_batch_holds_poll_s_values_and_commits_past_skipped_frames(tmp_path):
+    """A Batch is what poll returns by column: the same values in order, and the position after the
+    last frame read (a skipped frame at the end is not read again)."""
+    with open_bus(f"embedded://{tmp_path}") as bus:
+        bus.publish_encoded("events", [(b"u1", b'{"n": 1}'), (b"u1", b"[1]"), (b"u2", b'{"n": 2}'), (b"u1", b"nope")])
+        bus.publish("other", [{"n": 3}])
+        with bus.consumer("rows", ["events", "other"]) as c:
+            rows = drain(c)
+        with bus.consumer("cols", ["events", "other"]) as c:
+            batch = c.poll_batch(100, 0.05)
+            assert len(batch) == 3 and sorted(v["n"] for v in batch.values) == [1, 2, 3]
+            assert [v["n"] for v in batch.values if v["n"] < 3] == [1, 2]
+            c.commit(batch)
+            empty = c.poll_batch(100, 0.05)
+            assert not empty and empty.values == [] and empty.positions == {}
+        assert sorted(r.value["n"] for r in rows) == [1, 2, 3]
+        after = {r.value["n"]: r.next_offset for r in rows}
+        assert batch.positions[("other", 0)] == after[3]
+        assert batch.positions[("events", 0)] > after[2]  # past the frame that is not an object
+        with bus.consumer("cols", ["events", "other"]) as c:
+            assert c.poll_batch(100, 0.05).values == []  # committed past everything, skipped frames too
+
+
 def test_a_consumer_that_never_committed_leaves_no_file_behind(tmp_path):
     """Scorer workers follow the log under a name per pid and never commit: nothing may pile up."""
     cdir = tmp_path / "consumers"
