@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from online.bus import open_bus  # noqa: E402
-from online.features import open_store  # noqa: E402
+from online.features import counters_by_entity, open_store  # noqa: E402
 from online.nearline import synthetic_stream  # noqa: E402
 
 
@@ -215,6 +215,38 @@ def lag(bus_kind, store_kind, where, redis_url, rate, seconds, batch) -> tuple[f
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99)), len(lags)
 
 
+def gc_pause(n_events: int, seed: int = 0) -> str:
+    """Full garbage-collection time while a memory store fed ``n_events`` (with as many items and half
+    as many users) is alive; baselines in the same process: the same counters held as per-entity
+    ``[total, decayed, time]`` lists (the store's layout before, and its snapshot's), and no store."""
+    import gc
+
+    def full_ms() -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            gc.collect()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000
+
+    imps, evs = synthetic_stream(n_events, seed=seed, users=n_events // 2, items=n_events, creators=n_events // 20)
+    store = open_store("memory://")
+    for recs in (imps, evs):
+        for i in range(0, len(recs), 10_000):
+            store.apply(recs[i:i + 10_000])
+    del imps, evs, recs
+    n_items, n_users = len(store.creator_of), len(store.recent)
+    t_store = full_ms()
+    as_lists = [counters_by_entity(store.item_totals, store.item_decayed),
+                counters_by_entity(store.creator_totals, store.creator_decayed)]
+    t_lists = full_ms()
+    del as_lists, store
+    t_none = full_ms()
+    return (f"full GC collection with {n_items:,} items and {n_users:,} users in the memory store: {t_store:.1f} ms "
+            f"(the same counters as per-entity lists, the earlier layout: {t_lists:.1f} ms, "
+            f"x{t_lists / max(t_store, 1e-9):.0f}; no store: {t_none:.1f} ms)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=50_000)
@@ -224,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lag-seconds", type=float, default=3.0)
     ap.add_argument("--redis", metavar="URL", help="use this Redis instead of starting one")
     ap.add_argument("--no-kafka", action="store_true")
+    ap.add_argument("--gc-events", type=int, default=200_000,
+                    help="events fed to the store whose full-GC time is measured (0: skip)")
     ap.add_argument("--only", action="append", metavar="BUS:STORE",
                     help="run only these combinations, e.g. --only kafka:redis (repeatable)")
     args = ap.parse_args(argv)
@@ -264,6 +298,8 @@ def main(argv=None) -> int:
             print(f"{'':>19}  {cpu_rate:>8,.0f} events per CPU second of the consumer thread"
                   + (f"; redis-server {server_us:.1f} us CPU per record" if store_kind == "redis" else ""),
                   flush=True)
+        if args.gc_events:
+            print(gc_pause(args.gc_events), flush=True)
         load = os.getloadavg()
         print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     finally:
