@@ -136,10 +136,14 @@ class EventBus:
 class Consumer:
     """Reads records of some topics under a consumer name; ``commit`` stores positions."""
 
-    def poll(self, max_records: int = 1000, timeout_s: float = 0.1) -> list[Record]:  # pragma: no cover
+    def poll(self, max_records: int = 1000, timeout_s: float = 0.1) -> list[Record]:
         """Up to ``max_records`` records, waiting up to ``timeout_s`` for the first one; a record
         whose value is not a JSON object is skipped (logged and counted)."""
-        raise NotImplementedError
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            out = self._records(self._poll_parts(max_records, deadline - time.monotonic()))
+            if out or time.monotonic() >= deadline:  # parts of skipped records only: read on
+                return out
 
     def poll_batch(self, max_records: int = 1000, timeout_s: float = 0.1) -> Batch:
         """:meth:`poll` as a :class:`Batch`: the same records' values, and the positions after them."""
@@ -152,6 +156,10 @@ class Consumer:
     def _poll_parts(self, max_records: int, timeout_s: float) -> list:  # pragma: no cover - interface
         """``[(topic, partition, rows, values, position after)]``, the rows in the bus's own
         layout and ``values`` their decoded JSON objects (None where not one, already logged)."""
+        raise NotImplementedError
+
+    def _records(self, parts: list) -> list[Record]:  # pragma: no cover - interface
+        """The Records of ``parts`` whose value is a JSON object."""
         raise NotImplementedError
 
     def commit(self, records_or_position=None) -> None:  # pragma: no cover
@@ -971,10 +979,10 @@ class EmbeddedConsumer(Consumer):
             # woken at once by a publish of this process; other processes are seen by polling
             self.bus.wait_for_data(seq, min(left, self.poll_interval_s))
 
-    def poll(self, max_records: int = 1000, timeout_s: float = 0.1) -> list[Record]:
+    def _records(self, parts: list) -> list[Record]:
         out: list[Record] = []
         append, new = out.append, tuple.__new__   # a Record without its Python-level __new__ (hot loop)
-        for topic, _, frames, values, _ in self._poll_parts(max_records, timeout_s):
+        for topic, _, frames, values, _ in parts:
             for (fpos, fnext, ts, key, _), obj in zip(frames, values):
                 if obj is not None:
                     append(new(Record, (topic, 0, fpos, fnext, key.decode("utf-8", "replace") if key else None,
@@ -1527,10 +1535,10 @@ class KafkaConsumerAdapter(Consumer):
             parts.append((topic, partition, recs, values, after))
         return parts
 
-    def poll(self, max_records: int = 1000, timeout_s: float = 0.1) -> list[Record]:
+    def _records(self, parts: list) -> list[Record]:
         out: list[Record] = []
         append, new = out.append, tuple.__new__   # a Record without its Python-level __new__ (hot loop)
-        for topic, partition, recs, values, _ in self._poll_parts(max_records, timeout_s):
+        for topic, partition, recs, values, _ in parts:
             for (offset, ts, key, _), value in zip(recs, values):
                 if value is not None:
                     append(new(Record, (topic, partition, offset, offset + 1,

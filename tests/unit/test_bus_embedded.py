@@ -223,6 +223,15 @@ def test_poll_batch_holds_poll_s_values_and_commits_past_skipped_frames(tmp_path
             assert c.poll_batch(100, 0.05).values == []  # committed past everything, skipped frames too
 
 
+def test_poll_reads_on_past_frames_it_skips(tmp_path):
+    with open_bus(f"embedded://{tmp_path}") as bus:
+        bus.publish_encoded("events", [(b"u1", b"[1]")] * 3 + [(b"u1", b'{"n": 1}')])
+        with bus.consumer("c", ["events"]) as c:
+            t0 = time.monotonic()
+            assert [r.value for r in c.poll(2, 5.0)] == [{"n": 1}]  # not [] after two skipped frames
+            assert time.monotonic() - t0 < 2.0
+
+
 def test_a_consumer_that_never_committed_leaves_no_file_behind(tmp_path):
     """Scorer workers follow the log under a name per pid and never commit: nothing may pile up."""
     cdir = tmp_path / "consumers"
