@@ -43,6 +43,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import orjson
 
 from strategy.errors import FieldError, ValidationError, did_you_mean
 
@@ -344,7 +345,7 @@ class MemoryStore(FeatureStore):
     never walks the counters, only the two per-user dicts (``bench/nearline_bench.py``: 19 ms with
     709k items and 194k users, against 2.3 s with the same counters held as lists, a list each)."""
 
-    VERSION = 1
+    VERSION = 2  # of the snapshot file; version 1 (the earlier layout) still restores
 
     def __init__(self, snapshot_path=None, options: StoreOptions | None = None):
         self.options = options or StoreOptions()
@@ -473,8 +474,8 @@ class MemoryStore(FeatureStore):
         return RealtimeFeatures(user_id, now, recent_items, affinity, items_dec, cre_dec, items_tot, cre_tot,
                                 len(item_ids), len(creator_ids))
 
-    # ---- persistence: the JSON keeps the version-1 layout ([total, decayed, time] lists), so a
-    # snapshot written by either layout restores in the other
+    # ---- persistence: version 2 writes each table by column (ids, totals, decayed values, times); a
+    # version-1 snapshot (per entity [total, decayed, time] lists, the earlier layout) still restores
 
     def snapshot(self, path=None) -> Path | None:
         """Write the state to ``path`` (default: the URL's path) atomically; expired dedupe keys
@@ -487,22 +488,16 @@ class MemoryStore(FeatureStore):
             seen = {k: e for k, e in self.seen.items() if e > now}
             with self._lock:
                 self.seen = seen
-            meta = {i: [c, None] for i, c in self.creator_of.items()}
-            for i, t in self.topic_of.items():
-                meta.setdefault(i, [None, None])[1] = t
-            state = {"version": self.VERSION, "written": now, "half_life_s": self.options.half_life_s,
-                     "items": counters_by_entity(self.item_totals, self.item_decayed),
-                     "creators": counters_by_entity(self.creator_totals, self.creator_decayed), "meta": meta,
-                     "recent": self.recent,
-                     "affinity": {u: {t: [a.real, a.imag] for t, a in topics.items()}
-                                  for u, topics in self.affinity.items()},
-                     "seen": self.seen, "stats": self.stats}
-            text = json.dumps(state, separators=(",", ":"))
-            del state, meta
+            data = orjson.dumps({
+                "version": self.VERSION, "written": now, "half_life_s": self.options.half_life_s,
+                "items": _columns(self.item_totals, self.item_decayed),
+                "creators": _columns(self.creator_totals, self.creator_decayed),
+                "creator_of": self.creator_of, "topic_of": self.topic_of, "recent": self.recent,
+                "affinity": _affinity_rows(self.affinity), "seen": self.seen, "stats": self.stats})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # writers never share one
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -515,22 +510,36 @@ class MemoryStore(FeatureStore):
 
     def _restore(self, path: Path) -> None:
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            state = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
             raise _bad("store.snapshot_path", f"cannot restore snapshot {path}: {exc}", "io") from None
-        if not isinstance(state, dict) or state.get("version") != self.VERSION:
-            raise _bad("store.snapshot_path", f"{path} is not a version-{self.VERSION} feature store snapshot")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version not in (1, self.VERSION):
+            raise _bad("store.snapshot_path", f"{path} is not a feature store snapshot of version 1 or "
+                                              f"{self.VERSION} (version: {version!r})")
         if state.get("half_life_s") != self.options.half_life_s:
             log.warning("snapshot %s was written with half_life_s=%s, now %s", path, state.get("half_life_s"),
                         self.options.half_life_s)
-        self.item_totals, self.item_decayed = _counters_by_name(state["items"])
-        self.creator_totals, self.creator_decayed = _counters_by_name(state["creators"])
-        meta = state["meta"]
-        self.creator_of = {i: m[0] for i, m in meta.items() if m[0] is not None}
-        self.topic_of = {i: m[1] for i, m in meta.items() if m[1] is not None}
-        self.recent, self.seen = state["recent"], state["seen"]
-        self.affinity = {u: {t: complex(a[0], a[1]) for t, a in topics.items()} for u, topics in state["affinity"].items()}
-        self.stats.update(state.get("stats", {}))
+        try:
+            if version == 1:
+                self.item_totals, self.item_decayed = _counters_by_name(state["items"])
+                self.creator_totals, self.creator_decayed = _counters_by_name(state["creators"])
+                meta = state["meta"]
+                self.creator_of = {i: m[0] for i, m in meta.items() if m[0] is not None}
+                self.topic_of = {i: m[1] for i, m in meta.items() if m[1] is not None}
+                self.affinity = {u: {t: complex(a[0], a[1]) for t, a in topics.items()}
+                                 for u, topics in state["affinity"].items()}
+            else:
+                self.item_totals, self.item_decayed = _from_columns(state["items"])
+                self.creator_totals, self.creator_decayed = _from_columns(state["creators"])
+                self.creator_of, self.topic_of = dict(state["creator_of"]), dict(state["topic_of"])
+                self.affinity = _from_affinity_rows(state["affinity"])
+            self.recent, self.seen = dict(state["recent"]), dict(state["seen"])
+            self.stats.update(state.get("stats", {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _bad("store.snapshot_path", f"cannot restore snapshot {path}: malformed "
+                                              f"version-{version} snapshot ({type(exc).__name__}: {exc})",
+                       "io") from None
         self._evict_dedupe()  # dedupe_max_keys may have been lowered since
 
     def close(self) -> None:
@@ -538,7 +547,7 @@ class MemoryStore(FeatureStore):
 
 
 def counters_by_entity(totals: dict, decayed: dict) -> dict:
-    """entity -> name -> [total, decayed, time] of by-name tables (the snapshot's layout)."""
+    """entity -> name -> [total, decayed, time] of by-name tables (a version-1 snapshot's layout)."""
     out: dict = {}
     for name, col in decayed.items():
         tot = totals[name]
@@ -561,6 +570,51 @@ def _counters_by_name(by_entity: dict) -> tuple[dict, dict]:
             totals[name][entity] = float(c[0])
             decayed[name][entity] = complex(c[1], c[2])
     return totals, decayed
+
+
+def _columns(totals: dict, decayed: dict) -> dict:
+    """name -> [ids, totals, decayed values, times]: a snapshot's counter table."""
+    out = {}
+    for name, col in decayed.items():
+        tot, ids = totals[name], list(col)
+        out[name] = [ids, [tot[e] for e in ids], [c.real for c in col.values()], [c.imag for c in col.values()]]
+    return out
+
+
+def _from_columns(columns: dict) -> tuple[dict, dict]:
+    """The inverse of :func:`_columns`: ``(totals, decayed)``."""
+    totals, decayed = {}, {}
+    for name, (ids, tot, dec, times) in columns.items():
+        if not len(ids) == len(tot) == len(dec) == len(times):
+            raise ValueError(f"counter '{name}': columns of different lengths")
+        totals[name] = dict(zip(ids, map(float, tot)))
+        decayed[name] = dict(zip(ids, map(complex, dec, times)))
+    return totals, decayed
+
+
+def _affinity_rows(affinity: dict) -> list:
+    """[users, topics, decayed values, times], a row per (user, topic)."""
+    users, topics, values, times = [], [], [], []
+    for user, by_topic in affinity.items():
+        for topic, a in by_topic.items():
+            users.append(user)
+            topics.append(topic)
+            values.append(a.real)
+            times.append(a.imag)
+    return [users, topics, values, times]
+
+
+def _from_affinity_rows(rows: list) -> dict:
+    users, topics, values, times = rows
+    if not len(users) == len(topics) == len(values) == len(times):
+        raise ValueError("affinity: columns of different lengths")
+    out: dict = {}
+    for user, topic, v, t in zip(users, topics, values, times):
+        by_topic = out.get(user)
+        if by_topic is None:
+            by_topic = out[user] = {}
+        by_topic[topic] = complex(v, t)
+    return out
 
 
 def _arrays(totals: dict, decayed: dict, ids: list, counters, now, half):

@@ -130,9 +130,9 @@ def test_snapshot_and_restore_then_a_replay_counts_nothing(tmp_path):
         np.testing.assert_array_equal(a.item(name), b.item(name))
 
 
-def test_a_snapshot_keeps_the_version_1_layout_both_ways(tmp_path):
-    """The JSON of a snapshot is the one the earlier store wrote (per entity [total, decayed, time]
-    lists): an old snapshot restores, and what is written back is the same state."""
+def test_a_version_1_snapshot_restores_and_is_rewritten_as_version_2(tmp_path):
+    """The earlier store's snapshot (per entity [total, decayed, time] lists) restores; the snapshot
+    written next is version 2 (by column) and restores to the same state."""
     import json
 
     path = tmp_path / "features.json"
@@ -144,18 +144,41 @@ def test_a_snapshot_keeps_the_version_1_layout_both_ways(tmp_path):
              "seen": {"e:e1": far}, "stats": {"applied": 5, "duplicates": 0, "invalid": 0, "dedupe_evicted": 0}}
     path.write_text(json.dumps(state))
     store = open_store(f"memory://{path}", half_life_s=H)
-    f = store.lookup("u1", ["a", "b"], ["c1", None], now=T0 + 2 * H)
-    assert f.item_totals["impressions"].tolist() == [3.0, 0.0] and f.item_totals["click"].tolist() == [2.0, 0.0]
-    assert f.item("click")[0] == pytest.approx(0.75) and f.item("impressions")[0] == pytest.approx(2.5 / 4)
-    assert f.creator("click").tolist() == pytest.approx([0.5, 0.0])
-    assert f.recent_items == ["a"] and f.topic_affinity == {"cats": pytest.approx(1.0)}
-    assert store.apply([ev("e1", "click", "a")]) == 0  # its dedupe key came back too
-    assert store.apply([ev("e2", "click", "b", ts=T0 + 2 * H)]) == 1  # b's topic is known from the snapshot's meta
-    assert store.lookup("u1", [], now=T0 + 2 * H).topic_affinity["dogs"] == pytest.approx(1.0)
+
+    def check(s):
+        f = s.lookup("u1", ["a", "b"], ["c1", None], now=T0 + 2 * H)
+        assert f.item_totals["impressions"].tolist() == [3.0, 0.0] and f.item_totals["click"].tolist() == [2.0, 0.0]
+        assert f.item("click")[0] == pytest.approx(0.75) and f.item("impressions")[0] == pytest.approx(2.5 / 4)
+        assert f.creator("click").tolist() == pytest.approx([0.5, 0.0])
+        assert f.recent_items == ["a"] and f.topic_affinity == {"cats": pytest.approx(1.0)}
+        assert s.apply([ev("e1", "click", "a")]) == 0  # its dedupe key came back too
+
+    check(store)
     store.snapshot()
-    again = json.loads(path.read_text())
-    assert again["items"]["a"] == state["items"]["a"] and again["creators"] == state["creators"]
-    assert again["meta"] == state["meta"] and again["affinity"]["u1"]["cats"] == [4.0, T0]
+    assert json.loads(path.read_text())["version"] == 2
+    check(open_store(f"memory://{path}", half_life_s=H))
+    assert store.apply([ev("e2", "click", "b", ts=T0 + 2 * H)]) == 1  # b's topic is known from the old meta
+    assert store.lookup("u1", [], now=T0 + 2 * H).topic_affinity["dogs"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s.update(version=7), "version 1 or 2 (version: 7)"),
+    (lambda s: s["items"]["click"][1].pop(), "columns of different lengths"),
+    (lambda s: s.pop("seen"), "malformed version-2 snapshot (KeyError"),
+])
+def test_a_damaged_snapshot_is_reported_not_half_restored(tmp_path, edit, needle):
+    import json
+
+    path = tmp_path / "features.json"
+    store = open_store(f"memory://{path}")
+    store.apply([imp("r1", "a", creator="c1", topic="t"), ev("e1", "click", "a")])
+    store.snapshot()
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    with pytest.raises(ValidationError) as exc:
+        open_store(f"memory://{path}")
+    assert exc.value.errors[0].path == "store.snapshot_path" and needle in str(exc.value)
 
 
 def test_the_state_is_invisible_to_the_cyclic_garbage_collector():
