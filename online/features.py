@@ -342,8 +342,8 @@ class MemoryStore(FeatureStore):
     Counters are kept by name, then entity (``item_totals["click"]["i7"]``), and a decayed sum is
     one complex number, so below a handful of outer dicts every container holds only strings and
     numbers. Python's cyclic garbage collector does not track such containers: a full collection
-    never walks the counters, only the two per-user dicts (``bench/nearline_bench.py``: 19 ms with
-    709k items and 194k users, against 2.3 s with the same counters held as lists, a list each)."""
+    never walks the counters, only the two per-user dicts (``bench/nearline_bench.py``: 19-31 ms with
+    709k items and 194k users, against 2.3-2.4 s with the same counters held as lists, a list each)."""
 
     VERSION = 2  # of the snapshot file; version 1 (the earlier layout) still restores
 
