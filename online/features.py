@@ -319,6 +319,17 @@ def bump(totals: dict, decayed: dict, entity: str, name: str, ts: float, w: floa
         dec[entity] = decay_add(c, w, ts, half)
 
 
+def add_affinity(affinity: dict, user: str, topic: str, w: float, ts: float, half: float) -> None:
+    """Add engagement weight ``w`` at time ``ts`` to ``affinity[user][topic]`` (``value + time*1j``):
+    the one affinity update of both stores."""
+    by_topic = affinity.get(user)
+    if by_topic is None:
+        affinity[user] = {topic: complex(w, ts)}
+        return
+    a = by_topic.get(topic)
+    by_topic[topic] = complex(w, ts) if a is None else decay_add(a, w, ts, half)
+
+
 def _ts_item(kv):
     return kv[1], kv[0]
 
@@ -448,12 +459,7 @@ class MemoryStore(FeatureStore):
                     if len(recent) > 2 * keep:
                         recent = recents[user] = dict(newest_recent(recent, keep))
             if topic is not None:
-                aff = affinities.get(user)
-                if aff is None:
-                    affinities[user] = {topic: complex(w, ts)}
-                    continue
-                a = aff.get(topic)
-                aff[topic] = complex(w, ts) if a is None else decay_add(a, w, ts, half)
+                add_affinity(affinities, user, topic, w, ts, half)
         stats = self.stats
         stats["applied"] += new
         stats["invalid"] += invalid
@@ -605,6 +611,7 @@ def _affinity_rows(affinity: dict) -> list:
 
 
 def _from_affinity_rows(rows: list) -> dict:
+    """The inverse of :func:`_affinity_rows`: user -> topic -> decayed value + time*1j."""
     users, topics, values, times = rows
     if not len(users) == len(topics) == len(values) == len(times):
         raise ValueError("affinity: columns of different lengths")
@@ -980,12 +987,7 @@ class RedisStore(FeatureStore):
             if value is not None:
                 bump(creator_tot, creator_dec, creator, etype + "_sum", ts, value, half)
             if w is not None:
-                a = affinity.get(user)
-                if a is None:
-                    affinity[user] = {topic: complex(w, ts)}
-                    continue
-                pair = a.get(topic)
-                a[topic] = complex(w, ts) if pair is None else decay_add(pair, w, ts, half)
+                add_affinity(affinity, user, topic, w, ts, half)
         keep = int(self.options.recent_items)
         most = _ROW_ITEMS  # per row: Lua's unpack() takes at most ~8000 values; a longer row is split
         r_rows = []
