@@ -47,7 +47,7 @@ def free_port() -> int:
 
 
 def make_bodies(n_requests: int, n_candidates: int, llm_share: float, seed: int = 0) -> list[bytes]:
-    from experiments.world import World
+    from world import World
 
     world = World.from_yaml(ROOT / "conf/sim/default.yaml")
     rng = np.random.default_rng(seed)

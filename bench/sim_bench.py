@@ -1,11 +1,14 @@
-"""Simulated-world throughput: impressions per second (median of 3 runs) and the ratio to a trivial baseline.
+"""Simulated-world throughput and memory: impressions per second (median of 3 runs), the ratio to a
+trivial baseline, and the peak memory of building the world and simulating its logs.
 
     .venv/bin/python bench/sim_bench.py [--config conf/sim/default.yaml] [--impressions N] [--runs 3]
+    .venv/bin/python bench/sim_bench.py --config conf/sim/living.yaml     # 100k items x 10k users, living
 
 Times ``World(config)`` + ``simulate_logs`` (the vectorised path behind ``stratarank simulate``),
 then the Parquet writes separately, and compares with the least any simulator must do in the same
-process: drawing the same number of Bernoulli labels (5 per impression) with numpy. Prints figures;
-never passes or fails on time.
+process: drawing the same number of Bernoulli labels (5 per impression) with numpy. Memory is one more
+run under ``tracemalloc`` (numpy reports its buffers to it): the world's own arrays and the peak while
+simulating. Prints figures; never passes or fails on time.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.world import World, WorldConfig, oracle_aucs  # noqa: E402
+from world import World, WorldConfig, oracle_aucs  # noqa: E402
 
 
 def _median_time(fn, runs: int) -> tuple[float, object]:
@@ -43,6 +47,7 @@ def main(argv=None) -> int:
     config = WorldConfig.from_yaml(args.config, **overrides)
     n = config.impressions
 
+    build_s, world = _median_time(lambda: World(config), args.runs)
     sim_s, (imp, ev) = _median_time(lambda: World(config).simulate_logs(progress=False), args.runs)
 
     def write():
@@ -59,7 +64,19 @@ def main(argv=None) -> int:
         return rng.random((5, n)) < p
 
     base_s, _ = _median_time(baseline, args.runs)
-    print(f"config {args.config}: {n} impressions, {len(ev)} events, median of {args.runs} runs")
+    tracemalloc.start()
+    traced = World(config)
+    world_mb = tracemalloc.get_traced_memory()[0] / 2**20
+    traced.simulate_logs(progress=False)
+    peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    del traced
+
+    living = "living" if config.living.enabled else "static"
+    print(f"config {args.config}: {living} world, {config.n_users:,} users, {world.n_items_total:,} items "
+          f"({config.n_items:,} initial), {n} impressions, {len(ev)} events, median of {args.runs} runs")
+    print(f"world build:             {build_s:.3f}s; its arrays {world_mb:,.0f} MiB; peak while simulating "
+          f"{peak_mb:,.0f} MiB (logs {imp.memory_usage(deep=True).sum() / 2**20:,.0f} MiB)")
     print(f"simulate (world + logs): {sim_s:.3f}s = {n / sim_s:,.0f} impressions/s")
     print(f"parquet write:           {write_s:.3f}s; simulate + write {n / (sim_s + write_s):,.0f} impressions/s")
     print(f"baseline (numpy, {5 * n} Bernoulli draws): {base_s:.4f}s = {n / base_s:,.0f} impressions/s; "

@@ -1,1 +1,1 @@
-"""A/B experiments: assignment, analysis, dashboards, and the simulated feed world."""
+"""A/B experiments: assignment, experiment YAML, statistics, analysis, dashboards, ramp control, tuning."""

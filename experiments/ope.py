@@ -22,7 +22,7 @@ delta-method influence ``ψ_n = Σ_t w_{n,t} (r_{n,t} - V_t) / w̄_t``), normal 
 Assumptions (when the estimate is unbiased):
 
 * the reward of an item depends only on the request, the item and its slot (a position-based
-  model: no interactions between items of a slate) — true of :class:`experiments.world.World`;
+  model: no interactions between items of a slate) — true of :class:`world.World`;
 * support: ``μ(i, t) > 0`` wherever ``π(i, t) > 0``: the logging policy explores (ε > 0) and
   does not drop (guardrail) an item the target would show; the estimate reports ``support``,
   the share of the target's slot mass the logging policy could show (1.0 = full support);

@@ -464,7 +464,7 @@ def _base_point(config: TuneConfig):
 
 def tune(config: TuneConfig, world=None, progress=None) -> dict:
     """Run the whole search in the simulated world; returns the report (see the module docstring)."""
-    from .world import World, WorldConfig
+    from world import World, WorldConfig
 
     t0 = time.perf_counter()
     if world is None:

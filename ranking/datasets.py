@@ -305,7 +305,7 @@ def load_sim_logs(
     test_frac: float = 0.1,
     prior_strength: float = 20.0,
 ) -> Dataset:
-    """Impressions written by ``experiments/world.py`` (``DIR/impressions.parquet`` or the file itself).
+    """Impressions written by ``world`` (the simulated world) (``DIR/impressions.parquet`` or the file itself).
 
     ``objectives`` maps objective -> ``binary``/``regression`` (default: click, like, share, watch_time,
     report); each must be a label column of the file. Rows are split by ``ts``: the last ``test_frac``

@@ -84,7 +84,7 @@ class Processes:
 
 
 def simulate(out: Path, seed: int, impressions: int | None, users: int):
-    from experiments.world import World
+    from world import World
 
     world = World.from_yaml(SIM_CONFIG, seed=seed, n_users=users)
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def cmd_simulate(args) -> int:
-    from experiments.world import World, WorldConfig, summarize
+    from world import World, WorldConfig, summarize
     from strategy.errors import FieldError, ValidationError
 
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from experiments import control as C
 from experiments import ope
 from experiments.assignment import Assigner
 from experiments.stats import SampleStats
-from experiments.world import World
+from world import World
 from strategy import ValidationError, load_strategy, parse_request, rank
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments import ope
-from experiments.world import World
+from world import World
 from strategy import strategy_from_dict
 
 

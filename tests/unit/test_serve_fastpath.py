@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.world import World, WorldConfig
+from world import World, WorldConfig
 from online.app import Scorer
 from online.predictor import RankerChain, RequestRows, TorchRecRanker, _model_input
 from ranking import features as features_mod

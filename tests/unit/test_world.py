@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.world import World, WorldConfig, auc, oracle_aucs
+from world import World, WorldConfig, auc, oracle_aucs
 from strategy import ValidationError, parse_events, parse_request
 
 IMPRESSION_COLUMNS = [

@@ -23,230 +23,23 @@ so like, share and (mostly) report happen after a click, watch time is longer fo
 and reports come from a latent ``harmful`` flag that is more frequent among low-quality items,
 in particular low-quality LLM items. ``true_probs`` returns the exact marginals of all of these.
 
+A living world (``living.enabled``, see :class:`world.config.LivingConfig`) makes the response model a
+function of time ``t``: ``a[u, topic]`` becomes the drifting interest ``a(u, topic, t)`` plus the topic's
+trend, and ``r`` gains the freshness boost ``freshness_weight * 2 ** (-age(i, t) / half_life)``; only items
+alive at ``t`` (born, not expired) are retrieved.
+
 Ids are strings: users ``u17``, items ``i42``, creators ``c3``; topics are names (``cooking``).
 Positions are 1-based, like ``rank`` in a ``/v1/rank`` answer.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from strategy.checks import as_dict, as_list, as_number, as_str, check_keys
-from strategy.errors import Errors, ValidationError, join_path
-
-OBJECTIVES = ("click", "like", "share", "watch", "report")
-FEEDBACK_TYPES = ("click", "like", "share", "watch", "report")
-POLICIES = ("random", "popular")
-
-# ---------------------------------------------------------------- configuration
-
-
-def _num(default, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, doc=""):
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "integer": integer, "doc": doc}
-    return field(default=default, metadata=meta)
-
-
-def _section(cls, doc=""):
-    return field(default_factory=cls, metadata={"section": cls, "doc": doc})
-
-
-@dataclass(frozen=True)
-class GeneratorConfig:
-    """An LLM generator: its share of LLM items, its quality distribution and how honest its prior is."""
-
-    name: str = "sim-llm"
-    share: float = _num(1.0, lo=0, lo_open=True)
-    quality_mean: float = _num(0.0, lo=-5, hi=5)
-    quality_sd: float = _num(0.5, lo=0, hi=5)
-    harm_rate: float = _num(0.03, lo=0, hi=1)
-    prior_noise: float = _num(0.15, lo=0, hi=1, doc="sd of the prior_score noise (quality-percentile units)")
-    prior_bias: float = _num(0.0, lo=-1, hi=1, doc="added to the prior score (an over-confident generator > 0)")
-
-
-@dataclass(frozen=True)
-class HumanConfig:
-    quality_mean: float = _num(0.0, lo=-5, hi=5)
-    quality_sd: float = _num(0.4, lo=0, hi=5, doc="item quality around its creator's quality")
-    creator_quality_sd: float = _num(0.5, lo=0, hi=5)
-    harm_rate: float = _num(0.01, lo=0, hi=1)
-
-
-@dataclass(frozen=True)
-class UsersConfig:
-    n_personas: int = _num(8, lo=1, hi=10_000, integer=True, doc="interest clusters users are drawn from")
-    persona_sharpness: float = _num(1.2, lo=0, hi=10, doc="sd of a persona's topic affinities")
-    affinity_noise: float = _num(0.2, lo=0, hi=10, doc="sd of a user's own deviation from the persona")
-    activity_sigma: float = _num(0.8, lo=0, hi=5, doc="lognormal sd of how often a user requests a feed")
-    llm_attitude_mean: float = _num(-0.1, lo=-5, hi=5)
-    llm_attitude_sd: float = _num(0.3, lo=0, hi=5)
-    embedding_dim: int = _num(4, lo=1, hi=64, integer=True, doc="rank of the user x creator taste")
-
-
-@dataclass(frozen=True)
-class BaseRates:
-    """Rates for an average user and item at position 1 (like/share/report are given a click)."""
-
-    click: float = _num(0.12, lo=0, hi=1, lo_open=True, hi_open=True)
-    like: float = _num(0.15, lo=0, hi=1, lo_open=True, hi_open=True)
-    share: float = _num(0.08, lo=0, hi=1, lo_open=True, hi_open=True)
-    report: float = _num(0.006, lo=0, hi=1, lo_open=True, hi_open=True)
-    share_without_like: float = _num(0.2, lo=0, hi=1, doc="P(share|click, no like) / P(share|like)")
-    report_without_click: float = _num(0.1, lo=0, hi=1, doc="P(report|no click) / P(report|click)")
-
-
-@dataclass(frozen=True)
-class Effects:
-    """Logit-scale weights of the latent factors."""
-
-    affinity: float = _num(1.0, lo=-10, hi=10)
-    creator_affinity: float = _num(0.3, lo=-10, hi=10)
-    user_bias: float = _num(0.5, lo=-10, hi=10)
-    quality: float = _num(0.8, lo=-10, hi=10)
-    quality_like: float = _num(1.0, lo=-10, hi=10)
-    quality_share: float = _num(0.8, lo=-10, hi=10)
-    quality_report: float = _num(0.6, lo=-10, hi=10)
-    llm_attitude: float = _num(1.0, lo=-10, hi=10)
-    harm_click: float = _num(0.3, lo=-10, hi=10, doc="harmful items are a bit click-baity")
-    harm_report: float = _num(3.0, lo=-10, hi=10)
-    harm_quality: float = _num(1.0, lo=0, hi=10, doc="how much more often low-quality items are harmful")
-
-
-@dataclass(frozen=True)
-class PositionBias:
-    eta: float = _num(0.5, lo=0, hi=5, doc="examination probability at position k is k ** -eta")
-
-
-@dataclass(frozen=True)
-class WatchConfig:
-    duration_median: float = _num(25.0, lo=0, hi=86_400, lo_open=True, doc="seconds")
-    duration_sigma: float = _num(0.7, lo=0, hi=5)
-    completion: float = _num(0.35, lo=0, hi=1, lo_open=True, hi_open=True, doc="mean share watched after a click")
-    like_boost: float = _num(1.2, lo=-10, hi=10)
-    quality: float = _num(0.5, lo=-10, hi=10)
-    affinity: float = _num(0.3, lo=-10, hi=10)
-    concentration: float = _num(4.0, lo=0, hi=1000, lo_open=True, doc="Beta concentration of the watched share")
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """Everything that defines a world and a simulation run. Load with :meth:`from_yaml`."""
-
-    seed: int = _num(0, lo=0, hi=2**63 - 1, integer=True)
-    n_users: int = _num(1000, lo=1, hi=50_000_000, integer=True)
-    n_items: int = _num(2000, lo=1, hi=50_000_000, integer=True)
-    n_creators: int = _num(100, lo=1, hi=10_000_000, integer=True)
-    n_topics: int = _num(16, lo=1, hi=10_000, integer=True)
-    llm_share: float = _num(0.3, lo=0, hi=1, doc="share of items (and creators) that are LLM-generated")
-    impressions: int = _num(200_000, lo=1, hi=1_000_000_000, integer=True)
-    slate_size: int = _num(10, lo=1, hi=1000, integer=True)
-    candidates_per_request: int = _num(50, lo=1, hi=100_000, integer=True)
-    policy: str = field(default="random", metadata={"choices": POLICIES})
-    personalization: float = _num(0.7, lo=0, hi=1, doc="share of candidates retrieved from the user's topics")
-    history_length: int = _num(10, lo=0, hi=1000, integer=True, doc="length of user_recent_items")
-    text_tokens: int = _num(14, lo=4, hi=500, integer=True, doc="mean tokens of an item's text")
-    start_ts: float = _num(1_767_225_600.0, lo=0, doc="epoch seconds of the first request")
-    duration_days: float = _num(14.0, lo=0, hi=36_500, lo_open=True)
-    generators: tuple = field(default=(GeneratorConfig("sim-gpt-large", 0.6, 0.3, 0.5, 0.02, 0.12),
-                                       GeneratorConfig("sim-llama-small", 0.4, -0.6, 0.8, 0.08, 0.25)),
-                              metadata={"generators": True})
-    human: HumanConfig = _section(HumanConfig)
-    users: UsersConfig = _section(UsersConfig)
-    base_rates: BaseRates = _section(BaseRates)
-    effects: Effects = _section(Effects)
-    position_bias: PositionBias = _section(PositionBias)
-    watch: WatchConfig = _section(WatchConfig)
-
-    @classmethod
-    def from_dict(cls, data, source: str | None = None, lines: dict | None = None) -> "WorldConfig":
-        """Validate a mapping; raises :class:`ValidationError` with every problem (key path, allowed keys)."""
-        errs = Errors()
-        obj = as_dict(errs, data if data is not None else {}, "")
-        if obj is None:
-            errs.raise_if_any(source, lines)
-        config = _build(cls, errs, obj, "")
-        if config is not None and not errs:
-            if config.candidates_per_request < config.slate_size:
-                errs.add("candidates_per_request",
-                         f"must be >= slate_size ({config.slate_size}), got {config.candidates_per_request}", "range")
-            if config.slate_size > config.n_items:
-                errs.add("slate_size", f"must be <= n_items ({config.n_items}), got {config.slate_size}", "range")
-            if config.llm_share > 0 and not config.generators:
-                errs.add("generators", "at least one generator is needed when llm_share > 0", "required")
-        errs.raise_if_any(source, lines)
-        return config
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "WorldConfig":
-        """Load ``conf/sim/*.yaml``; errors carry file:line. ``overrides`` replace top-level keys."""
-        from strategy.config import read_yaml
-
-        data, lines = read_yaml(path)
-        if isinstance(data, dict) and overrides:
-            data = {**data, **overrides}
-        return cls.from_dict(data, source=str(path), lines=lines)
-
-    def replace(self, **changes) -> "WorldConfig":
-        """A copy with top-level fields replaced (re-validated)."""
-        return WorldConfig.from_dict({**self.to_dict(), **changes})
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["generators"] = [dataclasses.asdict(g) for g in self.generators]
-        return out
-
-
-def _build(cls, errs: Errors, obj: dict, path: str):
-    """Generic, metadata-driven validation of one config dataclass; returns None on any error."""
-    before = len(errs.items)
-    names = [f.name for f in fields(cls)]
-    check_keys(errs, obj, path, names, required=("name",) if cls is GeneratorConfig else ())
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in obj:
-            continue
-        value, p, meta = obj[f.name], join_path(path, f.name), f.metadata
-        if "section" in meta:
-            sub = as_dict(errs, value if value is not None else {}, p)
-            if sub is not None:
-                kwargs[f.name] = _build(meta["section"], errs, sub, p)
-        elif meta.get("generators"):
-            kwargs[f.name] = _generators(errs, value, p)
-        elif "choices" in meta:
-            kwargs[f.name] = as_str(errs, value, p, choices=meta["choices"])
-        elif f.name == "name":
-            kwargs[f.name] = as_str(errs, value, p, max_len=256)
-            if kwargs[f.name] is not None and not kwargs[f.name].strip():
-                errs.add(p, "must not be empty", "invalid")
-        else:
-            num = as_number(errs, value, p, lo=meta["lo"], hi=meta["hi"], lo_open=meta["lo_open"],
-                            hi_open=meta["hi_open"], integer=meta["integer"])
-            kwargs[f.name] = num if meta["integer"] or num is None else float(num)
-    if len(errs.items) != before:
-        return None
-    return cls(**kwargs)
-
-
-def _generators(errs: Errors, value, path: str) -> tuple:
-    items = as_list(errs, value, path, max_len=1000)
-    out, seen = [], set()
-    for i, item in enumerate(items or ()):
-        p = join_path(path, i)
-        obj = as_dict(errs, item, p)
-        if obj is None:
-            continue
-        gen = _build(GeneratorConfig, errs, obj, p)
-        if gen is not None:
-            if gen.name in seen:
-                errs.add(join_path(p, "name"), f"duplicate generator name '{gen.name}'", "duplicate")
-            seen.add(gen.name)
-            out.append(gen)
-    return tuple(out)
-
+from .config import POLICIES, WorldConfig
 
 # ---------------------------------------------------------------- vocabularies
 
@@ -302,6 +95,16 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
+def _centred(affinity: np.ndarray) -> np.ndarray:
+    """Each user's topic affinities minus their mean (only relative interest matters)."""
+    return affinity - affinity.mean(axis=1, keepdims=True)
+
+
+def _percentiles(values: np.ndarray) -> np.ndarray:
+    """Each value's percentile among ``values`` (ranks + 0.5, over n)."""
+    return (np.argsort(np.argsort(values, kind="stable"), kind="stable") + 0.5) / len(values)
+
+
 def _progress(iterable, enabled: bool, **kw):
     if not enabled:
         return iterable
@@ -319,7 +122,10 @@ class World:
     Public arrays (index = the number in the id: item ``i42`` is index 42):
     ``item_topic``, ``item_creator``, ``item_quality``, ``item_harmful``, ``item_is_llm``,
     ``item_generator`` (-1 for human items), ``item_prior`` (NaN for human items), ``item_duration``,
-    ``user_affinity`` (n_users x n_topics), ``creator_followers``.
+    ``user_affinity`` (n_users x n_topics; at the start for a living world), ``creator_followers``.
+    A living world (``config.living.enabled``) also has ``item_born_ts`` and ``item_expires_ts``
+    (epoch seconds): its catalogue holds the ``n_items`` initial items followed by every item born
+    during ``duration_days``, in birth order; ``n_items_total`` counts them all.
     """
 
     def __init__(self, config: WorldConfig):
@@ -328,23 +134,62 @@ class World:
         self.config = cfg = config
         rng = np.random.default_rng([cfg.seed, 0])
         U, I, C, T = cfg.n_users, cfg.n_items, cfg.n_creators, cfg.n_topics
-        uc, hc = cfg.users, cfg.human
+        uc = cfg.users
 
         self.topic_names, self._topic_vocab = _topics(T)
         self.generator_names = [g.name for g in cfg.generators]
 
         # users: persona interests + own deviation (centred per user), activity, LLM attitude, taste vector
-        personas = rng.normal(0.0, uc.persona_sharpness, (uc.n_personas, T))
+        self._personas = rng.normal(0.0, uc.persona_sharpness, (uc.n_personas, T))
         self.user_persona = rng.integers(0, uc.n_personas, U)
-        aff = personas[self.user_persona] + rng.normal(0.0, uc.affinity_noise, (U, T))
-        self.user_affinity = aff - aff.mean(axis=1, keepdims=True)
+        self._user_taste = rng.normal(0.0, uc.affinity_noise, (U, T))   # the user's own deviation
+        self.user_affinity = _centred(self._personas[self.user_persona] + self._user_taste)
         self.user_bias = rng.normal(0.0, 1.0, U)
         self.user_llm_attitude = rng.normal(uc.llm_attitude_mean, uc.llm_attitude_sd, U)
         self.user_activity = rng.lognormal(0.0, uc.activity_sigma, U)
         d = uc.embedding_dim
         self.user_embedding = rng.normal(0.0, d ** -0.25, (U, d))
+        self._creators(rng, C, T, d)
 
-        # creators: LLM-operated ones each use one generator
+        # items: LLM items need LLM creators and human items human ones
+        n_llm_c = int(self.creator_is_llm.sum())
+        n_llm_i = 0 if n_llm_c == 0 else I if n_llm_c == C else min(round(I * cfg.llm_share), I - 1)
+        is_llm = np.zeros(I, dtype=bool)
+        is_llm[rng.choice(I, n_llm_i, replace=False)] = True
+        creator = np.empty(I, dtype=np.int64)
+        if (~is_llm).any():
+            creator[~is_llm] = self._human_creators(rng, int((~is_llm).sum()))
+        if is_llm.any():
+            creator[is_llm] = rng.choice(np.flatnonzero(self.creator_is_llm), int(is_llm.sum()))
+        items = self._draw_items(rng, creator, quality_pct=_percentiles)
+        if cfg.living.enabled:
+            items = self._living(items)
+        for key, value in items.items():
+            setattr(self, "item_" + key, value)
+        self.n_items_total = len(self.item_topic)
+
+        # retrieval index of the static world: items grouped by topic (a living world indexes by hour)
+        self._by_topic = np.argsort(self.item_topic, kind="stable")
+        counts = np.bincount(self.item_topic, minlength=T)
+        self._topic_count = counts
+        self._topic_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self._hour_index: dict = {}
+        self._popularity = 0.8 * self.item_quality + 0.2 * np.log(self.creator_followers[self.item_creator])
+        self.item_impressions = np.zeros(self.n_items_total, dtype=np.int64)  # served (closed loop: respond())
+
+        self.user_ids = np.array([f"u{k}" for k in range(U)], dtype=object)
+        self.item_ids = np.array([f"i{k}" for k in range(self.n_items_total)], dtype=object)
+        self.creator_ids = np.array([f"c{k}" for k in range(C)], dtype=object)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "World":
+        return cls(WorldConfig.from_yaml(path, **overrides))
+
+    # ------------------------------------------------------------ creators and items
+
+    def _creators(self, rng, C: int, T: int, d: int) -> None:
+        """Creators: LLM-operated ones each use one generator; quality, home topic, taste, followers."""
+        cfg, hc = self.config, self.config.human
         n_llm_c = 0
         if cfg.llm_share > 0 and cfg.generators:
             n_llm_c = min(C, max(1, round(C * cfg.llm_share)))
@@ -366,66 +211,98 @@ class World:
         self.creator_followers = np.round(np.exp(6.0 + 0.8 * self.creator_quality + rng.normal(0, 1.0, C))).astype(
             np.int64)
 
-        # items
-        # LLM items need LLM creators and human items human ones
-        n_llm_i = 0 if n_llm_c == 0 else I if n_llm_c == C else min(round(I * cfg.llm_share), I - 1)
-        is_llm = np.zeros(I, dtype=bool)
-        is_llm[rng.choice(I, n_llm_i, replace=False)] = True
-        self.item_is_llm = is_llm
-        creator = np.empty(I, dtype=np.int64)
+    def _human_creators(self, rng, n: int) -> np.ndarray:
+        """``n`` human creators, the more followers the more items (sqrt-weighted)."""
         human_c = np.flatnonzero(~self.creator_is_llm)
-        llm_c = np.flatnonzero(self.creator_is_llm)
-        if (~is_llm).any():
-            w = np.sqrt(self.creator_followers[human_c].astype(float))
-            creator[~is_llm] = rng.choice(human_c, int((~is_llm).sum()), p=w / w.sum())
-        if is_llm.any():
-            creator[is_llm] = rng.choice(llm_c, int(is_llm.sum()))
-        self.item_creator = creator
-        self.item_topic = np.where(rng.random(I) < 0.7, self.creator_topic[creator], rng.integers(0, T, I))
-        self.item_generator = self.creator_generator[creator]
-        g = np.maximum(self.item_generator, 0)
+        w = np.sqrt(self.creator_followers[human_c].astype(float))
+        return rng.choice(human_c, n, p=w / w.sum())
+
+    def _draw_items(self, rng, creator: np.ndarray, quality_pct) -> dict:
+        """The latent and served attributes of items made by ``creator`` (one draw order, so a seed
+        always gives the same catalogue). ``quality_pct(quality)`` maps qualities to the percentiles
+        LLM generators estimate in their prior scores."""
+        cfg, hc, T = self.config, self.config.human, self.config.n_topics
+        n = len(creator)
+        is_llm = self.creator_is_llm[creator]
+        topic = np.where(rng.random(n) < 0.7, self.creator_topic[creator], rng.integers(0, T, n))
+        generator = self.creator_generator[creator]
+        g = np.maximum(generator, 0)
         gen_sd = np.array([x.quality_sd for x in cfg.generators] or [0.0])
         own_sd = np.where(is_llm, gen_sd[g], hc.quality_sd)
-        self.item_quality = self.creator_quality[creator] + rng.normal(0.0, 1.0, I) * own_sd
+        quality = self.creator_quality[creator] + rng.normal(0.0, 1.0, n) * own_sd
         gen_harm = np.array([x.harm_rate for x in cfg.generators] or [0.0])
         harm_rate = np.clip(np.where(is_llm, gen_harm[g], hc.harm_rate), 1e-6, 1 - 1e-6)
-        centre = hc.quality_mean
-        harm_p = _sigmoid(np.log(harm_rate / (1 - harm_rate)) - cfg.effects.harm_quality * (self.item_quality - centre))
-        self.item_harmful = rng.random(I) < harm_p
-        self.item_duration = np.round(
-            cfg.watch.duration_median * np.exp(rng.normal(0.0, cfg.watch.duration_sigma, I)), 1).clip(1.0, None)
-        # quality percentile among all items; LLM generators report a noisy, possibly biased estimate of it
-        pct = (np.argsort(np.argsort(self.item_quality, kind="stable"), kind="stable") + 0.5) / I
-        self.item_quality_pct = pct
+        harm_p = _sigmoid(np.log(harm_rate / (1 - harm_rate)) - cfg.effects.harm_quality * (quality - hc.quality_mean))
+        harmful = rng.random(n) < harm_p
+        duration = np.round(
+            cfg.watch.duration_median * np.exp(rng.normal(0.0, cfg.watch.duration_sigma, n)), 1).clip(1.0, None)
+        # LLM generators report a noisy, possibly biased estimate of the quality percentile
+        pct = quality_pct(quality)
         noise = np.array([x.prior_noise for x in cfg.generators] or [0.0])[g]
         bias = np.array([x.prior_bias for x in cfg.generators] or [0.0])[g]
-        prior = np.clip(pct + bias + rng.normal(0.0, 1.0, I) * noise, 0.0, 1.0).round(3)
-        self.item_prior = np.where(is_llm, prior, np.nan)
-        self.item_text = self._texts(rng)
-        self.item_text_len = np.array([t.count(" ") + 1 for t in self.item_text], dtype=np.int64)
+        prior = np.clip(pct + bias + rng.normal(0.0, 1.0, n) * noise, 0.0, 1.0).round(3)
+        text = self._texts(rng, topic, is_llm, pct, harmful)
+        return {"is_llm": is_llm, "creator": creator, "topic": topic, "generator": generator, "quality": quality,
+                "harmful": harmful, "duration": duration, "quality_pct": pct,
+                "prior": np.where(is_llm, prior, np.nan), "text": text,
+                "text_len": np.array([t.count(" ") + 1 for t in text], dtype=np.int64)}
 
-        # retrieval index: items grouped by topic
-        self._by_topic = np.argsort(self.item_topic, kind="stable")
-        counts = np.bincount(self.item_topic, minlength=T)
-        self._topic_count = counts
-        self._topic_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self._popularity = 0.8 * self.item_quality + 0.2 * np.log(self.creator_followers[creator])
-        self.item_impressions = np.zeros(I, dtype=np.int64)  # served impressions (closed loop: respond())
+    def _living(self, initial: dict) -> dict:
+        """Add the living world's state: ages and lifetimes of the initial items, the items born
+        during the run (Poisson arrivals per generator and for human creators), drifting user
+        interests and topic trends. A random stream of its own: the static draws stay as they were."""
+        cfg, lv = self.config, self.config.living
+        rng = np.random.default_rng([cfg.seed, 10])
+        start, span = cfg.start_ts, cfg.duration_days * 86_400.0
+        n0 = len(initial["topic"])
+        born0 = start - rng.random(n0) * lv.initial_age_hours * 3600.0
+        sources = [(cfg.human.items_per_hour, None)] + [(g.items_per_hour, k) for k, g in enumerate(cfg.generators)]
+        creators, born = [], []
+        for rate, gen in sources:
+            n = int(rng.poisson(rate * span / 3600.0)) if rate > 0 else 0
+            if n == 0:
+                continue
+            if gen is None:
+                creators.append(self._human_creators(rng, n))
+            else:
+                own = np.flatnonzero(self.creator_generator == gen)
+                if not len(own):
+                    continue
+                creators.append(rng.choice(own, n))
+            born.append(start + rng.random(n) * span)
+        q_sorted = np.sort(initial["quality"])
+        if creators:
+            creator, born_new = np.concatenate(creators), np.concatenate(born)
+            order = np.argsort(born_new, kind="stable")   # ids in birth order
+            new = self._draw_items(rng, creator[order], quality_pct=lambda q: np.clip(
+                (np.searchsorted(q_sorted, q) + 0.5) / n0, 0.0, 1.0))
+            items = {k: np.concatenate([initial[k], new[k]]) if isinstance(initial[k], np.ndarray)
+                     else initial[k] + new[k] for k in initial}
+            born_all = np.concatenate([born0, born_new[order]])
+        else:
+            items, born_all = initial, born0
+        life = np.minimum(lv.lifetime_hours * np.exp(rng.normal(0.0, lv.lifetime_sigma, len(born_all))),
+                          lv.max_lifetime_hours) * 3600.0
+        # the initial catalogue is alive at the start, each item with a uniform share of its lifetime left
+        life[:n0] = (start - born0) + rng.random(n0) * life[:n0]
+        items["born_ts"], items["expires_ts"] = born_all, born_all + life
 
-        self.user_ids = np.array([f"u{k}" for k in range(U)], dtype=object)
-        self.item_ids = np.array([f"i{k}" for k in range(I)], dtype=object)
-        self.creator_ids = np.array([f"c{k}" for k in range(C)], dtype=object)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "World":
-        return cls(WorldConfig.from_yaml(path, **overrides))
+        U, T = cfg.n_users, cfg.n_topics
+        self._drift_persona = rng.integers(0, cfg.users.n_personas, U)
+        self._drift_on = rng.random(U) < lv.drift_share
+        self._drift_phase = rng.random(U) * 2.0
+        self._affinity_target = _centred(self._personas[self._drift_persona] + self._user_taste)
+        self._trend_period = (lv.trend_period_min_days + rng.random(T) * (lv.trend_period_max_days
+                                                                            - lv.trend_period_min_days)) * 86_400.0
+        self._trend_phase = rng.random(T) * 2.0 * np.pi
+        return items
 
     # ------------------------------------------------------------ items' text
 
-    def _texts(self, rng) -> list[str]:
+    def _texts(self, rng, topic, is_llm, pct, harmful) -> list[str]:
         """Topic words + generic words; LLM items add 'slop' words the more, the lower their quality;
         harmful items usually carry bait words. Hashed tokens therefore reveal LLM quality and harm."""
-        cfg, I = self.config, self.config.n_items
+        cfg, I = self.config, len(topic)
         V = _WORDS_PER_TOPIC
         vocab = np.array([w for ws in self._topic_vocab for w in ws] + GENERIC_WORDS + SLOP_WORDS + BAIT_WORDS,
                          dtype=object)
@@ -434,13 +311,13 @@ class World:
             SLOP_WORDS)
         L = cfg.text_tokens + 3
         lengths = np.clip(cfg.text_tokens + rng.integers(-3, 4, I), 2, L)
-        topic_tok = self.item_topic[:, None] * V + rng.integers(0, V, (I, L))
+        topic_tok = topic[:, None] * V + rng.integers(0, V, (I, L))
         generic_tok = g0 + rng.integers(0, len(GENERIC_WORDS), (I, L))
         tok = np.where(rng.random((I, L)) < 0.55, topic_tok, generic_tok)
-        slop_p = np.where(self.item_is_llm, 0.1 + 0.5 * (1.0 - self.item_quality_pct), 0.0)
+        slop_p = np.where(is_llm, 0.1 + 0.5 * (1.0 - pct), 0.0)
         slop = rng.random((I, L)) < slop_p[:, None]
         tok = np.where(slop, s0 + rng.integers(0, len(SLOP_WORDS), (I, L)), tok)
-        bait_n = np.where(self.item_harmful, rng.binomial(3, 0.6, I), rng.binomial(1, 0.03, I))
+        bait_n = np.where(harmful, rng.binomial(3, 0.6, I), rng.binomial(1, 0.03, I))
         bait = np.arange(L)[None, :] < bait_n[:, None]
         bait = rng.permuted(bait, axis=1) if L > 1 else bait
         tok = np.where(bait, b0 + rng.integers(0, len(BAIT_WORDS), (I, L)), tok)
@@ -467,16 +344,53 @@ class World:
         return self._index(user_ids, "u", self.config.n_users, "user")
 
     def item_index(self, item_ids) -> np.ndarray:
-        return self._index(item_ids, "i", self.config.n_items, "item")
+        return self._index(item_ids, "i", self.n_items_total, "item")
+
+    # ------------------------------------------------------------ time (living world)
+
+    @property
+    def living(self) -> bool:
+        return self.config.living.enabled
+
+    def _times(self, ts, shape) -> np.ndarray | None:
+        """``ts`` (epoch seconds, a scalar or an array of ``shape``; None: ``start_ts``) as a flat
+        float array, or None in a static world, where time changes nothing."""
+        if not self.living:
+            return None
+        return np.broadcast_to(np.asarray(self.config.start_ts if ts is None else ts, dtype=np.float64),
+                               shape).ravel()
+
+    def affinity(self, u: np.ndarray, topic: np.ndarray, ts: np.ndarray | None = None) -> np.ndarray:
+        """The user x topic interest at ``ts``: in a living world, a drifting user's mix of persona
+        and target persona, plus the topic's trend."""
+        a = self.user_affinity[u, topic]
+        if ts is None:
+            return a
+        cfg, lv = self.config, self.config.living
+        t = ts - cfg.start_ts
+        mix = self._drift_on[u] * (0.5 - 0.5 * np.cos(np.pi * (t / (lv.drift_days * 86_400.0) + self._drift_phase[u])))
+        a = a + mix * (self._affinity_target[u, topic] - a)
+        return a + lv.trend_amplitude * np.sin(2.0 * np.pi * t / self._trend_period[topic] + self._trend_phase[topic])
+
+    def age_hours(self, i: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Hours since item ``i`` was born, at ``ts`` (living world)."""
+        return (ts - self.item_born_ts[i]) / 3600.0
+
+    def alive(self, item_ids, ts: float) -> np.ndarray:
+        """Whether each item is in the catalogue at ``ts`` (always, in a static world)."""
+        i = self.item_index(item_ids)
+        if not self.living:
+            return np.ones(i.shape, dtype=bool)
+        return (self.item_born_ts[i] <= ts) & (ts < self.item_expires_ts[i])
 
     # ------------------------------------------------------------ truth
 
-    def _parts(self, u: np.ndarray, i: np.ndarray, pos: np.ndarray) -> dict:
+    def _parts(self, u: np.ndarray, i: np.ndarray, pos: np.ndarray, ts: np.ndarray | None = None) -> dict:
         """Conditional probabilities of the response model (see the module docstring)."""
         cfg, e, br = self.config, self.config.effects, self.config.base_rates
         topic = self.item_topic[i]
         c = self.item_creator[i]
-        a = self.user_affinity[u, topic]
+        a = self.affinity(u, topic, ts)
         q = self.item_quality[i]
         h = self.item_harmful[i].astype(float)
         llm = self.item_is_llm[i].astype(float)
@@ -484,6 +398,10 @@ class World:
         att = self.user_llm_attitude[u] * llm
         rel = (_logit(br.click) + e.affinity * a + e.creator_affinity * cu + e.user_bias * self.user_bias[u]
                + e.quality * q + e.llm_attitude * att + e.harm_click * h)
+        if ts is not None:
+            lv = cfg.living
+            rel = rel + lv.freshness_weight * np.exp2(-np.maximum(self.age_hours(i, ts), 0.0)
+                                                      / lv.freshness_half_life_hours)
         exam = np.asarray(pos, dtype=float) ** -cfg.position_bias.eta
         p_click = exam * _sigmoid(rel)
         r_c = _sigmoid(_logit(br.report) + e.harm_report * h - e.quality_report * q)
@@ -510,27 +428,28 @@ class World:
             "report": pc * rc + (1.0 - pc) * rn,
         }
 
-    def true_probs(self, user_ids, item_ids, positions) -> dict[str, np.ndarray]:
+    def true_probs(self, user_ids, item_ids, positions, ts=None) -> dict[str, np.ndarray]:
         """Exact marginals per (user, item, position), vectorised; arrays broadcast against each other.
 
         Returns ``{"click", "like", "share", "report"}`` probabilities and ``"watch"``, the expected
         watch seconds (0 without a click). Ids are strings (``u3``, ``i42``) or integer indices;
-        positions are 1-based.
+        positions are 1-based. ``ts`` (epoch seconds, scalar or broadcastable; default ``start_ts``)
+        matters only in a living world.
         """
         u, i, pos = np.broadcast_arrays(self.user_index(user_ids), self.item_index(item_ids),
                                         np.asarray(positions, dtype=np.int64))
         if pos.size and pos.min() < 1:
             raise ValueError("positions are 1-based (1 = top of the slate)")
-        return self._marginals(self._parts(u.ravel(), i.ravel(), pos.ravel()))
+        return self._marginals(self._parts(u.ravel(), i.ravel(), pos.ravel(), self._times(ts, u.shape)))
 
-    def slate_value(self, user_id, item_ids) -> dict[str, float]:
+    def slate_value(self, user_id, item_ids, ts=None) -> dict[str, float]:
         """Expected totals of each objective for one slate shown in this order (a closed-loop oracle)."""
-        probs = self.true_probs(user_id, list(item_ids), np.arange(1, len(item_ids) + 1))
+        probs = self.true_probs(user_id, list(item_ids), np.arange(1, len(item_ids) + 1), ts)
         return {k: float(v.sum()) for k, v in probs.items()}
 
-    def _sample(self, u, i, pos, rng) -> dict:
+    def _sample(self, u, i, pos, rng, ts=None) -> dict:
         """Sample correlated labels for impressions; returns labels, true marginals and event delays."""
-        parts = self._parts(u, i, pos)
+        parts = self._parts(u, i, pos, ts)
         n = len(u)
         rnd = rng.random((6, n))
         click = rnd[0] < parts["p_click"]
@@ -548,13 +467,61 @@ class World:
 
     # ------------------------------------------------------------ retrieval
 
-    def _retrieve(self, users: np.ndarray, n: int, rng) -> np.ndarray:
-        """``(len(users), n)`` distinct-per-row (almost always) item indices, in random order."""
-        cfg, I = self.config, self.config.n_items
+    def _retrieve(self, users: np.ndarray, n: int, rng, ts: np.ndarray | None = None) -> np.ndarray:
+        """``(len(users), n)`` distinct-per-row (almost always) item indices, in random order; in a
+        living world only items alive at each row's ``ts`` (per simulated hour, an index of the
+        items alive during it; the few that are not alive at the exact second are drawn again)."""
+        if ts is None:
+            return self._retrieve_from(users, n, rng, None, self._by_topic, self._topic_start, self._topic_count)
+        out = np.empty((len(users), n), dtype=np.int64)
+        hour = np.floor(ts / 3600.0).astype(np.int64)
+        for h in np.unique(hour):
+            rows = np.flatnonzero(hour == h)
+            pool, by_topic, start, count = self._alive_index(int(h))
+            t = ts[rows, None]
+            block = self._retrieve_from(users[rows], n, rng, pool, by_topic, start, count, t)
+            for _ in range(8):
+                dead = ~self._alive_at(block, t)
+                if not dead.any():
+                    break
+                block[dead] = pool[rng.integers(0, len(pool), int(dead.sum()))]
+            out[rows] = block
+        return out
+
+    def _alive_at(self, items: np.ndarray, ts) -> np.ndarray:
+        return (self.item_born_ts[items] <= ts) & (ts < self.item_expires_ts[items])
+
+    def _alive_index(self, hour: int):
+        """``(pool, pool items by topic, topic_start, topic_count)`` of the items alive at some time in
+        simulated ``hour`` (``hour * 3600`` epoch seconds); the last two hours are cached (a
+        simulation or a closed loop moves forward in time)."""
+        if hour not in self._hour_index:
+            t0, t1 = hour * 3600.0, (hour + 1) * 3600.0
+            pool = np.flatnonzero((self.item_born_ts < t1) & (self.item_expires_ts > t0))
+            if not len(pool):  # nothing alive: the most recently born item stands in
+                pool = np.array([int(np.argmax(np.where(self.item_born_ts < t1, self.item_born_ts, -np.inf)))])
+            topic = self.item_topic[pool]
+            counts = np.bincount(topic, minlength=self.config.n_topics)
+            start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            if len(self._hour_index) >= 2:
+                self._hour_index.pop(next(iter(self._hour_index)))
+            self._hour_index[hour] = (pool, pool[np.argsort(topic, kind="stable")], start, counts)
+        return self._hour_index[hour]
+
+    def _retrieve_from(self, users: np.ndarray, n: int, rng, pool, by_topic, topic_start, topic_count,
+                       ts: np.ndarray | None = None) -> np.ndarray:
+        """Retrieval over a pool of items (``None``: every item): a ``personalization`` share of each
+        row from the user's favourite topics at ``ts`` (``by_topic``: the pool's items grouped by
+        topic), the rest uniform; duplicates within a row are drawn again."""
+        cfg = self.config
+        size = self.n_items_total if pool is None else len(pool)
+        draw_any = (lambda shape: rng.integers(0, size, shape)) if pool is None else \
+            (lambda shape: pool[rng.integers(0, size, shape)])
         R = len(users)
-        items = rng.integers(0, I, (R, n))
+        items = draw_any((R, n))
         if cfg.personalization > 0 and R:
-            logits = self.user_affinity[users]
+            logits = self.user_affinity[users] if ts is None else \
+                self.affinity(users[:, None], np.arange(cfg.n_topics)[None, :], ts)
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
             cum = np.cumsum(p, axis=1)
             cum /= cum[:, -1:]
@@ -563,12 +530,12 @@ class World:
             for start in range(0, R, 4096):  # bound the (rows, n, topics) comparison's memory
                 sl = slice(start, start + 4096)
                 topic[sl] = (cum[sl, None, :-1] < draw[sl, :, None]).sum(axis=2)
-            count = self._topic_count[topic]
+            count = topic_count[topic]
             within = (rng.random((R, n)) * np.maximum(count, 1)).astype(np.int64)
-            personal = self._by_topic[np.minimum(self._topic_start[topic] + within, I - 1)]
+            personal = by_topic[np.minimum(topic_start[topic] + within, len(by_topic) - 1)]
             use = (rng.random((R, n)) < cfg.personalization) & (count > 0)
             items = np.where(use, personal, items)
-        if n > 1 and n <= I:
+        if n > 1 and n <= size:
             for _ in range(3):  # replace duplicates within a row by uniform draws
                 order = np.argsort(items, axis=1, kind="stable")
                 srt = np.take_along_axis(items, order, axis=1)
@@ -578,17 +545,20 @@ class World:
                     break
                 mask = np.zeros_like(dup)
                 np.put_along_axis(mask, order, dup, axis=1)
-                items = np.where(mask, rng.integers(0, I, items.shape), items)
+                items = np.where(mask, draw_any(items.shape), items)
         return rng.permuted(items, axis=1) if n > 1 else items
 
-    def candidates(self, user_id, n: int, rng: np.random.Generator) -> list[dict]:
-        """``n`` candidates for a user in the ``/v1/rank`` candidate shape (human: ``source='retrieval'``)."""
+    def candidates(self, user_id, n: int, rng: np.random.Generator, ts: float | None = None) -> list[dict]:
+        """``n`` candidates for a user in the ``/v1/rank`` candidate shape (human: ``source='retrieval'``);
+        in a living world, items alive at ``ts`` (default ``start_ts``)."""
         u = int(self.user_index([user_id])[0])
-        idx = self._retrieve(np.array([u]), min(int(n), self.config.n_items), rng)[0]
-        return [self.candidate(int(i)) for i in idx]
+        t = self._times(ts, (1,))
+        idx = self._retrieve(np.array([u]), min(int(n), self.config.n_items), rng, t)[0]
+        return [self.candidate(int(i), ts) for i in idx]
 
-    def candidate(self, item) -> dict:
-        """One item as a ``/v1/rank`` candidate (what a ranker may see; no latent truth)."""
+    def candidate(self, item, ts: float | None = None) -> dict:
+        """One item as a ``/v1/rank`` candidate (what a ranker may see; no latent truth); a living
+        world adds the item's ``age_hours`` at ``ts``."""
         i = int(self.item_index([item])[0])
         c = int(self.item_creator[i])
         out = {
@@ -601,6 +571,8 @@ class World:
                          "creator_followers": int(self.creator_followers[c]),
                          "text_len": int(self.item_text_len[i])},
         }
+        if self.living:
+            out["features"]["age_hours"] = round(float(self.age_hours(i, self._times(ts, ())[0])), 3)
         if self.item_is_llm[i]:
             out["generator"] = {"model": self.generator_names[self.item_generator[i]],
                                 "prior_score": float(self.item_prior[i])}
@@ -610,9 +582,10 @@ class World:
 
     def respond(self, user_id, slate_item_ids, rng: np.random.Generator, ts: float | None = None,
                 request_id: str | None = None) -> list[dict]:
-        """The user's feedback on a slate shown in this order: event dicts of the shared schema
+        """The user's feedback on a slate shown at ``ts`` in this order: event dicts of the shared schema
         ``{event_id, ts, type, user_id, item_id, request_id, value}`` (``value``: seconds for
-        ``watch``, None otherwise). Also counts the impressions in ``item_impressions``."""
+        ``watch``, None otherwise). Also counts the impressions in ``item_impressions``. In a living
+        world ``ts`` is also the world's time the user responds at."""
         items = self.item_index(list(slate_item_ids))
         if len(items) == 0:
             return []
@@ -620,7 +593,7 @@ class World:
         ts = float(self.config.start_ts if ts is None else ts)
         rid = request_id if request_id is not None else f"r-{rng.integers(0, 2**62):x}"
         pos = np.arange(1, len(items) + 1)
-        s = self._sample(np.full(len(items), u), items, pos, rng)
+        s = self._sample(np.full(len(items), u), items, pos, rng, self._times(ts, (len(items),)))
         np.add.at(self.item_impressions, items, 1)
         events = []
         for j in range(len(items)):
@@ -676,16 +649,17 @@ class World:
         for start in _progress(starts, progress, desc="simulate", unit="chunk", total=len(starts)):
             r = np.arange(start, min(R, start + per_chunk))
             users = req_user[r]
+            t = req_ts[r] if self.living else None
             if policy == "random":
-                slate = self._retrieve(users, S, rng)
+                slate = self._retrieve(users, S, rng, t)
             else:
-                cand = self._retrieve(users, max(cfg.candidates_per_request, S), rng)
+                cand = self._retrieve(users, max(cfg.candidates_per_request, S), rng, t)
                 score = self._popularity[cand] + rng.gumbel(0.0, 0.5, cand.shape)
                 slate = np.take_along_axis(cand, np.argsort(-score, axis=1, kind="stable")[:, :S], axis=1)
             u = np.repeat(users, S)
             i = slate.ravel()
             pos = np.tile(np.arange(1, S + 1), len(r))
-            s = self._sample(u, i, pos, rng)
+            s = self._sample(u, i, pos, rng, None if t is None else np.repeat(t, S))
             chunk = {"req": np.repeat(r, S), "user": u, "item": i, "position": pos}
             for k in ("click", "like", "share", "report", "watch_time", "click_delay", "react_frac", "report_delay"):
                 chunk[k] = s[k]
@@ -702,7 +676,7 @@ class World:
         if H:
             hist_rng = np.random.default_rng([seed, 2])
             users_seen = np.unique(u)
-            pre = self._retrieve(users_seen, min(H, cfg.n_items), hist_rng)
+            pre = self._retrieve(users_seen, min(H, cfg.n_items), hist_rng, self._times(None, users_seen.shape))
             if pre.shape[1] < H:
                 pre = np.concatenate([pre, pre[:, :1].repeat(H - pre.shape[1], axis=1)], axis=1)
             clicked = col["click"]
@@ -753,6 +727,9 @@ class World:
             "p_report": col["p_report"],
             "e_watch_time": col["p_watch"],
         })
+        if self.living:  # what a ranker of a living world may see: how old the item was when served
+            imp = imp.add_column(imp.schema.get_field_index("user_recent_items"), "age_hours",
+                                 pa.array(np.round(self.age_hours(i, ts), 3)))
 
         # events: one row per feedback, ts after the impression's ts
         click_ts = ts + col["click_delay"]
@@ -796,6 +773,7 @@ class World:
 
         g = self.item_generator
         names = np.array(self.generator_names + [None], dtype=object)
+        life = {"born_ts": self.item_born_ts, "expires_ts": self.item_expires_ts} if self.living else {}
         return pd.DataFrame({
             "item_id": self.item_ids,
             "source": np.where(self.item_is_llm, "llm", "retrieval"),
@@ -808,6 +786,7 @@ class World:
             "harmful": self.item_harmful,
             "duration": self.item_duration,
             "text": self.item_text,
+            **life,
         })
 
 
@@ -858,6 +837,4 @@ def simulate(config: WorldConfig, n_impressions: int | None = None, progress: bo
     return world, imp, ev, time.perf_counter() - t0
 
 
-__all__ = ["World", "WorldConfig", "GeneratorConfig", "HumanConfig", "UsersConfig", "BaseRates", "Effects",
-           "PositionBias", "WatchConfig", "ValidationError", "auc", "oracle_aucs", "simulate", "summarize",
-           "OBJECTIVES", "FEEDBACK_TYPES"]
+__all__ = ["World", "auc", "oracle_aucs", "simulate", "summarize"]
