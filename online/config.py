@@ -3,7 +3,8 @@
 Relative paths are resolved from the working directory. Secrets never live in the file:
 ``auth.admin_token_env`` and ``auth.api_keys_env`` name environment variables.
 The ``bus``, ``store`` and ``nearline`` sections are validated by ``online.nearline``
-(``NearlineConfig``), which the scorer shares with the near-line consumer.
+(``NearlineConfig``), which the scorer shares with the near-line consumer; ``joiner`` by
+``online.joiner`` (``JoinerConfig``, read by ``stratarank join``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from strategy.errors import Errors, ValidationError
 
 from .nearline import NearlineConfig
 
-SECTIONS = ("server", "strategies", "model", "risk", "auth", "rate_limit", "bus", "store", "nearline", "experiments")
+SECTIONS = ("server", "strategies", "model", "risk", "auth", "rate_limit", "bus", "store", "nearline", "experiments",
+            "joiner")
 
 
 @dataclass(frozen=True)

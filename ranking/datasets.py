@@ -48,7 +48,7 @@ SIM_OBJECTIVES: dict[str, str] = {  # objective -> type, for the simulated world
 }
 SIM_REQUIRED = ("request_id", "ts", "user_id", "item_id")
 # served numeric features of the simulated impressions, used as dense features where present
-SIM_NUMERIC = ("position", "prior_score", "duration", "creator_followers", "text_len")
+SIM_NUMERIC = ("position", "prior_score", "duration", "creator_followers", "text_len", "age_hours")
 
 
 @dataclass
