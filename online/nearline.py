@@ -20,7 +20,7 @@ Retention (embedded bus only; see online/bus.py): closed segments older than ``r
 null: no age limit), or the oldest while a topic exceeds ``retention_bytes`` (null: no size limit),
 are deleted once every consumer that committed a position on the topic is past them
 (``retention_wait_for_consumers: false`` deletes regardless). The dedupe bound (see
-online/features.py): at most ``dedupe_max_keys`` keys, the oldest forgotten first; it must be at
+online/features/): at most ``dedupe_max_keys`` keys, the oldest forgotten first; it must be at
 least twice ``nearline.batch_size``, since a batch applied but not committed is delivered again.
 """
 from __future__ import annotations
