@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow.parquet  # noqa: E402,F401 - imported before any clock starts
 
 from online.bus import open_bus  # noqa: E402
-from online.joiner import (JoinerConfig, publish_synthetic, read_examples, run_joiner,  # noqa: E402
-                           synthetic_served)
+from online.joiner import JoinerConfig, publish_synthetic, run_joiner, synthetic_served  # noqa: E402
+from ranking.datasets import read_served  # noqa: E402
 from online.nearline import BusConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def lag(seconds: float, rate: float, window: float, folder: Path, seed: int) -> 
             published[r.value["event_id"]] = r.timestamp
     consumer.close()
     bus.close()
-    examples = read_examples(folder / "out")
+    examples = read_served(folder / "out")
     lags, own = [], []
     for joined_at, served, ids in zip(examples["joined_at"], examples["served_at"], examples["event_ids"]):
         own.append(joined_at - (served + window))

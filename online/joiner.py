@@ -811,29 +811,6 @@ class JoinerThread:
             self._thread.join(timeout_s)
 
 
-def read_examples(path, hours: tuple[str | None, str | None] = (None, None)):
-    """The joiner's examples under ``path`` (its ``out`` folder or the ``examples`` folder) as one
-    DataFrame, for the hours ``[from, to]`` (``YYYY-MM-DDTHH``, either end open), sorted by serve
-    time. Parts of other schemas are aligned by column name (missing columns are NaN)."""
-    import pandas as pd
-
-    root = Path(path)
-    if (root / "examples").is_dir():
-        root = root / "examples"
-    lo, hi = hours
-    frames = []
-    for folder in sorted(root.glob("hour=*")):
-        hour = folder.name[len("hour="):]
-        if (lo is not None and hour < lo) or (hi is not None and hour > hi):
-            continue
-        for part in sorted(folder.glob("part-*.parquet")):
-            frames.append(pd.read_parquet(part))
-    if not frames:
-        return pd.DataFrame()
-    frame = pd.concat(frames, ignore_index=True)
-    return frame.sort_values(["ts", "example_id"], kind="mergesort", ignore_index=True)
-
-
 # ---------------------------------------------------------------- synthetic traffic (tests, bench)
 
 
@@ -922,4 +899,4 @@ def publish_synthetic(bus: EventBus, records: list[tuple]) -> None:
 
 
 __all__ = ["JoinerConfig", "LabelSpec", "JoinState", "Joiner", "JoinerStats", "JoinerThread", "run_joiner",
-           "read_examples", "example_row", "rows_table", "discard_parts_after", "synthetic_served", "publish_synthetic"]
+           "example_row", "rows_table", "discard_parts_after", "synthetic_served", "publish_synthetic"]

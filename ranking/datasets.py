@@ -343,7 +343,17 @@ def load_sim_logs(
     if not (0 <= valid_frac < 1 and 0 < test_frac < 1 and valid_frac + test_frac < 1):
         raise ValueError("need 0 <= valid_frac, 0 < test_frac and valid_frac + test_frac < 1")
 
+    return _time_split_dataset(df, objectives, valid_frac, test_frac, prior_strength,
+                               f"sim:{file.parent.name if file.name == 'impressions.parquet' else file.name}")
+
+
+def _time_split_dataset(df: pd.DataFrame, objectives: dict, valid_frac: float, test_frac: float,
+                        prior_strength: float, name: str, weight: np.ndarray | None = None) -> Dataset:
+    """Sort by ``ts``, split train / valid / test at quantiles of ``ts``, add the served numbers and the
+    point-in-time history of user and item as dense features (see :func:`load_sim_logs`)."""
     df = df.copy()
+    if weight is not None:
+        df["weight"] = weight
     ts = df["ts"]
     if pd.api.types.is_datetime64_any_dtype(ts):
         ts = ts.astype("int64")
@@ -370,8 +380,8 @@ def load_sim_logs(
         dense.append("is_llm")
     for entity in ("user_id", "item_id"):
         df = add_history_features(df, entity, list(objectives), "ts", prior, prior_strength)
-        name = entity.removesuffix("_id")
-        dense += [f"{name}_n_past"] + [f"{name}_{k}_rate" for k in objectives]
+        short = entity.removesuffix("_id")
+        dense += [f"{short}_n_past"] + [f"{short}_{k}_rate" for k in objectives]
     df[dense] = df[dense].astype(np.float64)
     ids = ["user_id", "item_id"] + [c for c in ("creator_id", "topic") if c in df.columns]
     return Dataset(
@@ -379,5 +389,98 @@ def load_sim_logs(
         valid=df.loc[is_valid].reset_index(drop=True),
         test=df.loc[is_test].reset_index(drop=True),
         objectives=list(objectives), dense_columns=dense, id_columns=ids,
-        objective_types=objectives, name=f"sim:{file.parent.name if file.name == 'impressions.parquet' else file.name}",
+        objective_types=objectives, name=name,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the scorer's own served logs (the joiner's examples)
+# ----------------------------------------------------------------------------------------------------
+SERVED_REQUIRED = ("example_id", "request_id", "ts", "user_id", "item_id", "position")
+HOUR_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}$")
+
+
+def served_parts(path: str | os.PathLike, hours: tuple[str | None, str | None] = (None, None)) -> list[Path]:
+    """The joiner's example parts under ``path`` (its ``out`` folder, its ``examples`` folder, or one
+    ``hour=...`` folder) for the hours ``[from, to]`` (``YYYY-MM-DDTHH``, UTC; either end open)."""
+    root = Path(path)
+    if (root / "examples").is_dir():
+        root = root / "examples"
+    lo, hi = hours
+    if root.name.startswith("hour="):
+        folders = [root]
+    else:
+        folders = sorted(root.glob("hour=*"))
+    out = []
+    for folder in folders:
+        hour = folder.name[len("hour="):]
+        if (lo is not None and hour < lo) or (hi is not None and hour > hi):
+            continue
+        out += sorted(folder.glob("part-*.parquet"))
+    return out
+
+
+def read_served(path: str | os.PathLike, columns: Sequence[str] = (), hours: tuple = (None, None)) -> pd.DataFrame:
+    """The joiner's examples (``online/joiner.py``) as one frame sorted by serve time. Every part must
+    hold :data:`SERVED_REQUIRED` and ``columns`` (the labels and the features a model reads): a part
+    written by an older feature spec, or missing a column, is a ValidationError naming the file and
+    the column."""
+    import pyarrow.parquet as pq
+
+    parts = served_parts(path, hours)
+    if not parts:
+        span = "" if hours == (None, None) else f" for hours {hours[0] or '...'} to {hours[1] or '...'}"
+        raise ValidationError([FieldError("data.path", f"no joined examples (examples/hour=*/part-*.parquet){span}",
+                                          "missing_file", str(path))])
+    errors, frames = [], []
+    for part in parts:
+        try:
+            names = set(pq.read_schema(part).names)
+        except (OSError, ValueError) as exc:
+            errors.append(FieldError("data.path", f"cannot read parquet: {exc}", "io", str(part)))
+            continue
+        missing = [c for c in (*SERVED_REQUIRED, *columns) if c not in names]
+        for c in missing:
+            errors.append(FieldError(c, f"missing column '{c}' (a log from another feature spec or objectives?)",
+                                     "missing_column", str(part)))
+        if not missing and not errors:
+            frames.append(pd.read_parquet(part))
+    if errors:
+        raise ValidationError(errors[:50])
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["ts", "example_id"], kind="mergesort", ignore_index=True)
+
+
+def load_served(
+    path: str | os.PathLike,
+    objectives: Mapping[str, str],
+    valid_frac: float = 0.1,
+    test_frac: float = 0.1,
+    hours: tuple = (None, None),
+    columns: Sequence[str] = (),
+    ips_clip: float | None = None,
+    prior_strength: float = 20.0,
+) -> Dataset:
+    """Training rows from what the scorer served: the joiner's examples, with the same features and
+    point-in-time history as :func:`load_sim_logs` (``position`` is the served rank: a training-only
+    bias feature, neutral at serving). With ``ips_clip``, a ``weight`` column holds inverse-propensity
+    weights ``min(1 / propensity, ips_clip)`` scaled to mean 1 over the rows (exploration slots served
+    with a small propensity count for more)."""
+    objectives = dict(objectives)
+    frame = read_served(path, [*objectives, *columns], hours)
+    weight = None
+    if ips_clip is not None:
+        prop = pd.to_numeric(frame["propensity"], errors="coerce").to_numpy(dtype=np.float64) \
+            if "propensity" in frame else np.ones(len(frame))
+        bad = ~np.isfinite(prop) | (prop <= 0) | (prop > 1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValidationError([FieldError("propensity", f"propensity must be in (0, 1] for inverse-propensity "
+                                              f"weights; example {frame['example_id'].iloc[row]} has "
+                                              f"{frame['propensity'].iloc[row]!r} ({int(bad.sum())} rows)",
+                                              "bad_value", str(path))])
+        weight = np.minimum(1.0 / prop, ips_clip)
+        weight = weight / weight.mean()
+    hours_name = "" if hours == (None, None) else f"[{hours[0] or ''}..{hours[1] or ''}]"
+    return _time_split_dataset(frame, objectives, valid_frac, test_frac, prior_strength,
+                               f"served:{Path(path).name}{hours_name}", weight)

@@ -82,17 +82,20 @@ class LGBMMultiObjective:
         return {**base, **self.params, **self.per_objective_params.get(name, {})}
 
     def fit(self, train_df: pd.DataFrame, feature_columns: Sequence[str],
-            valid_df: pd.DataFrame | None = None) -> "LGBMMultiObjective":
+            valid_df: pd.DataFrame | None = None, weight_column: str | None = None) -> "LGBMMultiObjective":
+        """Fit one booster per objective on ``feature_columns``; ``weight_column`` names per-row
+        training weights (e.g. the inverse-propensity ``weight`` of served logs)."""
         missing = [k for k in self.objectives if k not in train_df.columns]
         if missing:
             raise KeyError(f"label columns missing from the training frame: {missing}")
         self.feature_columns = list(feature_columns)
         x = _matrix(train_df, self.feature_columns)
         xv = _matrix(valid_df, self.feature_columns) if valid_df is not None else None
+        weight = train_df[weight_column].to_numpy(dtype=np.float64) if weight_column else None
         self.boosters = {}
         for name in self.objectives:
             y = train_df[name].to_numpy(dtype=np.float64)
-            dtrain = lgb.Dataset(x, y, feature_name=self.feature_columns, free_raw_data=True)
+            dtrain = lgb.Dataset(x, y, weight=weight, feature_name=self.feature_columns, free_raw_data=True)
             kwargs = {}
             if xv is not None:
                 dvalid = lgb.Dataset(xv, valid_df[name].to_numpy(dtype=np.float64), reference=dtrain)

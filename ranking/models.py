@@ -515,10 +515,17 @@ class MultiTaskLoss(nn.Module):
         self.register_buffer("weights", torch.tensor([o.loss_weight for o in objectives], dtype=torch.float32))
         self.register_buffer("binary", torch.tensor([o.type == "binary" for o in objectives]))
 
-    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (total loss, per-objective losses (K,))."""
-        bce = nn.functional.binary_cross_entropy_with_logits(outputs, targets, reduction="none").mean(0)
-        mse = ((outputs - targets) ** 2).mean(0)
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (total loss, per-objective losses (K,)); ``weights`` (B,) weigh the rows (a
+        weighted mean over the batch, e.g. inverse-propensity weights)."""
+        bce = nn.functional.binary_cross_entropy_with_logits(outputs, targets, reduction="none")
+        mse = (outputs - targets) ** 2
+        if weights is None:
+            bce, mse = bce.mean(0), mse.mean(0)
+        else:
+            w = (weights / weights.sum())[:, None]
+            bce, mse = (bce * w).sum(0), (mse * w).sum(0)
         per = torch.where(self.binary, bce, mse)
         return (per * self.weights).sum(), per.detach()
 

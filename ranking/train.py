@@ -5,8 +5,12 @@ Train config format::
     name: sim_mmoe                       # registry name
     data:
       loader: table                      # table (parquet/csv/tsv file or a folder of parquet),
-                                         # sim (ranking.datasets.load_sim_logs), kuairand (load_kuairand)
+                                         # sim (ranking.datasets.load_sim_logs), kuairand (load_kuairand),
+                                         # served (the joiner's examples: ranking.datasets.load_served)
       path: runs/sim
+      from_hour: 2026-12-06T10           # served: the hours to read (YYYY-MM-DDTHH, UTC; either end open)
+      to_hour: 2026-12-06T16
+      ips_clip: 20                       # served: inverse-propensity weights min(1/propensity, clip), mean 1
       time_column: ts                    # table: split by time (last fractions = valid, test)
       valid_fraction: 0.1
       test_fraction: 0.1
@@ -45,8 +49,8 @@ from strategy.errors import Errors, FieldError, ValidationError, join_path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOP_KEYS = ("name", "data", "features", "objectives", "labels", "loss_weights", "model", "training", "registry",
             "leaves", "distill")
-DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "test_fraction")
-LOADERS = ("table", "sim", "kuairand")
+DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "test_fraction", "from_hour", "to_hour", "ips_clip")
+LOADERS = ("table", "sim", "kuairand", "served")
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "embedding_lr", "weight_decay", "patience", "seed", "threads",
                  "max_rows", "eval_batch_size", "refit")
 
@@ -58,6 +62,9 @@ class DataConfig:
     time_column: str | None = "ts"
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
+    from_hour: str | None = None   # served: first and last hour to read (YYYY-MM-DDTHH)
+    to_hour: str | None = None
+    ips_clip: float | None = None  # served: inverse-propensity training weights, clipped here
 
 
 @dataclass(frozen=True)
@@ -179,8 +186,22 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
             tcol = as_str(errs, tcol, "data.time_column")
         vf = as_number(errs, d.get("valid_fraction", 0.1), "data.valid_fraction", lo=0, hi=1, lo_open=True, hi_open=True)
         tf = as_number(errs, d.get("test_fraction", 0.1), "data.test_fraction", lo=0, hi=1, hi_open=True)
+        served = {}
+        for key in ("from_hour", "to_hour", "ips_clip"):
+            if d.get(key) is None:
+                continue
+            if loader != "served":
+                errs.add(f"data.{key}", f"only for loader: served (this one is '{loader}')", "invalid")
+            elif key == "ips_clip":
+                served[key] = as_number(errs, d[key], "data.ips_clip", lo=1, hi=1e6)
+            else:
+                from .datasets import HOUR_RE
+
+                served[key] = as_str(errs, str(d[key]), f"data.{key}", pattern=HOUR_RE)
+        if served.get("from_hour") and served.get("to_hour") and served["from_hour"] > served["to_hour"]:
+            errs.add("data.from_hour", f"'{served['from_hour']}' is after to_hour '{served['to_hour']}'", "range")
         if len(errs.items) == before:
-            data_cfg = DataConfig(loader, _resolve(path, base) if path else "", tcol, float(vf), float(tf))
+            data_cfg = DataConfig(loader, _resolve(path, base) if path else "", tcol, float(vf), float(tf), **served)
 
     features = as_str(errs, obj.get("features", ""), "features")
     labels = as_dict(errs, obj.get("labels") or {}, "labels") or {}
@@ -272,6 +293,7 @@ class Prepared:
     description: dict
     dropped: dict
     leaves: object | None = None   # ranking.leaves.LeafFeatures (fitted) when the config has a leaves section
+    w_train: np.ndarray | None = None  # (N,) per-row training weights (inverse propensity), mean 1
 
 
 def _read_table(path: str) -> pd.DataFrame:
@@ -305,6 +327,19 @@ def load_frames(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
         train, valid = _time_split(train, "ts", d.valid_fraction)
         desc = {"loader": "kuairand", "path": d.path, "summary": ds.summary(), "dense_columns": ds.dense_columns}
         return train, valid, test, desc
+    if d.loader == "served":
+        from .datasets import load_served
+        from .features import load_feature_spec
+
+        names = {o.name: o.type for o in cfg.objectives}
+        spec = load_feature_spec(cfg.features)
+        computed = leaves_feature_check(cfg, spec)   # GBDT leaf columns are computed, never logged
+        columns = [c for c in spec.columns if c not in computed]
+        ds = load_served(d.path, names, d.valid_fraction, max(d.test_fraction, 1e-9), (d.from_hour, d.to_hour),
+                         columns, d.ips_clip)
+        return ds.train, ds.valid, ds.test, {"loader": "served", "path": d.path, "hours": [d.from_hour, d.to_hour],
+                                             "ips_clip": d.ips_clip, "summary": ds.summary(),
+                                             "dense_columns": ds.dense_columns}
     if d.loader == "sim":
         from .datasets import load_sim_logs
 
@@ -426,8 +461,12 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
     desc.update({f"{s}_rows": (len(v[0]) if v else 0) for s, v in splits.items()})
     desc["label_columns"] = dict(zip([o.name for o in cfg.objectives], columns))
     desc["dropped"] = dropped
+    w_train = None
+    if "weight" in splits["train"][0].columns:   # inverse-propensity weights of served logs (data.ips_clip)
+        w_train = splits["train"][0]["weight"].to_numpy(dtype=np.float64)
+        desc["weights"] = {"mean": float(w_train.mean()), "max": float(w_train.max())}
     return Prepared(encoder, cfg.objectives, enc["train"][0], transform_labels(enc["train"][1], cfg.objectives),
-                    enc["valid"][0], enc["valid"][1], enc["test"][0], enc["test"][1], desc, dropped, leaves)
+                    enc["valid"][0], enc["valid"][1], enc["test"][0], enc["test"][1], desc, dropped, leaves, w_train)
 
 
 def leaves_feature_check(cfg: TrainConfig, spec) -> frozenset:
@@ -642,6 +681,7 @@ def fit(model, prep: Prepared, tcfg: TrainingConfig, *, rank: int = 0, world: in
         optimizer = make_optimizer(model, tcfg)
     get_state = get_state or (lambda: {k: v.detach().clone() for k, v in model.state_dict().items()})
     y_train = torch.from_numpy(prep.y_train)
+    w_train = torch.from_numpy(prep.w_train).float() if prep.w_train is not None else None
     n = len(prep.train)
     bs = tcfg.batch_size
     history, best, best_state, best_epoch, bad = [], -math.inf, None, 0, 0
@@ -669,7 +709,8 @@ def fit(model, prep: Prepared, tcfg: TrainingConfig, *, rank: int = 0, world: in
                 scale = world * len(idx) / n_global
             part = prep.train.select(idx)
             out = model(part.dense, part.kjt)
-            loss, _ = loss_fn(out, y_train[torch.from_numpy(idx)])
+            rows = torch.from_numpy(idx)
+            loss, _ = loss_fn(out, y_train[rows], w_train[rows] if w_train is not None else None)
             optimizer.zero_grad(set_to_none=True)
             (loss * scale if scale != 1.0 else loss).backward()
             optimizer.step()

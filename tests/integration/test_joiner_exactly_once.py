@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from online.bus import open_bus
-from online.joiner import publish_synthetic, read_examples, synthetic_served
+from online.joiner import publish_synthetic, synthetic_served
+from ranking.datasets import read_served
 
 ROOT = Path(__file__).resolve().parents[2]
 WINDOW, GRACE = 4.0, 0.5
@@ -125,7 +126,7 @@ def kill_mid_stream(config: Path, out: Path, kills: int, total_records: int, env
 
 
 def assert_matches(out: Path, expected: dict, stats: dict) -> None:
-    frame = read_examples(out)
+    frame = read_served(out)
     assert len(frame) == len(expected["examples"]) and frame["example_id"].is_unique
     assert set(frame["example_id"]) == set(expected["examples"])
     for row in frame.itertuples():
@@ -213,7 +214,7 @@ def test_a_fresh_joiner_over_the_same_bus_writes_the_same_examples(tmp_path):
         done = subprocess.run(join_cmd(config, "--max-idle", "1", "--drain"), cwd=ROOT, capture_output=True,
                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert done.returncode == 0, done.stderr
-        frame = read_examples(out).drop(columns=["joined_at"])
+        frame = read_served(out).drop(columns=["joined_at"])
         for column in ("event_ids", "user_recent_items"):
             frame[column] = frame[column].map(lambda ids: tuple(sorted(ids)))
         frames.append(frame)
