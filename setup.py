@@ -12,6 +12,7 @@ setup(
     description="Multi-objective ranking and real-time strategy engine for mixed human/LLM feeds",
     python_requires=">=3.11",
     packages=["strategy", "world", "ranking", "online", "experiments", "stratarank"],
+    package_data={"experiments": ["templates/*.j2", "templates/*.css"]},  # the dashboard's HTML templates
     install_requires=[],
     entry_points={"console_scripts": ["stratarank=stratarank.cli:main"]},
 )
