@@ -12,7 +12,8 @@ setup(
     description="Multi-objective ranking and real-time strategy engine for mixed human/LLM feeds",
     python_requires=">=3.11",
     packages=["strategy", "world", "ranking", "online", "online.features", "experiments", "stratarank"],
-    package_data={"online.features": ["lua/*.lua"]},  # the Redis store's scripts, read with importlib.resources
+    # the Redis store's Lua scripts (read with importlib.resources) and the dashboard's HTML templates
+    package_data={"online.features": ["lua/*.lua"], "experiments": ["templates/*.j2", "templates/*.css"]},
     install_requires=[],
     entry_points={"console_scripts": ["stratarank=stratarank.cli:main"]},
 )

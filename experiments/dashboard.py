@@ -24,6 +24,9 @@ Views (no CDN, no JavaScript; plots are matplotlib Agg PNGs inlined as base64):
   cumulative lift over time, the guardrail verdicts and the ramp timeline (traffic share over time,
   every advance / hold / stop with its reasons and evidence).
 
+The HTML comes from the Jinja templates in ``experiments/templates/`` (page, list, experiment, shared
+macros, CSS), autoescaped: a name or text from the results folder is shown as text, never read as markup.
+
 ``dashboard_blueprint(results_dir)`` re-reads the folder on each request, so a new analysis shows
 up on reload. ``write_static_html(results_dir, out)`` writes the same content as one HTML file.
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
+import functools
 import io
 import json
 import math
@@ -229,10 +232,6 @@ def _fmt_num(x) -> str:
     return "–" if x is None else f"{x:.4g}"
 
 
-def _e(s) -> str:
-    return html.escape(str(s), quote=True)
-
-
 def _significance(r: Mapping, alpha: float) -> str:
     """``win`` / ``loss`` / ``flat`` / ``none`` for a record (goal: higher is better; guardrail: by verdict)."""
     if r.get("error") or r.get("p_value") is None:
@@ -374,56 +373,46 @@ def _focus(ax, pts: Sequence[Mapping]) -> None:
 
 
 # ----------------------------------------------------------------------------- HTML
-CSS = """
-body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
-header{background:#24292f;color:#fff;padding:14px 28px}header h1{margin:0;font-size:20px}
-header .sub{color:#c9d1d9;font-size:13px;margin-top:4px}
-main{padding:18px 28px;max-width:1200px}
-a{color:#0969da;text-decoration:none}a:hover{text-decoration:underline}
-.banner{background:#cf222e;color:#fff;padding:12px 16px;border-radius:6px;margin:0 0 16px;font-weight:600}
-.banner small{font-weight:400;display:block;margin-top:4px}
-.card{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:16px 20px;margin-bottom:18px}
-table{border-collapse:collapse;width:100%;font-size:14px}
-th,td{padding:6px 10px;border-bottom:1px solid #d8dee4;text-align:right;white-space:nowrap}
-th{background:#f6f8fa;font-weight:600}th:first-child,td:first-child,td.name,th.name{text-align:left}
-td.win{color:#1a7f37;font-weight:700;background:#dafbe1}td.loss{color:#cf222e;font-weight:700;background:#ffebe9}
-td.flat{color:#57606a}td.none{color:#8c959f}
-.pill{display:inline-block;padding:2px 8px;border-radius:10px;font-size:12px;font-weight:600}
-.pill.good{background:#dafbe1;color:#1a7f37}.pill.bad{background:#ffebe9;color:#cf222e}
-.pill.flat,.pill.none{background:#eaeef2;color:#57606a}.pill.running{background:#ddf4ff;color:#0969da}
-.pill.stopped,.pill.hold{background:#eaeef2;color:#57606a}
-.pill.advance{background:#dafbe1;color:#1a7f37}.pill.complete{background:#ddf4ff;color:#0969da}
-.pill.stop{background:#ffebe9;color:#cf222e}td.wrap{white-space:normal;font-size:12px}
-.pass{color:#1a7f37;font-weight:700}.fail{color:#cf222e;font-weight:700}
-.note{color:#57606a;font-size:13px}img.plot{max-width:100%;border:1px solid #d8dee4;border-radius:6px;background:#fff}
-h2{font-size:18px;margin:0 0 6px}h3{font-size:15px;margin:16px 0 6px}
-"""
+TITLE = "Stratarank · A/B experiments"
 
 
-def _page(title: str, body: str, meta: Mapping) -> str:
-    sub = " · ".join(x for x in (f"generated {meta.get('generated_at')}" if meta.get("generated_at") else "",
-                                 f"config {meta.get('config')}" if meta.get("config") else "",
-                                 f"α = {meta.get('alpha', 0.05)}") if x)
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
-            f"<meta name=viewport content='width=device-width,initial-scale=1'><style>{CSS}</style></head>"
-            f"<body><header><h1>{_e(title)}</h1><div class=sub>{_e(sub)}</div></header><main>{body}</main>"
-            "</body></html>")
+def _iso(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _srm_banner(exps: Sequence[Mapping]) -> str:
-    bad = [e for e in exps if e.get("srm_alarm")]
-    if not bad:
-        return ""
-    items = "; ".join(f"{_e(e['name'])} ({_e(_p_is(e.get('srm_p')))}, users "
-                      + " / ".join(f"{_e(v)} {n:,}" for v, n in (e.get("users") or {}).items()) + ")" for e in bad)
-    return (f"<div class=banner id=srm-banner role=alert>Sample ratio mismatch: {items}"
-            "<small>The split of users across variants differs from the configured weights (χ² test, p &lt; 0.001). "
-            "Assignment or logging is broken; do not trust these results until it is fixed.</small></div>")
+def _width(rng: Sequence[float]) -> float:
+    return rng[1] - rng[0]
 
 
-def _weights(e: Mapping) -> str:
-    v = e.get("variants") or {}
-    return " / ".join(f"{_e(k)} {spec.get('weight', 0):.0%}" for k, spec in v.items()) if v else "–"
+def _traffic(decision: Mapping) -> float:
+    """The share of the layer a ramp decision leaves to the experiment (none once it is stopped)."""
+    return 0.0 if decision.get("status") == "stopped" else _width(decision["range_after"])
+
+
+@functools.cache
+def _templates():
+    """The Jinja environment of ``experiments/templates``: every value autoescaped, a missing one an
+    error, the number formats above as filters."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("experiments", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=fmt_pct, p=fmt_p, p_is=_p_is, num=_fmt_num, iso=_iso, width=_width, traffic=_traffic,
+                       share="{:.0%}".format, count="{:,}".format, g="{:g}".format)
+    env.globals["significance"] = _significance
+    return env
+
+
+def _render(template: str, **context) -> str:
+    return _templates().get_template(template).render(**context)
+
+
+def _page(title: str, meta: Mapping, body: str = "", back: str | None = None, error=None) -> str:
+    """A whole page around ``body`` (HTML rendered from this module's templates, inserted as it is);
+    ``back``: a link to the list; ``error``: a message shown as a banner."""
+    from markupsafe import Markup
+
+    return _render("page.html.j2", title=title, meta=meta, body=Markup(body), back=back, error=error)
 
 
 def render_index(bundle: Mapping, link=lambda name: f"experiment/{name}") -> str:
@@ -432,164 +421,35 @@ def render_index(bundle: Mapping, link=lambda name: f"experiment/{name}") -> str
     rows = []
     for e in bundle["experiments"]:
         recs = [r for r in bundle["records"] if r["experiment"] == e["name"]]
-        cls, text = _verdict(e, recs, alpha)
-        rng = e.get("range")
         ramp = [d for d in bundle.get("decisions", []) if d["experiment"] == e["name"]]
-        traffic = "–" if not rng else f"{(rng[1] - rng[0]):.0%}"
-        if ramp:  # the controller's latest range, not the declared one
-            last = ramp[-1]
-            share = 0.0 if last.get("status") == "stopped" else last["range_after"][1] - last["range_after"][0]
-            traffic = f"{share:.0%} <span class='pill {_e(last['action'])}'>ramp: {_e(last['action'])}</span>"
-        users = " / ".join(f"{_e(v)} {n:,}" for v, n in (e.get("users") or {}).items())
-        srm = (f"<span class='pill bad'>SRM p {fmt_p(e.get('srm_p'))}</span>" if e.get("srm_alarm")
-               else f"<span class=note>p {fmt_p(e.get('srm_p'))}</span>")
-        rows.append(
-            f"<tr id='row-{_e(e['name'])}'><td class=name><a href='{_e(link(e['name']))}'>{_e(e['name'])}</a></td>"
-            f"<td class=name>{_e(e.get('layer', ''))}</td>"
-            f"<td class=name><span class='pill {_e(e.get('status', 'running'))}'>{_e(e.get('status', 'running'))}</span></td>"
-            f"<td>{traffic}</td><td class=name>{_weights(e)}</td>"
-            f"<td class=name>{users}</td><td>{srm}</td><td class=name><span class='pill {cls}'>{_e(text)}</span></td></tr>")
-    table = ("<table id=experiments><thead><tr><th class=name>experiment</th><th class=name>layer</th>"
-             "<th class=name>status</th><th>traffic</th><th class=name>weights</th><th class=name>users</th>"
-             "<th>SRM</th><th class=name>verdict</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
-    return (_srm_banner(bundle["experiments"]) + _problems_banner(bundle.get("problems", []))
-            + f"<div class=card><h2>Experiments</h2>{table}</div>")
-
-
-def _metric_table(recs: Sequence[Mapping], alpha: float, cuped: bool) -> str:
-    head = ("<tr><th class=name>metric</th><th class=name>role</th><th>control</th><th>treatment</th>"
-            f"<th>rel. lift</th><th>{(1 - alpha):.0%} CI (rel.)</th><th>p-value</th><th>adj. p</th>"
-            + ("<th>CUPED p</th>" if cuped else "") + "<th>users (c / t)</th><th class=name>verdict</th></tr>")
-    rows = []
-    for r in recs:
-        sig = _significance(r, alpha)
-        if r.get("role") == "guardrail":
-            verdict = (f"<span class={'fail' if r.get('guardrail') == 'fail' else 'pass'}>"
-                       f"{_e((r.get('guardrail') or '–').upper())}</span>"
-                       f" <span class=note>(harmful: {_e(r.get('harmful'))})</span>")
-        else:
-            verdict = {"win": "<span class=pass>better</span>", "loss": "<span class=fail>worse</span>",
-                       "flat": "not significant", "none": "–"}[sig]
-        if r.get("error"):
-            verdict = f"<span class=note>{_e(r['error'])}</span>"
-        ci = ("–" if r.get("rel_ci_low") is None or r.get("rel_ci_high") is None
-              else f"[{fmt_pct(r['rel_ci_low'])}, {fmt_pct(r['rel_ci_high'])}]")
-        key = f"data-metric='{_e(r['metric'])}' data-variant='{_e(r['variant'])}'"
-        rows.append(
-            f"<tr {key}><td class=name>{_e(r['metric'])}</td><td class=name>{_e(r.get('role', ''))}</td>"
-            f"<td>{_fmt_num(r.get('control_mean'))}</td><td>{_fmt_num(r.get('treatment_mean'))}</td>"
-            f"<td class='lift {sig}' {key}>{fmt_pct(r.get('rel_lift'))}</td><td class='ci {sig}'>{ci}</td>"
-            f"<td class=p>{fmt_p(r.get('p_value'))}</td><td>{fmt_p(r.get('p_value_adjusted'))}</td>"
-            + (f"<td>{fmt_p(r.get('p_value_cuped'))}</td>" if cuped else "")
-            + f"<td>{r.get('control_users', 0):,} / {r.get('users', 0):,}</td><td class=name>{verdict}</td></tr>")
-    return f"<table class=metrics><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
-
-
-def _iso(t: float) -> str:
-    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _evidence(rec: Mapping) -> str:
-    if rec.get("metric") == "srm":
-        return f"SRM p {fmt_p(rec.get('estimate'))}"
-    ci = f"[{fmt_pct(rec.get('ci_low'))}, {fmt_pct(rec.get('ci_high'))}]"
-    margin = "–" if rec.get("margin") is None else f"{rec['margin'] * 100:.2f}%"
-    return (f"{_e(rec.get('metric'))} ({_e(rec.get('variant'))}) {fmt_pct(rec.get('estimate'))} {ci} "
-            f"vs margin {margin}: {_e(rec.get('verdict', '–'))}")
-
-
-def render_timeline(decisions: Sequence[Mapping]) -> str:
-    """The guarded ramp of one experiment: a plot and one row per decision with its evidence."""
-    if not decisions:
-        return ""
-    plot = timeline_plot(decisions)
-    rows = []
-    for r in reversed(decisions):  # newest first
-        lo, hi = r["range_after"]
-        before = r.get("range_before") or r["range_after"]
-        step = f"{r.get('step_before', 0) + 1} → {r.get('step_after', 0) + 1}"
-        rows.append(
-            f"<tr class='decision {_e(r['action'])}'><td class=name>{_e(_iso(r['time']))}</td>"
-            f"<td class=name><span class='pill {_e(r['action'])}'>{_e(r['action'])}</span></td><td>{_e(step)}</td>"
-            f"<td>{(before[1] - before[0]):.0%} → {(0 if r.get('status') == 'stopped' else hi - lo):.0%}</td>"
-            f"<td class='name wrap'>{'<br>'.join(_e(x) for x in r.get('reasons', []))}</td>"
-            f"<td class='name wrap'>{'<br>'.join(_evidence(x) for x in r.get('evidence', []))}</td></tr>")
-    last = decisions[-1]
-    return ("<div class=card id=ramp><h3>Guarded ramp: decisions over time</h3>"
-            f"<p class=note>{len(decisions)} decisions; now <b>{_e(last.get('status', 'running'))}</b> at "
-            f"{(0 if last.get('status') == 'stopped' else last['range_after'][1] - last['range_after'][0]):.0%} "
-            "of the layer. Evidence: relative lift with its always-valid (sequential) confidence interval "
-            "against the guardrail's margin.</p>"
-            + (f"<img class=plot alt='ramp timeline' src='data:image/png;base64,{plot}'>" if plot else "")
-            + "<table class=timeline><thead><tr><th class=name>time (UTC)</th><th class=name>action</th><th>step</th>"
-            "<th>traffic</th><th class=name>reasons</th><th class=name>evidence</th></tr></thead><tbody>"
-            + "".join(rows) + "</tbody></table></div>")
-
-
-def _problems_banner(problems: Sequence[str]) -> str:
-    if not problems:
-        return ""
-    shown = "".join(f"<br>{_e(p)}" for p in problems[:5])
-    more = f"<br>… and {len(problems) - 5} more" if len(problems) > 5 else ""
-    return f"<div class=banner role=alert>Decision log lines skipped:<small>{shown}{more}</small></div>"
+        rows.append({"experiment": e, "href": link(e["name"]), "verdict": _verdict(e, recs, alpha),
+                     "ramp": ramp[-1] if ramp else None})
+    return _render("index.html.j2", experiments=bundle["experiments"], problems=bundle.get("problems", []), rows=rows)
 
 
 def render_experiment(bundle: Mapping, name: str) -> str:
-    """One experiment: metric tables per variant, forest plot, cumulative lift, guardrails."""
+    """One experiment: metric tables per variant, forest plot, cumulative lift, guardrails, ramp timeline."""
     alpha = bundle.get("meta", {}).get("alpha", 0.05)
     e = next((x for x in bundle["experiments"] if x["name"] == name), None)
     if e is None:
         raise KeyError(name)
     recs = [r for r in bundle["records"] if r["experiment"] == name]
-    cls, text = _verdict(e, recs, alpha)
-    parts = [_srm_banner([e])]
-    variants = e.get("variants") or {}
-    overrides = "; ".join(
-        f"<b>{_e(v)}</b>: " + (", ".join(f"{_e(k)} = {_e(x)}" for k, x in (spec.get("overrides") or {}).items())
-                               or "base strategy") + (f", model {_e(spec['model'])}" if spec.get("model") else "")
-        for v, spec in variants.items())
-    rng = e.get("range")
-    parts.append(
-        f"<div class=card id='exp-{_e(name)}'><h2>{_e(name)} <span class='pill {cls}'>{_e(text)}</span> "
-        f"<span class='pill {_e(e.get('status', 'running'))}'>{_e(e.get('status', 'running'))}</span></h2>"
-        + (f"<p>{_e(e['description'])}</p>" if e.get("description") else "")
-        + f"<p class=note>layer {_e(e.get('layer', ''))} · traffic "
-        + ("–" if not rng else f"[{rng[0]:g}, {rng[1]:g})") + f" · weights {_weights(e)} · users "
-        + " / ".join(f"{_e(v)} {n:,}" for v, n in (e.get("users") or {}).items())
-        + f" · SRM p {fmt_p(e.get('srm_p'))}</p>" + (f"<p class=note>{overrides}</p>" if overrides else ""))
-    cuped = any(r.get("p_value_cuped") is not None for r in recs)
-    for v in dict.fromkeys(r["variant"] for r in recs):
-        parts.append(f"<h3>{_e(v)} vs {_e(e.get('control', 'control'))}</h3>"
-                     + _metric_table([r for r in recs if r["variant"] == v], alpha, cuped))
-    guards = [r for r in recs if r.get("role") == "guardrail"]
-    if guards:
-        items = "".join(
-            f"<li><span class={'fail' if r.get('guardrail') == 'fail' else 'pass'}>"
-            f"{_e((r.get('guardrail') or 'n/a').upper())}</span> {_e(r['metric'])} ({_e(r['variant'])}): "
-            f"{fmt_pct(r.get('rel_lift'))}, p {fmt_p(r.get('p_value'))}, harmful if it {_e(r.get('harmful'))}s</li>"
-            for r in guards)
-        parts.append(f"<h3>Guardrails</h3><ul class=guardrails>{items}</ul>")
-    parts.append("</div>")
-    forest = forest_plot(recs, alpha)
-    if forest:
-        parts.append(f"<div class=card><h3>Relative lift by metric</h3><img class=plot alt='forest plot of lifts' "
-                     f"src='data:image/png;base64,{forest}'></div>")
     series = [s for s in bundle.get("cumulative", []) if s["experiment"] == name]
-    cum = cumulative_plot(series, list(dict.fromkeys(r["metric"] for r in recs)))
-    if cum:
-        parts.append(f"<div class=card><h3>Cumulative relative lift over time</h3><img class=plot "
-                     f"alt='cumulative lift over time' src='data:image/png;base64,{cum}'>"
-                     "<p class=note>Each point re-analyses all data up to the end of that day (UTC); "
-                     "the band is the unadjusted CI, so early peeks are noisier than they look.</p></div>")
-    parts.append(render_timeline([d for d in bundle.get("decisions", []) if d["experiment"] == name]))
-    return "".join(parts)
+    decisions = [d for d in bundle.get("decisions", []) if d["experiment"] == name]
+    return _render(
+        "experiment.html.j2", e=e, alpha=alpha, verdict=_verdict(e, recs, alpha),
+        tables=[(v, [r for r in recs if r["variant"] == v]) for v in dict.fromkeys(r["variant"] for r in recs)],
+        cuped=any(r.get("p_value_cuped") is not None for r in recs),
+        guards=[r for r in recs if r.get("role") == "guardrail"], forest=forest_plot(recs, alpha),
+        cumulative=cumulative_plot(series, list(dict.fromkeys(r["metric"] for r in recs))),
+        decisions=decisions, timeline=timeline_plot(decisions))
 
 
 def render_static(bundle: Mapping) -> str:
     """One self-contained page: the list, then every experiment (PNG plots inlined)."""
     body = render_index(bundle, link=lambda n: f"#exp-{n}")
     body += "".join(render_experiment(bundle, e["name"]) for e in bundle["experiments"])
-    return _page("Stratarank · A/B experiments", body, bundle.get("meta", {}))
+    return _page(TITLE, bundle.get("meta", {}), body)
 
 
 def write_static_html(results_dir: str | Path, out: str | Path, decisions: Sequence[str | Path] = ()) -> Path:
@@ -612,12 +472,12 @@ def dashboard_blueprint(results_dir: str | Path, url_prefix: str = "/dashboard",
         try:
             return read_results(results_dir, decisions)
         except FileNotFoundError as exc:
-            abort(Response(_page("Stratarank · no results", f"<div class=banner>{_e(exc)}</div>", {}), 404))
+            abort(Response(_page("Stratarank · no results", {}, error=exc), 404))
 
     @bp.get("/")
     def index():
         b = load()
-        return _page("Stratarank · A/B experiments", render_index(b), b.get("meta", {}))
+        return _page(TITLE, b.get("meta", {}), render_index(b))
 
     @bp.get("/experiment/<name>")
     def experiment(name):
@@ -626,8 +486,7 @@ def dashboard_blueprint(results_dir: str | Path, url_prefix: str = "/dashboard",
             body = render_experiment(b, name)
         except KeyError:
             abort(404)
-        body = "<p><a href='../'>← all experiments</a></p>" + body
-        return _page(f"Stratarank · {name}", body, b.get("meta", {}))
+        return _page(f"Stratarank · {name}", b.get("meta", {}), body, back="../")
 
     @bp.get("/results.json")
     def raw():

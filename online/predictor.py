@@ -143,15 +143,16 @@ class RankerChain:
 
 
 def load_ranker(registry: str, ref: str):
-    """A registered ranker: TorchRec (``ranking.registry``) or LightGBM (manifest ``kind``)."""
+    """A registered ranker: TorchRec (``ranking.artifacts.load_model``) or LightGBM (manifest ``kind``)."""
     import json
 
-    from ranking.registry import load_model, resolve
+    from ranking.artifacts import load_model
+    from ranking.registry import resolve
 
     vdir = resolve(registry, ref)
     manifest = json.loads((vdir / "manifest.json").read_text(encoding="utf-8"))
     if manifest.get("kind") == "lightgbm":
-        from ranking.lgbm import load_registered_lgbm
+        from ranking.artifacts import load_registered_lgbm
 
         return load_registered_lgbm(vdir)
     return TorchRecRanker(load_model(registry, str(vdir)))

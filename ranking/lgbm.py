@@ -1,7 +1,8 @@
 """LightGBM rankers: one booster per objective, and a LambdaMART ranker on the blended utility.
 
 Models are saved in LightGBM's own text format (``booster.save_model``) next to a JSON manifest, and
-loaded with ``lgb.Booster(model_file=...)``: never pickle.
+loaded with ``lgb.Booster(model_file=...)``: never pickle. A model registered as the scorer's fallback:
+:func:`ranking.artifacts.register_lgbm`.
 """
 from __future__ import annotations
 
@@ -251,55 +252,3 @@ class LGBMLambdaRanker:
         model.feature_columns = list(manifest["feature_columns"])
         model.booster = lgb.Booster(model_file=str(directory / manifest["files"]["ranker"]))
         return model
-
-
-# ---------------------------------------------------------------- the registry (online fallback)
-
-REGISTRY_SUBDIR = "lightgbm"
-
-
-class RegisteredLGBM:
-    """A registered :class:`LGBMMultiObjective` scoring the scorer's request rows.
-
-    Request rows carry ``source`` rather than ``is_llm``; missing numeric columns are NaN, which
-    LightGBM routes like missing values in training.
-    """
-
-    def __init__(self, model: LGBMMultiObjective, name: str, version: str):
-        self.model, self.name, self.version = model, name, version
-        self.objectives = tuple(model.objectives)
-
-    def predict(self, rows: pd.DataFrame) -> np.ndarray:
-        frame = rows
-        missing = [c for c in self.model.feature_columns if c not in rows.columns]
-        if missing:
-            frame = rows.copy()
-            for column in missing:
-                if column == "is_llm" and "source" in rows.columns:
-                    frame[column] = (rows["source"] == "llm").astype(np.float64)
-                else:
-                    frame[column] = np.nan
-        numeric = frame[list(self.model.feature_columns)].apply(pd.to_numeric, errors="coerce")
-        return self.model.predict(numeric)
-
-
-def register_lgbm(registry_dir, name: str, model: LGBMMultiObjective, metrics: dict, make_current: bool = True) -> Path:
-    """Publish ``model`` as the next version of ``name`` (``kind: lightgbm``) in the model registry."""
-    from .registry import publish_version
-
-    def write(folder: Path) -> dict:
-        model.save(folder / REGISTRY_SUBDIR)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
-        return {"kind": "lightgbm",
-                "model": {"class": "ranking.lgbm.LGBMMultiObjective", "config": {"arch": "lightgbm"},
-                          "feature_columns": model.feature_columns},
-                "objectives": [{"name": k, "type": t} for k, t in model.types.items()]}
-
-    return publish_version(registry_dir, name, write, make_current=make_current)
-
-
-def load_registered_lgbm(version_dir) -> RegisteredLGBM:
-    version_dir = Path(version_dir)
-    manifest = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8"))
-    model = LGBMMultiObjective.load(version_dir / REGISTRY_SUBDIR)
-    return RegisteredLGBM(model, manifest["name"], manifest["version"])

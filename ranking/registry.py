@@ -1,20 +1,12 @@
 """Model registry: ``registry/<name>/<version>/`` folders and an atomically switched ``current`` pointer.
 
-A version folder holds::
-
-    weights.pt        state_dict (torch.save; loaded with torch.load(..., weights_only=True))
-    features.json     the feature spec and the fitted encoder state (vocabularies, scaler mean/scale)
-    objectives.json   the objectives it predicts, in output order (type, transform, loss weight, label)
-    metrics.json      validation/test metrics and the training history
-    manifest.json     name, version, created, model config, objective types/transforms, data description
-    leaves/           (optional) the GBDT whose leaf ids feed an id_list feature (ranking/leaves.py:
-                      LightGBM text models + leaves.json); loading computes the same leaf column
+A version folder is published complete or not at all (:func:`publish_version` fills a temp folder and
+renames it into place) and always holds a ``manifest.json`` (name, version, created, and the fields of
+its kind); what else it holds, and how a model is saved and loaded, is :mod:`ranking.artifacts`.
 
 ``registry/<name>/current`` is a one-line file naming the current version, replaced with
 ``os.replace`` of a temp file (readers see the old or the new version, never a partial one).
-
-Loading: ``load_model(registry_dir, "name")`` (current), ``"name@v3"`` or a version folder path;
-``LoadedModel.predict(rows)`` -> (N, K) predictions in natural units.
+The registry imports nothing heavy (no torch, no lightgbm): listing and resolving models is cheap.
 """
 from __future__ import annotations
 
@@ -23,7 +15,6 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +22,10 @@ import numpy as np
 from strategy.errors import FieldError, ValidationError
 
 VERSION_RE = re.compile(r"^v(\d+)$")
-FILES = ("weights.pt", "features.json", "objectives.json", "metrics.json", "manifest.json")
-LEAVES_DIR = "leaves"
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON (numpy scalars and arrays as plain numbers and lists)."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
 
 
@@ -45,17 +35,6 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean(obj):
-    """NaN/inf -> None so metrics.json is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return None
-    return obj
 
 
 def versions(registry_dir: str | Path, name: str) -> list[str]:
@@ -111,7 +90,7 @@ def publish_version(registry_dir: str | Path, name: str, write, make_current: bo
             version = f"v{int(existing[-1][1:]) + 1 if existing else 1}"
             manifest = {"name": name, "version": version,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
-            _write_json(tmp / "manifest.json", manifest)
+            write_json(tmp / "manifest.json", manifest)
             try:
                 os.rename(tmp, root / version)
                 break
@@ -127,38 +106,6 @@ def publish_version(registry_dir: str | Path, name: str, write, make_current: bo
     if make_current:
         set_current(registry_dir, name, version)
     return root / version
-
-
-def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, model_config, objectives,
-               metrics: dict, data: dict | None = None, train_config: str | None = None,
-               make_current: bool = True, leaves=None) -> Path:
-    """Write a new version of a TorchRec ranker and (by default) make it current; returns its folder.
-
-    ``leaves``: the fitted :class:`ranking.leaves.LeafFeatures` whose column the encoder reads (saved in
-    ``leaves/``, LightGBM text format)."""
-    import torch
-
-    def write(folder: Path) -> dict:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, folder / "weights.pt")
-        if leaves is not None:
-            leaves.save(folder / LEAVES_DIR)
-        _write_json(folder / "features.json", encoder.state_dict())
-        _write_json(folder / "objectives.json", [o.to_dict() for o in objectives])
-        _write_json(folder / "metrics.json", _clean(metrics))
-        return {
-            "format": 1,
-            "kind": "torchrec",
-            "model": {"class": "ranking.models.MultiTaskRanker", "config": model_config.to_dict(),
-                      "dense_dim": encoder.dense_dim, "sparse_features": encoder.sparse_keys},
-            "objectives": [{"name": o.name, "type": o.type, "transform": o.transform} for o in objectives],
-            "data": _clean(data or {}),
-            "train_config": train_config,
-            "files": list(FILES) + ([LEAVES_DIR] if leaves is not None else []),
-            **({"leaves": {"dir": LEAVES_DIR, "column": leaves.column, "objectives": leaves.objectives,
-                           "n_trees": leaves.n_trees}} if leaves is not None else {}),
-        }
-
-    return publish_version(registry_dir, name, write, make_current)
 
 
 def list_models(registry_dir: str | Path) -> list[dict]:
@@ -206,83 +153,3 @@ def resolve(registry_dir: str | Path, ref: str) -> Path:
                                           f"(versions: {', '.join(versions(registry_dir, name)) or 'none'})",
                                           "unknown_version")])
     return vdir
-
-
-@dataclass
-class LoadedModel:
-    """A registered model ready to score rows.
-
-    ``predict(rows)`` -> float64 (N, K) in ``objectives`` order, natural units (probabilities for
-    binary objectives; expm1 of the output for log1p regressions, e.g. seconds of watch time).
-    """
-
-    name: str
-    version: str
-    objectives: tuple[str, ...]
-    objective_configs: tuple
-    manifest: dict
-    metrics: dict
-    encoder: object
-    module: object
-    path: Path
-    leaves: object | None = None   # ranking.leaves.LeafFeatures: computes the encoder's leaf-id column
-
-    @property
-    def columns(self) -> list[str]:
-        """The input columns the model reads: its feature spec's, with the GBDT leaves' inputs in place
-        of the leaf-id column they compute."""
-        if self.leaves is None:
-            return self.encoder.spec.columns
-        return sorted((set(self.encoder.spec.columns) - set(self.leaves.columns)) | set(self.leaves.feature_columns))
-
-    def with_leaves(self, rows):
-        """``rows`` (a DataFrame) with the leaf-id column computed, as training added it (the rows as
-        they are when the model has no GBDT leaves)."""
-        return rows if self.leaves is None else self.leaves.add_column(rows)
-
-    def predict(self, rows, allow_missing: bool = False) -> np.ndarray:
-        """(N, K) predictions of ``rows`` (a DataFrame) in natural units; one batched forward.
-
-        ``allow_missing=True`` treats spec columns absent from ``rows`` as missing values
-        (see ``FeatureEncoder.transform``); by default an absent column is a ValidationError."""
-        import torch
-
-        from .models import to_natural
-
-        if len(rows) == 0:
-            return np.zeros((0, len(self.objectives)))
-        batch = self.encoder.transform(self.with_leaves(rows), allow_missing=allow_missing)
-        with torch.inference_mode():
-            out = to_natural(self.module(batch.dense, batch.kjt), self.objective_configs)
-        return out.double().numpy()
-
-    def predict_dict(self, rows) -> list[dict]:
-        """Per-row ``{objective: value}`` (convenience for logs and JSON)."""
-        p = self.predict(rows)
-        return [dict(zip(self.objectives, map(float, r))) for r in p]
-
-
-def load_model(registry_dir: str | Path, ref: str) -> LoadedModel:
-    """Load ``ref`` (``name``, ``name@version`` or a version folder) from ``registry_dir``."""
-    import torch
-
-    from .features import FeatureEncoder
-    from .models import ModelConfig, MultiTaskRanker, ObjectiveConfig
-
-    vdir = resolve(registry_dir, ref)
-    manifest = json.loads((vdir / "manifest.json").read_text(encoding="utf-8"))
-    metrics = json.loads((vdir / "metrics.json").read_text(encoding="utf-8"))
-    objectives = tuple(ObjectiveConfig(**o) for o in json.loads((vdir / "objectives.json").read_text(encoding="utf-8")))
-    encoder = FeatureEncoder.load(vdir / "features.json")
-    config = ModelConfig.from_dict(manifest["model"]["config"])
-    module = MultiTaskRanker(encoder.embedding_bag_configs(), encoder.dense_dim, objectives, config)
-    state = torch.load(vdir / "weights.pt", map_location="cpu", weights_only=True)
-    module.load_state_dict(state)
-    module.eval()
-    leaves = None
-    if manifest.get("leaves") is not None:
-        from .leaves import LeafFeatures
-
-        leaves = LeafFeatures.load(vdir / manifest["leaves"].get("dir", LEAVES_DIR))
-    return LoadedModel(manifest["name"], manifest["version"], tuple(o.name for o in objectives), objectives,
-                       manifest, metrics, encoder, module, vdir, leaves)

@@ -792,7 +792,7 @@ def train_from_config(cfg: TrainConfig, registry: str | None = None, log=print, 
 
 def finish(cfg: TrainConfig, prep: Prepared, result: dict, metrics: dict, state: dict, registry, log,
            register: bool, extra: dict) -> dict:
-    from .registry import save_model
+    from .artifacts import save_model
 
     metrics = {**metrics, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
                "examples_per_second": round(result["examples_per_second"], 1),
@@ -869,7 +869,7 @@ def synthetic_impressions(n: int = 2000, seed: int = 0, n_users: int = 200, n_it
 
 def evaluate_registered(loaded, cfg: TrainConfig, split: str = "test", group_column: str = "user_id",
                         log=print) -> dict:
-    """Metrics of a registered model (``ranking.registry.LoadedModel``) on ``split`` of the config's data.
+    """Metrics of a registered model (``ranking.artifacts.LoadedModel``) on ``split`` of the config's data.
 
     Uses the model's own fitted encoder (``loaded.predict``), never a refit. Binary objectives:
     ``auc``, ``gauc`` (grouped by ``group_column`` where present), ``logloss``, ``ece``; regression:

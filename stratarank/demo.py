@@ -110,7 +110,8 @@ def train_models(logs: Path, registry: Path, epochs: int | None) -> dict:
 
 def train_fallback(logs: Path, registry: Path, objectives) -> dict:
     from ranking.datasets import load_sim_logs
-    from ranking.lgbm import LGBMMultiObjective, register_lgbm
+    from ranking.artifacts import register_lgbm
+    from ranking.lgbm import LGBMMultiObjective
     from ranking.metrics import auc
 
     data = load_sim_logs(logs)

@@ -51,7 +51,8 @@ def test_broker_down_at_start_requests_succeed_and_events_arrive_later(tmp_path,
 
 
 def _lightgbm(registry):
-    from ranking.lgbm import LGBMMultiObjective, register_lgbm
+    from ranking.artifacts import register_lgbm
+    from ranking.lgbm import LGBMMultiObjective
 
     rng = np.random.default_rng(0)
     n = 2000

@@ -72,7 +72,7 @@ def test_train_register_load_predict(tmp_path, data_file):
     listed = stratarank("models", "list", "--registry", str(tmp_path / "registry"))
     assert listed.returncode == 0 and "tiny_mmoe" in listed.stdout and "v1" in listed.stdout
 
-    from ranking.registry import load_model
+    from ranking.artifacts import load_model
 
     model = load_model(tmp_path / "registry", "tiny_mmoe")
     assert model.objectives == ("click", "like", "share", "watch_time", "report")
@@ -120,7 +120,7 @@ def test_nproc2_dmp_matches_single_process(tmp_path, data_file):
     for k, v in ma.items():
         if "auc" in v:
             assert abs(v["auc"] - mb[k]["auc"]) <= 0.005, (k, v["auc"], mb[k]["auc"])
-    from ranking.registry import load_model
+    from ranking.artifacts import load_model
 
     assert load_model(tmp_path / "registry", "tiny_mmoe@v2").predict(
         synthetic_impressions(20, seed=1)).shape == (20, 5)

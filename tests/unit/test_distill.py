@@ -77,7 +77,7 @@ def test_distill_section_is_validated(small_train_config, distill, path, words):
 
 
 def test_training_softens_only_the_training_targets(tmp_path, small_train_config):
-    from ranking.registry import load_model
+    from ranking.artifacts import load_model
     from ranking.train import load_train_config, prepare, train_from_config
 
     _, path = small_train_config(SPEC, name="kd", distill={"alpha": 0.25, "folds": 3, "max_rounds": 40,

@@ -179,7 +179,7 @@ def test_train_register_serve_without_skew(tmp_path, small_train_config, extra, 
     """Training, ``load_model`` (weights_only) and the scorer's plain-column path predict the same."""
     from online.predictor import RequestRows, TorchRecRanker
     from ranking.models import build_model, to_natural
-    from ranking.registry import load_model, save_model
+    from ranking.artifacts import load_model, save_model
     from ranking.train import (fit, load_train_config, predict_outputs, prepare, seed_everything,
                                train_from_config)
 

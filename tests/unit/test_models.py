@@ -154,7 +154,7 @@ def test_dot_interaction_and_position_bias_tower():
 
 def test_smearing_makes_natural_units_unbiased_in_mean(tmp_path):
     from ranking.models import smearing_factor, with_smearing
-    from ranking.registry import load_model, save_model
+    from ranking.artifacts import load_model, save_model
 
     rng = np.random.default_rng(0)
     mu = rng.normal(1.0, 0.5, 20000)

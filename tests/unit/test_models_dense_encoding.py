@@ -92,7 +92,7 @@ def test_config_errors_name_the_field_and_allowed_values():
 
 @pytest.mark.parametrize("mode", ["piecewise", "bucket", "quantile"])
 def test_registry_round_trip_with_weights_only_predicts_identically(tmp_path, mode):
-    from ranking.registry import load_model, save_model
+    from ranking.artifacts import load_model, save_model
 
     df, y = frame()
     enc = FeatureEncoder(feature_spec_from_dict(SPEC)).fit(df)
@@ -116,7 +116,7 @@ def test_registry_round_trip_with_weights_only_predicts_identically(tmp_path, mo
 
 
 def test_trainer_fits_the_edges_on_training_rows_and_registers(tmp_path):
-    from ranking.registry import load_model
+    from ranking.artifacts import load_model
     from ranking.train import load_train_config, synthetic_impressions, train_from_config
 
     df = synthetic_impressions(600, seed=2)

@@ -1,14 +1,21 @@
-"""Model registry (versions, atomic current pointer, load/predict) and the trainer's input checks."""
+"""Model registry (versions, atomic current pointer), saved-model artifacts (load/predict), the registry's
+imports, and the trainer's input checks."""
+import ast
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+import ranking
 from ranking.features import FeatureEncoder, feature_spec_from_dict
 from ranking.models import ModelConfig, ObjectiveConfig, build_model, to_natural
-from ranking.registry import current_version, list_models, load_model, resolve, save_model, set_current, versions
+from ranking.artifacts import load_model, save_model
+from ranking.registry import current_version, list_models, resolve, set_current, versions
 from ranking.train import clean_labels, label_columns, load_train_config, synthetic_impressions, train_from_config
 from strategy.errors import ValidationError
 
@@ -94,6 +101,61 @@ def test_unknown_model_or_version(tmp_path, trained):
         resolve(tmp_path, "nope")
     with pytest.raises(ValidationError, match=r"versions: v1"):
         load_model(tmp_path, "ranker@v7")
+
+
+# ---------------------------------------------------------------- the registry's imports
+
+LIST_AND_RESOLVE = """
+import sys
+from ranking.registry import current_version, list_models, resolve, versions
+root = sys.argv[1]
+assert versions(root, "ranker") == ["v1"] and current_version(root, "ranker") == "v1"
+assert resolve(root, "ranker").name == "v1" and [r["version"] for r in list_models(root)] == ["v1"]
+heavy = ("torch", "torchrec", "lightgbm", "ranking.artifacts", "ranking.leaves", "ranking.lgbm", "ranking.models")
+print(sorted(m for m in heavy if m in sys.modules))
+"""
+
+
+def test_registry_lists_and_resolves_without_model_code(tmp_path, trained):
+    """A fresh interpreter lists and resolves a registered model without importing torch, LightGBM or
+    the modules that save and load models."""
+    save(tmp_path, trained)
+    out = subprocess.run([sys.executable, "-c", LIST_AND_RESOLVE, str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _ranking_imports() -> dict[str, set[str]]:
+    """ranking module -> the ranking modules it imports, at module level or inside a function."""
+    graph = {}
+    for path in sorted(Path(ranking.__file__).parent.glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ranking."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("ranking.")}
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def test_ranking_modules_import_no_circle():
+    graph = _ranking_imports()
+    assert graph["registry"] == set()
+    assert "registry" in graph["artifacts"] and "artifacts" not in graph["registry"]
+
+    def circle_from(module, trail):
+        if module in trail:
+            return trail[trail.index(module):] + [module]
+        for dep in sorted(graph.get(module, ())):
+            if found := circle_from(dep, trail + [module]):
+                return found
+        return None
+
+    circles = [c for m in graph if (c := circle_from(m, []))]
+    assert circles == []
 
 
 # ---------------------------------------------------------------- trainer input checks

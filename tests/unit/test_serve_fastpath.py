@@ -17,7 +17,7 @@ from online.predictor import RankerChain, RequestRows, TorchRecRanker, _model_in
 from ranking import features as features_mod
 from ranking.features import FeatureEncoder, feature_spec_from_dict, load_feature_spec
 from ranking.models import ModelConfig, ObjectiveConfig, build_model
-from ranking.registry import load_model, save_model
+from ranking.artifacts import load_model, save_model
 from strategy import load_strategy, parse_request
 
 torch.set_num_threads(1)
