@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Multi-objective ranking and real-time strategy engine for mixed human/LLM feeds",
     python_requires=">=3.11",
-    packages=["strategy", "world", "ranking", "online", "experiments", "stratarank"],
+    packages=["strategy", "world", "ranking", "online", "online.bus", "experiments", "stratarank"],
     install_requires=[],
     entry_points={"console_scripts": ["stratarank=stratarank.cli:main"]},
 )
