@@ -12,7 +12,7 @@ One interface (:mod:`online.bus.base`), two implementations chosen by URL (:func
     Kafka through kafka-python 2.3.x; a consumer name is a consumer group with manual commits.
     Publishing never blocks on the broker: records wait in a local spool until it acknowledged
     them. Consumers decode fetched records with :mod:`online.bus.kafka_decoder` (on another
-    kafka-python, with the stock decoder).
+    kafka-python, with the stock decoder: warned and counted in the scorer's ``/metrics``).
 
 Delivery is at least once: a consumer commits after it has applied a batch, so after a crash the
 uncommitted tail is delivered again; consumers dedupe (the feature store does, by ``event_id``).

@@ -18,7 +18,7 @@ from strategy.errors import ValidationError
 from .base import (DEFAULT_SEGMENT_BYTES, TOPIC_RE, TOPICS, Consumer, EventBus, Record, _check_consumer_name,
                    _check_topic, _decode_values, _normalise_position, encode_records)
 from .embedded import EmbeddedBus, EmbeddedConsumer
-from .kafka_decoder import _fast_partition_records
+from .kafka_decoder import install_fast_decoder
 from .segments import _seg_path, _segments
 
 log = logging.getLogger("stratarank.bus")
@@ -312,11 +312,7 @@ class KafkaConsumerAdapter(Consumer):
             # kafka-python's defaults let a fetch response (50 MB) outgrow the frame limit (1 MB): a
             # fetch of several topics then fails with "Invalid frame length" and is retried
             fetch_max_bytes=16 << 20, max_partition_fetch_bytes=8 << 20, receive_message_max_bytes=32 << 20)
-        fast = _fast_partition_records()
-        fetcher = getattr(self._consumer, "_fetcher", None)
-        self._tuples = fast is not None and fetcher is not None   # records come as (offset, ts_ms, key, value)
-        if self._tuples:
-            fetcher.PartitionRecords = fast  # this consumer only
+        self._tuples = install_fast_decoder(self._consumer)   # records come as (offset, ts_ms, key, value)
         self._polled: dict[tuple[str, int], int] = {}
         self.invalid = 0
 

@@ -2,10 +2,78 @@
 
 It subclasses kafka-python 2.3.x's private ``Fetcher.PartitionRecords`` and reads a v2 batch's
 private ``_buffer``, ``_pos`` and ``_header_data`` (the header's fields by position), so it is used
-only on kafka-python 2.3.x; elsewhere a consumer keeps kafka-python's stock decoder."""
+only where those are as in 2.3.x (:func:`_unsupported`). Elsewhere a consumer keeps kafka-python's
+stock decoder (about 3x slower): that is logged once per reason and counted (:func:`fallbacks`),
+and the scorer's ``/metrics`` shows it as ``stratarank_kafka_decoder_fallbacks_total``."""
 from __future__ import annotations
 
-_FAST_RECORDS = None
+import logging
+import threading
+
+log = logging.getLogger("stratarank.bus")
+
+# the private API of kafka-python 2.3.x the decoder relies on, besides the version
+_PARTITION_RECORDS_API = ("_unpack_records", "_maybe_skip_record", "take", "drain",
+                          "_consume_aborted_transactions_up_to", "_is_batch_aborted", "_contains_abort_marker")
+_BATCH_API = ("_buffer", "_pos", "_header_data", "_maybe_uncompress")
+_BATCH_HEADER = ">qiibIhiqqqhii"  # the v2 batch header that ``_header_data`` holds, read by position
+
+_FAST_RECORDS = None  # the decoder class once built, or ``(reason, detail)`` once refused
+_fallbacks: dict[str, int] = {}  # reason -> consumers of this process left on the stock decoder
+_fallbacks_lock = threading.Lock()
+
+
+def fallbacks() -> dict[str, int]:
+    """``{reason: Kafka consumers of this process that read with kafka-python's stock decoder}``;
+    the reasons: ``version`` (kafka-python is not 2.3.x) and ``private_api`` (something the fast
+    decoder relies on is missing)."""
+    with _fallbacks_lock:
+        return dict(_fallbacks)
+
+
+def install_fast_decoder(consumer) -> bool:
+    """Give one ``KafkaConsumer`` the fast decoder: True when it yields ``(offset, timestamp_ms,
+    key, value)`` tuples from now on; False when it keeps the stock decoder's ``ConsumerRecord``s,
+    which is warned once per reason and counted in :func:`fallbacks`."""
+    fast = _fast_partition_records()
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fast is not None and fetcher is not None:
+        fetcher.PartitionRecords = fast  # this consumer only
+        return True
+    reason, detail = _FAST_RECORDS if fast is None else ("private_api", "KafkaConsumer has no _fetcher")
+    with _fallbacks_lock:
+        first = reason not in _fallbacks
+        _fallbacks[reason] = _fallbacks.get(reason, 0) + 1
+    if first:
+        log.warning("kafka consumer: %s, so kafka-python's stock record decoder is used (about 3x slower than the "
+                    "fast one; counted in /metrics as stratarank_kafka_decoder_fallbacks_total)", detail)
+    return False
+
+
+def _unsupported() -> tuple[str, str] | None:
+    """``(reason, detail)`` where the installed kafka-python lacks what the fast decoder relies on, else None."""
+    import kafka
+
+    version = kafka.__version__
+    if not version.startswith("2.3."):
+        return "version", f"kafka-python {version} is not 2.3.x"
+    try:
+        from kafka.consumer import fetcher
+        from kafka.record import util
+        from kafka.record.default_records import DefaultRecordBatch
+    except ImportError as exc:
+        return "private_api", f"kafka-python {version}: {exc}"
+    records = getattr(fetcher.Fetcher, "PartitionRecords", None)
+    missing = (["Fetcher.PartitionRecords"] if records is None else
+               [f"Fetcher.PartitionRecords.{a}" for a in _PARTITION_RECORDS_API if not hasattr(records, a)])
+    missing += [f"kafka.consumer.fetcher.{a}" for a in ("Errors", "READ_COMMITTED") if not hasattr(fetcher, a)]
+    missing += [] if hasattr(util, "decode_varint") else ["kafka.record.util.decode_varint"]
+    missing += [f"DefaultRecordBatch.{a}" for a in _BATCH_API if not hasattr(DefaultRecordBatch, a)]
+    if getattr(getattr(DefaultRecordBatch, "HEADER_STRUCT", None), "format", None) != _BATCH_HEADER:
+        missing.append(f"DefaultRecordBatch.HEADER_STRUCT {_BATCH_HEADER}")
+    if missing:
+        return "private_api", f"kafka-python {version} lacks {', '.join(missing)}"
+    return None
 
 
 def _fast_partition_records():
@@ -15,17 +83,18 @@ def _fast_partition_records():
     with the per-record varint decoding inlined -- about 3x faster than the stock generator, which was
     half of the Kafka consumer's time. It yields plain ``(offset, timestamp_ms, key, value)`` tuples,
     not 13-field ``ConsumerRecord``s (a tenth of the cost; only the Kafka bus's consumer adapter reads
-    them; headers are checked and dropped). Installed per consumer (an attribute of its
-    fetcher); None on another kafka-python version (the stock one is used)."""
+    them; headers are checked and dropped). Installed per consumer by :func:`install_fast_decoder`;
+    None where :func:`_unsupported` refuses it (the stock one is used)."""
     global _FAST_RECORDS
-    if _FAST_RECORDS is not None:
-        return _FAST_RECORDS or None
-    import kafka
+    if _FAST_RECORDS is None:
+        _FAST_RECORDS = _unsupported() or _build()
+    return None if isinstance(_FAST_RECORDS, tuple) else _FAST_RECORDS
+
+
+def _build():
+    """The decoder class of :func:`_fast_partition_records`."""
     from kafka.consumer import fetcher as _fetcher
 
-    if not kafka.__version__.startswith("2.3.") or not hasattr(_fetcher.Fetcher, "PartitionRecords"):
-        _FAST_RECORDS = False
-        return None
     Errors = _fetcher.Errors
     from kafka.record.util import decode_varint
 
@@ -178,5 +247,4 @@ def _fast_partition_records():
             except StopIteration:
                 raise RuntimeError("StopIteration raised unpacking messageset") from None
 
-    _FAST_RECORDS = FastPartitionRecords
     return FastPartitionRecords
