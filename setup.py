@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Multi-objective ranking and real-time strategy engine for mixed human/LLM feeds",
     python_requires=">=3.11",
-    packages=["strategy", "world", "ranking", "online", "online.features", "experiments", "stratarank"],
+    packages=["strategy", "world", "ranking", "online", "online.bus", "online.features", "experiments", "stratarank"],
     # the Redis store's Lua scripts (read with importlib.resources) and the dashboard's HTML templates
     package_data={"online.features": ["lua/*.lua"], "experiments": ["templates/*.j2", "templates/*.css"]},
     install_requires=[],

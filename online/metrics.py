@@ -9,6 +9,8 @@ import bisect
 import threading
 from collections import defaultdict
 
+from .bus.kafka_decoder import fallbacks as kafka_decoder_fallbacks
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -37,6 +39,7 @@ class Metrics:
                 self.degraded[degraded] += 1
 
     def render(self) -> str:
+        decoder_fallbacks = kafka_decoder_fallbacks()
         with self._lock:
             lines = [
                 "# HELP stratarank_requests_total HTTP requests by endpoint and status.",
@@ -72,5 +75,11 @@ class Metrics:
                 "# HELP stratarank_model_info The model version being served.",
                 "# TYPE stratarank_model_info gauge",
                 f'stratarank_model_info{{version="{self.model_version}"}} 1',
+                "# HELP stratarank_kafka_decoder_fallbacks_total Kafka consumers reading with kafka-python's stock "
+                "record decoder (about 3x slower) instead of the fast one, by cause: version (kafka-python is not "
+                "2.3.x), private_api (something the fast one relies on is missing).",
+                "# TYPE stratarank_kafka_decoder_fallbacks_total counter",
             ]
+            for reason, n in sorted(decoder_fallbacks.items()):
+                lines.append(f'stratarank_kafka_decoder_fallbacks_total{{reason="{reason}"}} {n}')
         return "\n".join(lines) + "\n"

@@ -16,7 +16,7 @@ Configuration is the ``bus:``, ``store:`` and ``nearline:`` sections of ``conf/s
                dedupe_ttl_s: 604800, dedupe_max_keys: 2000000}
     nearline: {consumer: nearline, topics: [impressions, events], batch_size: 5000, poll_timeout_s: 0.1}
 
-Retention (embedded bus only; see online/bus.py): closed segments older than ``retention_s`` (7 days;
+Retention (embedded bus only; see online/bus/embedded.py): closed segments older than ``retention_s`` (7 days;
 null: no age limit), or the oldest while a topic exceeds ``retention_bytes`` (null: no size limit),
 are deleted once every consumer that committed a position on the topic is past them
 (``retention_wait_for_consumers: false`` deletes regardless). The dedupe bound (see

@@ -3,7 +3,7 @@ segments are deleted (real broker, real files)."""
 import time
 import uuid
 
-import online.bus as busmod
+import online.bus.embedded as busmod
 from online.bus import BusProducer, _segments, open_bus
 
 

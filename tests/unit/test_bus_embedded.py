@@ -1,4 +1,4 @@
-"""The embedded event bus: a durable segment log on local disk (online/bus.py)."""
+"""The embedded event bus: a durable segment log on local disk (online/bus/segments.py, online/bus/embedded.py)."""
 import json
 import os
 import signal

@@ -1,4 +1,4 @@
-"""Retention of the embedded log (online/bus.py): whole closed segments are deleted once the
+"""Retention of the embedded log (online/bus/embedded.py): whole closed segments are deleted once the
 policy allows it and every registered consumer committed past them; real files, real readers."""
 import json
 import logging
@@ -146,7 +146,7 @@ def test_retention_runs_on_roll_and_a_blocked_consumer_is_named_once(tmp_path, c
 
 
 def test_committing_consumers_run_retention_themselves(tmp_path, monkeypatch):
-    import online.bus as busmod
+    import online.bus.embedded as busmod
 
     monkeypatch.setattr(busmod, "RETENTION_CHECK_S", 0.0)
     with open_bus(f"embedded://{tmp_path}", segment_bytes=SEG, retention_bytes=0, retention_s=None) as bus:

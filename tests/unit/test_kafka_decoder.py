@@ -1,4 +1,4 @@
-"""The fast Kafka record decoder (online.bus._fast_partition_records) against kafka-python's own
+"""The fast Kafka record decoder (online.bus.kafka_decoder) against kafka-python's own
 PartitionRecords on the same v2 record batches: uncompressed and gzip, keys and values absent,
 records with headers, several batches, a fetch offset in the middle of a batch, and corruption."""
 import pytest
