@@ -75,7 +75,7 @@ JOINER_KEYS = ("consumer", "window_s", "grace_s", "out", "topic", "objectives", 
 CHECKPOINT = "_checkpoint.json"
 CHECKPOINT_VERSION = 1
 OUTPUTS = ("examples", "late", "unattributed", "rejected")
-DERIVED = ("event_ids", "n_events", "served_at", "joined_at")
+DERIVED = ("event_ids", "n_events", "last_event_at", "served_at", "joined_at")
 
 
 # ---------------------------------------------------------------- configuration
@@ -375,7 +375,7 @@ class JoinState:
     def _join(self, entry: list, v: dict, published: float) -> None:
         labels = entry[2]
         if labels is None:
-            labels = entry[2] = [0.0] * (self._n_labels + 1)
+            labels = entry[2] = [0.0] * (self._n_labels + 2)   # the labels, events joined, last event's time
             entry[5] = []
         entry[5].append(v["event_id"])
         for k, regression in self._by_event.get(v["type"], ()):
@@ -384,7 +384,8 @@ class JoinState:
                 labels[k] += float(value) if value is not None else 0.0
             else:
                 labels[k] = 1.0
-        labels[-1] += 1.0   # events joined
+        labels[-2] += 1.0
+        labels[-1] = max(labels[-1], published)
         self.counters["joined_events"] += 1
 
     def _late(self, v: dict, published: float, xid: str, served: float) -> None:
@@ -505,8 +506,8 @@ def example_row(xid: str, v: dict, published: float, labels: list | None, event_
     """One training example: the impression's fields, its served features flattened into columns
     (a feature whose name is taken by another column is kept as ``f_<name>``), ``pred_<objective>``
     for the served predictions, one label column per objective, the joined ``event_ids``,
-    ``n_events`` and timing (``served_at``: the impression's publish time; ``joined_at``: when the
-    example was emitted)."""
+    ``n_events`` and timing (``served_at``: the impression's publish time; ``last_event_at``: the
+    publish time of its last joined event; ``joined_at``: when the example was emitted)."""
     row = {"example_id": xid, "request_id": v["request_id"], "user_id": v["user_id"], "item_id": v["item_id"],
            "ts": v["ts"], "source": v.get("source"), "strategy": v.get("strategy"),
            "model_version": v.get("model_version"), "score": v.get("score"), "propensity": v.get("propensity"),
@@ -521,10 +522,10 @@ def example_row(xid: str, v: dict, published: float, labels: list | None, event_
     row.update(features)
     if labels is None:
         row.update(dict.fromkeys(spec.names, 0.0))
-        row["event_ids"], row["n_events"] = [], 0
+        row["event_ids"], row["n_events"], row["last_event_at"] = [], 0, None
     else:
         row.update(zip(spec.names, labels))
-        row["event_ids"], row["n_events"] = event_ids, int(labels[-1])
+        row["event_ids"], row["n_events"], row["last_event_at"] = event_ids, int(labels[-2]), labels[-1]
     row["served_at"] = published
     row["joined_at"] = now
     return row

@@ -17,7 +17,9 @@ Feature spec format (``conf/features/*.yaml``)::
 Feature types:
 
 - ``id``: one id per row -> an embedding row; index 0 is the out-of-vocabulary bucket (unseen,
-  rare (< ``min_count``) or missing ids). Vocabulary = the ``max_vocab`` most frequent ids.
+  rare (< ``min_count``) or missing ids). Vocabulary = the ``max_vocab`` most frequent ids. A
+  vocabulary entry may be ``None``: a free row (a streaming trainer's table keeps spare rows for ids
+  it admits later, see ``ranking/dynamic_ids.py``); no id maps to it.
 - ``id_list``: a list of ids per row (truncated to ``max_len``); ``table: other`` shares the
   vocabulary and embedding table of the ``id`` feature ``other`` (a user's recent items use
   the item table), else it owns a table.
@@ -429,7 +431,8 @@ class FeatureEncoder:
         return self
 
     def _build_index(self) -> None:
-        self._index = {t: pd.Index(v) for t, v in self.vocabs.items()}
+        # a free row (None) gets a placeholder no real id can equal, keeping every row at its position
+        self._index = {}   # built on first use (``_lookup``)
         self._rows = {}
 
     @staticmethod
@@ -470,7 +473,11 @@ class FeatureEncoder:
         return [f.name for f in self.spec.sparse]
 
     def _lookup(self, table: str, ids) -> np.ndarray:
-        idx = self._index[table].get_indexer(_as_str_ids(ids)) if len(ids) else np.zeros(0, np.int64)
+        index = self._index.get(table)
+        if index is None:   # dropped by set_row: rebuilt on the next frame transform
+            v = self.vocabs.get(table, ())
+            index = self._index[table] = pd.Index([f"\x00free{i}" if k is None else k for i, k in enumerate(v)])
+        idx = index.get_indexer(_as_str_ids(ids)) if len(ids) else np.zeros(0, np.int64)
         return (np.asarray(idx, dtype=np.int64) + 1)  # -1 (unknown/missing) -> 0, the OOV row
 
     def _token_cache(self, f: FeatureConfig) -> OrderedDict:
@@ -605,6 +612,20 @@ class FeatureEncoder:
             dense = np.zeros((n, 0), dtype=np.float32)
         return FeatureBatch(dense, keys, values, lengths)
 
+    def set_row(self, table: str, row: int, key: str | None) -> str | None:
+        """Give embedding ``row`` (1-based; row 0 stays the OOV row) of ``table`` to id ``key``, or free
+        it (``None``); returns the id that held it. For a streaming trainer's growing vocabulary."""
+        vocab = self.vocabs[table]
+        old = vocab[row - 1]
+        rows = self._row_table(table)
+        if old is not None:
+            rows.pop(old, None)
+        vocab[row - 1] = key
+        if key is not None:
+            rows[key] = row
+        self._index.pop(table, None)
+        return old
+
     def prepare_serving(self) -> "FeatureEncoder":
         """Build the id -> row tables of ``transform_columns`` now (at model load) rather than on
         the first request."""
@@ -616,7 +637,7 @@ class FeatureEncoder:
     def _row_table(self, table: str) -> dict:
         rows = self._rows.get(table)
         if rows is None:   # built once per encoder (a plain assignment: safe under threads)
-            rows = {k: i + 1 for i, k in enumerate(self.vocabs.get(table, ()))}
+            rows = {k: i + 1 for i, k in enumerate(self.vocabs.get(table, ())) if k is not None}
             self._rows[table] = rows
         return rows
 

@@ -108,6 +108,36 @@ def publish_version(registry_dir: str | Path, name: str, write, make_current: bo
     return root / version
 
 
+def prune_versions(registry_dir: str | Path, name: str, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest versions of ``name``, never the current one; returns the
+    deleted versions (a streaming trainer publishes a version a minute: the registry keeps the last N)."""
+    import shutil
+
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    current = current_version(registry_dir, name)
+    old = [v for v in versions(registry_dir, name)[:-keep] if v != current]
+    for v in old:
+        shutil.rmtree(Path(registry_dir) / name / v, ignore_errors=True)
+    return old
+
+
+def rollback(registry_dir: str | Path, name: str, to: str | None = None) -> str:
+    """Point ``current`` of ``name`` at ``to``, or at the version before the current one; returns it.
+    Scorers that follow the pointer serve it within their poll interval."""
+    found = versions(registry_dir, name)
+    if to is None:
+        current = current_version(registry_dir, name)
+        older = [v for v in found if current is None or int(v[1:]) < int(current[1:])]
+        if not older:
+            raise ValidationError([FieldError("version", f"model '{name}' has no version before "
+                                              f"{current or 'none'} in {registry_dir} (versions: "
+                                              f"{', '.join(found) or 'none'})", "unknown_version")])
+        to = older[-1]
+    set_current(registry_dir, name, to)
+    return to
+
+
 def list_models(registry_dir: str | Path) -> list[dict]:
     """One dict per version: name, version, current, created, arch, objectives, and headline metrics
     (``metrics``: objective -> test (else valid) AUC for binary, rmse for regression; ``metric_kinds``
