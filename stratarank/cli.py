@@ -115,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # each module registers its sub-commands; none imports torch, lightgbm or kafka at import time
     from . import (benchmark_cmd, control_cmd, demo, experiments_cmd, join_cmd, nearline_cmd, serve_cmd, simulate,
-                   train_cmd, tune_cmd)
+                   stream_cmd, train_cmd, tune_cmd)
 
-    for module in (simulate, train_cmd, benchmark_cmd, serve_cmd, nearline_cmd, join_cmd, experiments_cmd, control_cmd,
-                   tune_cmd, demo):
+    for module in (simulate, train_cmd, stream_cmd, benchmark_cmd, serve_cmd, nearline_cmd, join_cmd, experiments_cmd,
+                   control_cmd, tune_cmd, demo):
         module.add_parser(sub)
     return parser
 

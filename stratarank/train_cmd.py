@@ -1,4 +1,4 @@
-"""``stratarank train``, ``stratarank evaluate`` and ``stratarank models list``.
+"""``stratarank train``, ``stratarank evaluate``, ``stratarank models list`` and ``models rollback``.
 
 Importing this module stays light (no torch): the heavy imports happen inside the commands.
 """
@@ -69,6 +69,24 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+def cmd_models_rollback(args) -> int:
+    """Point a model's ``current`` at the version before it (or ``--to``); scorers following the
+    registry serve it within their poll interval."""
+    from strategy.errors import ValidationError
+
+    from ranking.registry import current_version, rollback
+
+    before = current_version(args.registry, args.name)
+    try:
+        version = rollback(args.registry, args.name, args.to)
+    except ValidationError as exc:
+        for err in exc.errors:
+            print(str(err), file=sys.stderr)
+        return 1
+    print(f"{args.name}: current {before} -> {version}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     """Evaluate a registered model on held-out data: per-objective metrics, NDCG@10, reliability plot."""
     from strategy import load_strategy
@@ -130,3 +148,8 @@ def add_parser(sub) -> None:
     q.add_argument("--registry", default="registry", metavar="DIR")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_models_list)
+    q = msub.add_parser("rollback", help="point a model's current version back (the one before, or --to)")
+    q.add_argument("name")
+    q.add_argument("--to", metavar="VERSION", help="e.g. v12 (default: the version before the current one)")
+    q.add_argument("--registry", default="registry")
+    q.set_defaults(func=cmd_models_rollback)
