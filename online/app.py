@@ -15,8 +15,10 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from flask import Flask, Response, g, jsonify, request
@@ -91,6 +93,18 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
     return Serving(strategies, default, risk, chain, assigner, variant_chains, experiments, ramps, signature)
 
 
+def current_pointer(config: ServiceConfig):
+    """What tells a scorer that the model's ``current`` pointer moved: its mtime, size and text."""
+    if not config.model_name or "@" in config.model_name:
+        return None
+    path = Path(config.registry) / config.model_name / "current"
+    try:
+        st = path.stat()
+        return (st.st_mtime_ns, st.st_size, path.read_text(encoding="utf-8").strip())
+    except OSError:
+        return None
+
+
 def ramp_signature(ramps) -> tuple:
     """What tells a scorer that the controller wrote a new state: each state file's mtime and size."""
     from experiments.control import state_file
@@ -115,6 +129,9 @@ class Scorer:
         self.metrics.model_version = serving.chain.version
         self._variant_cache: dict = {}
         self._ramps_checked = time.monotonic()
+        self._model_checked = time.monotonic()
+        self._model_pointer = current_pointer(config)
+        self._model_loading: threading.Thread | None = None
         self.follower = None  # the in-process near-line thread feeding a private memory store
 
     def close(self) -> None:
@@ -156,6 +173,35 @@ class Scorer:
                 if any(r.experiment == e.name for r in serving.ramps)))
         self.swap(replace(serving, assigner=assigner, ramp_signature=signature))
 
+    def follow_model(self) -> None:
+        """Serve each new ``current`` version of the model without a restart (``model.follow_current``):
+        at most every ``model.poll_s`` seconds, look at the registry's pointer; when it moved, load the
+        new chain in a background thread while the old one keeps serving, then swap (one reference
+        assignment). A version that fails to load is logged and the serving one stays."""
+        if not self.config.follow_current or time.monotonic() - self._model_checked < self.config.model_poll_s:
+            return
+        self._model_checked = time.monotonic()
+        pointer = current_pointer(self.config)
+        if pointer == self._model_pointer or (self._model_loading is not None and self._model_loading.is_alive()):
+            return
+        self._model_loading = threading.Thread(target=self._load_model, args=(pointer,), name="model-follow",
+                                               daemon=True)
+        self._model_loading.start()
+
+    def _load_model(self, pointer) -> None:
+        config = self.config
+        chain = RankerChain.load(config.registry, config.model_name, config.fallback_name)
+        self._model_pointer = pointer
+        if not chain.primary_loaded:
+            log.error("model %s: the new current version did not load, still serving %s: %s", config.model_name,
+                      self.serving.chain.version, "; ".join(chain.load_errors))
+            self.metrics.add(model_reload_failed=True)
+            return
+        before = self.serving.chain.version
+        self.swap(replace(self.serving, chain=chain))
+        self.metrics.add(model_reloaded=True)
+        log.info("model: serving %s (was %s)", chain.version, before)
+
     def _strategy_and_chain(self, serving: Serving, req, assignments):
         name = req.strategy or serving.default_strategy
         if name not in serving.strategies:
@@ -173,6 +219,7 @@ class Scorer:
 
     def rank(self, body) -> dict:
         self.follow_ramps()
+        self.follow_model()
         serving = self.serving
         req = parse_request(body, max_candidates=self.config.max_candidates)
         assignments = serving.assigner.assign(req.user_id) if serving.assigner is not None else []

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from strategy.checks import as_dict, as_list, as_number, as_str, check_keys
+from strategy.checks import as_bool, as_dict, as_list, as_number, as_str, check_keys
 from strategy.config import read_yaml
 from strategy.errors import Errors, ValidationError
 
@@ -34,6 +34,8 @@ class ServiceConfig:
     registry: str = "registry"
     model_name: str | None = None
     fallback_name: str | None = None
+    follow_current: bool = False   # serve each new ``current`` version of the model without a restart
+    model_poll_s: float = 1.0      # how often a worker looks at the ``current`` pointer
     risk_file: str | None = None
     admin_token: str | None = None
     api_keys: frozenset = frozenset()
@@ -72,13 +74,17 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
         out["default_strategy"] = as_str(errs, strategies["default"], "strategies.default")
 
     model = as_dict(errs, obj.get("model") or {}, "model") or {}
-    check_keys(errs, model, "model", ("registry", "name", "fallback"))
+    check_keys(errs, model, "model", ("registry", "name", "fallback", "follow_current", "poll_s"))
     if "registry" in model:
         out["registry"] = as_str(errs, model["registry"], "model.registry")
     if model.get("name") is not None:
         out["model_name"] = as_str(errs, model["name"], "model.name")
     if model.get("fallback") is not None:
         out["fallback_name"] = as_str(errs, model["fallback"], "model.fallback")
+    if model.get("follow_current") is not None:
+        out["follow_current"] = as_bool(errs, model["follow_current"], "model.follow_current")
+    if model.get("poll_s") is not None:
+        out["model_poll_s"] = as_number(errs, model["poll_s"], "model.poll_s", lo=0.05, hi=3600)
 
     if obj.get("risk") is not None:
         out["risk_file"] = as_str(errs, obj["risk"], "risk")

@@ -24,6 +24,7 @@ class Metrics:
         self.degraded = defaultdict(int)  # reason -> count
         self.events_accepted = 0
         self.model_version = "none"
+        self.model_reloads = defaultdict(int)   # outcome (loaded | failed) -> count (model.follow_current)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -31,12 +32,17 @@ class Metrics:
             self.latency_counts[endpoint][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self.latency_sum[endpoint] += seconds
 
-    def add(self, *, candidates: int = 0, events: int = 0, degraded: str | None = None) -> None:
+    def add(self, *, candidates: int = 0, events: int = 0, degraded: str | None = None,
+            model_reloaded: bool = False, model_reload_failed: bool = False) -> None:
         with self._lock:
             self.candidates_scored += candidates
             self.events_accepted += events
             if degraded:
                 self.degraded[degraded] += 1
+            if model_reloaded:
+                self.model_reloads["loaded"] += 1
+            if model_reload_failed:
+                self.model_reloads["failed"] += 1
 
     def render(self) -> str:
         decoder_fallbacks = kafka_decoder_fallbacks()
@@ -75,6 +81,9 @@ class Metrics:
                 "# HELP stratarank_model_info The model version being served.",
                 "# TYPE stratarank_model_info gauge",
                 f'stratarank_model_info{{version="{self.model_version}"}} 1',
+                "# HELP stratarank_model_reloads_total New current versions this worker loaded (or failed to).",
+                "# TYPE stratarank_model_reloads_total counter",
+                *(f'stratarank_model_reloads_total{{outcome="{k}"}} {n}' for k, n in sorted(self.model_reloads.items())),
                 "# HELP stratarank_kafka_decoder_fallbacks_total Kafka consumers reading with kafka-python's stock "
                 "record decoder (about 3x slower) instead of the fast one, by cause: version (kafka-python is not "
                 "2.3.x), private_api (something the fast one relies on is missing).",

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -171,3 +172,48 @@ def test_killed_mid_stream_it_resumes_with_every_example_counted_once(world, tmp
     assert final["applied"] + final["held_out"] == 16_000          # each unique example once
     assert final["duplicates"] == 300 and final["invalid"] == 0
     assert final["records"] == 16_300 + final["replayed"]           # every record read is accounted for
+
+
+def test_the_scorer_serves_each_published_version_without_a_restart_or_a_failed_request(world, tmp_path, root):
+    from test_serve_gunicorn import call, start_scorer
+
+    cfg = stream_config(world, tmp_path)
+    config = tmp_path / "service.yaml"
+    config.write_text(json.dumps({
+        "strategies": {"files": [str(root / "conf/objectives/feed.yaml")]},
+        "bus": {"url": f"embedded://{tmp_path / 'scorer-bus'}"}, "store": {"url": "memory://"},
+        "model": {"registry": cfg.registry, "name": "feed", "follow_current": True, "poll_s": 0.2}}))
+    proc, port = start_scorer(config, root)
+    body = json.loads((root / "conf/examples/request.json").read_text())
+    for cand in body["candidates"]:
+        cand.pop("predictions")
+    statuses, served, done = [], [], threading.Event()
+
+    def load():
+        while not done.is_set():
+            status, out = call(port, "POST", "/v1/rank", body)
+            statuses.append(status)
+            if status == 200:
+                served.append(out["model_version"])
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        stats = run_stream_trainer(cfg, max_idle_s=1.5, log_fn=lambda m: None)
+        final = f"feed@{stats.trainer.published}"
+        assert stats.trainer.counters["published"] >= 2
+        workers, deadline = {}, time.monotonic() + 30
+        while time.monotonic() < deadline and (len(workers) < 2 or set(workers.values()) != {final}):
+            _, ready = call(port, "GET", "/readyz")
+            workers[ready["worker"]] = ready["model_version"]
+            time.sleep(0.05)
+        assert set(workers.values()) == {final} and len(workers) == 2
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+        proc.terminate()
+        proc.wait(30)
+    assert statuses and set(statuses) == {200}
+    assert served[0] == "feed@v1" and final in served and len(set(served)) >= 3
