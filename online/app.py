@@ -11,8 +11,8 @@ Everything a request needs is read once from ``Serving``, an immutable snapshot 
 """
 from __future__ import annotations
 
+import codecs
 import hmac
-import json
 import logging
 import os
 import threading
@@ -21,12 +21,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import orjson
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from strategy import ValidationError, load_strategy, parse_events, parse_request, rank
 from strategy.blend import blend
+from strategy.checks import nodes
 from strategy.errors import FieldError
+from strategy.schema import MAX_DEPTH
 
 from experiments.assignment import merge_assignments
 
@@ -63,6 +66,40 @@ class Serving:
     ramps: tuple = ()                   # guarded-ramp configs whose controller state the scorer follows
     ramp_signature: tuple = ()          # (mtime_ns, size) of each ramp state file when last applied
     loaded_at: float = field(default_factory=time.time)
+
+
+def decode_json(raw: bytes):
+    """A request body as JSON, strictly RFC 8259 (orjson): UTF-8 only (a leading byte order mark is
+    skipped), no ``NaN`` or ``Infinity``, numbers within a double, no string that holds U+0000.
+    Anything else is an :class:`ApiError` 400 that says what is wrong, never a 500: orjson nests at
+    most 1024 levels and raises its own error past them (the stdlib's ``json`` hit RecursionError)."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _invalid_json(raw, exc) from None
+    if b"\\u0000" in raw:   # a cheap scan of the bytes; the walk only when it may be there
+        for path, node, _ in nodes(data):
+            if "\x00" in path or (type(node) is str and "\x00" in node):
+                raise ApiError(400, "invalid_string", f"{path or '<body>'}: strings may not hold U+0000 (NUL)", path)
+    return data
+
+
+def _invalid_json(raw: bytes, exc: orjson.JSONDecodeError) -> ApiError:
+    """orjson's complaint about a body, reworded where its own words would mislead a client."""
+    if exc.msg.startswith("depth limit exceeded"):
+        return ApiError(400, "too_deep", f"the body nests deeper than {MAX_DEPTH} levels of arrays and objects, "
+                        "the most a body may", "")
+    problem = str(exc)
+    if exc.msg.startswith("str is not valid UTF-8"):   # orjson says "surrogates not allowed" for any bad byte
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            problem = f"it is not UTF-8 (byte {bad.start}: {bad.reason})"
+    elif exc.doc.startswith(("NaN", "Infinity"), exc.pos):
+        problem = f"NaN and Infinity are not JSON numbers (RFC 8259), at line {exc.lineno} column {exc.colno}"
+    return ApiError(400, "invalid_json", f"request body is not valid JSON: {problem}", "")
 
 
 def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Serving:
@@ -374,10 +411,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     def json_body():
         if not request.is_json:
             raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json", "headers.Content-Type")
-        try:
-            return json.loads(request.get_data(cache=False))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}", "") from None
+        return decode_json(request.get_data(cache=False))
 
     @app.before_request
     def start_timer():

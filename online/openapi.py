@@ -1,6 +1,19 @@
 """The OpenAPI 3.0 document of the scorer (served at ``/openapi.json``, driven by the fuzz test)."""
 from __future__ import annotations
 
+from strategy.checks import MAX_ID_LEN, NAME_RE
+from strategy.schema import (
+    DEFAULT_MAX_CANDIDATES,
+    FEATURE_KEY_MAX,
+    FEATURE_LIST_MAX,
+    FEATURE_STR_MAX,
+    MAX_DEPTH,
+    MAX_EVENTS,
+    MAX_SLATE,
+    MAX_TEXT,
+    SOURCE_RE,
+)
+
 ERROR = {
     "type": "object",
     "required": ["error"],
@@ -9,7 +22,15 @@ ERROR = {
         "details": {"type": "array", "items": {"type": "object"}}}}},
 }
 
-ID = {"oneOf": [{"type": "string", "minLength": 1, "maxLength": 256}, {"type": "integer"}]}
+ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN}   # a number is not an id
+
+
+def _nullable(schema: dict) -> dict:
+    """``schema`` or null: an optional field sent as null is taken as absent."""
+    return {**schema, "nullable": True}
+
+
+NUMBER = {"type": "number"}   # finite: JSON has no NaN or Infinity, and a number past a double's range is a 400
 
 CANDIDATE = {
     "type": "object",
@@ -17,16 +38,19 @@ CANDIDATE = {
     "additionalProperties": False,
     "properties": {
         "item_id": ID,
-        "source": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,31}$"},
-        "creator_id": ID,
-        "topic": ID,
-        "text": {"type": "string", "maxLength": 20000},
-        "features": {"type": "object", "additionalProperties": {
-            "oneOf": [{"type": "number"}, {"type": "string"}, {"type": "array", "items": ID}]}},
-        "generator": {"type": "object", "required": ["model", "prior_score"], "additionalProperties": False,
-                      "properties": {"model": {"type": "string"},
-                                     "prior_score": {"type": "number", "minimum": 0, "maximum": 1}}},
-        "predictions": {"type": "object", "additionalProperties": {"type": "number"}},
+        "source": {"type": "string", "pattern": SOURCE_RE.pattern},
+        "creator_id": _nullable(ID),
+        "topic": _nullable(ID),
+        "text": _nullable({"type": "string", "maxLength": MAX_TEXT}),
+        "features": {"type": "object", "description": f"feature names of at most {FEATURE_KEY_MAX} characters",
+                     "additionalProperties": {"oneOf": [
+                         NUMBER, {"type": "string", "maxLength": FEATURE_STR_MAX},
+                         {"type": "array", "maxItems": FEATURE_LIST_MAX,
+                          "items": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}]}},
+        "generator": _nullable({"type": "object", "required": ["model", "prior_score"], "additionalProperties": False,
+                                "properties": {"model": {"type": "string", "maxLength": 256},
+                                               "prior_score": {**NUMBER, "minimum": 0, "maximum": 1}}}),
+        "predictions": _nullable({"type": "object", "additionalProperties": NUMBER}),
     },
 }
 
@@ -35,12 +59,13 @@ RANK_REQUEST = {
     "required": ["user_id", "candidates"],
     "additionalProperties": False,
     "properties": {
-        "request_id": ID,
+        "request_id": _nullable(ID),
         "user_id": ID,
-        "context": {"type": "object"},
-        "slate_size": {"type": "integer", "minimum": 1, "maximum": 1000},
-        "strategy": {"type": "string"},
-        "candidates": {"type": "array", "items": CANDIDATE, "maxItems": 2000},
+        "context": _nullable({"type": "object", "description": "free-form; within the body's nesting limit"}),
+        "slate_size": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_SLATE}),
+        "strategy": _nullable({"type": "string", "pattern": NAME_RE.pattern}),
+        "candidates": {"type": "array", "items": CANDIDATE, "maxItems": DEFAULT_MAX_CANDIDATES,
+                       "description": "maxItems is server.max_candidates"},
     },
 }
 
@@ -70,24 +95,36 @@ EVENT = {
     "additionalProperties": False,
     "properties": {
         "event_id": ID,
-        "ts": {"oneOf": [{"type": "number", "minimum": 0}, {"type": "string", "format": "date-time"}]},
-        "type": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}$"},
+        "ts": {"oneOf": [{**NUMBER, "minimum": 0}, {"type": "string", "format": "date-time",
+                                                    "description": "ISO-8601 with a time zone"}]},
+        "type": {"type": "string", "pattern": NAME_RE.pattern},
         "user_id": ID,
         "item_id": ID,
-        "request_id": ID,
-        "value": {"type": "number"},
+        "request_id": _nullable(ID),
+        "value": _nullable(NUMBER),
     },
 }
 
 EVENTS_REQUEST = {"oneOf": [
-    {"type": "array", "items": EVENT, "maxItems": 10000},
+    {"type": "array", "items": EVENT, "maxItems": MAX_EVENTS},
     {"type": "object", "required": ["events"], "additionalProperties": False,
-     "properties": {"events": {"type": "array", "items": EVENT, "maxItems": 10000}}},
+     "properties": {"events": {"type": "array", "items": EVENT, "maxItems": MAX_EVENTS}}},
 ]}
+
+BODY_RULES = (
+    "UTF-8 JSON as RFC 8259 defines it (a leading byte order mark is skipped): NaN, Infinity, a number past a "
+    "double's range, a lone surrogate and a string that holds U+0000 are 400 invalid_json / invalid_string; a "
+    f"body nests at most {MAX_DEPTH} levels of arrays and objects (deeper is a 400: too_deep, or the wrong type at "
+    "the path); a key given twice keeps its last value; a body past server.max_body_bytes is a 413."
+)
 
 
 def _json(schema):
     return {"content": {"application/json": {"schema": schema}}}
+
+
+def _body(schema):
+    return {"required": True, "description": BODY_RULES, "x-max-depth": MAX_DEPTH, **_json(schema)}
 
 
 def _errors(*codes):
@@ -106,13 +143,13 @@ def openapi_document() -> dict:
             "/v1/rank": {"post": {
                 "summary": "Rank a request's candidates under a strategy",
                 "security": [{"apiKey": []}],
-                "requestBody": {"required": True, **_json(RANK_REQUEST)},
+                "requestBody": _body(RANK_REQUEST),
                 "responses": {"200": {"description": "the slate", **_json(RANK_RESPONSE)},
                               **_errors(400, 401, 404, 413, 415, 429)}}},
             "/v1/events": {"post": {
                 "summary": "Accept a batch of feedback events",
                 "security": [{"apiKey": []}],
-                "requestBody": {"required": True, **_json(EVENTS_REQUEST)},
+                "requestBody": _body(EVENTS_REQUEST),
                 "responses": {"202": {"description": "accepted", **_json({"type": "object", "properties": {
                     "accepted": {"type": "integer"}}})}, **_errors(400, 401, 413, 415, 429)}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},

@@ -30,6 +30,19 @@ def type_name(value) -> str:
     return type(value).__name__
 
 
+def nodes(value, path: str = ""):
+    """Every value inside ``value``, itself included, as ``(path, value, level)`` (``value`` is
+    level 1), depth first without recursion: a JSON body may nest a thousand levels."""
+    stack = [(path, value, 1)]
+    while stack:
+        where, node, level = stack.pop()
+        yield where, node, level
+        if type(node) is dict:
+            stack.extend((join_path(where, key), child, level + 1) for key, child in node.items())
+        elif type(node) is list:
+            stack.extend((f"{where}[{i}]", child, level + 1) for i, child in enumerate(node))
+
+
 def check_keys(errs: Errors, obj: dict, path: str, allowed, required=()) -> None:
     """Unknown keys (with a suggestion) and missing required keys."""
     for key in obj:
@@ -78,8 +91,9 @@ def as_number(
     if integer and not (isinstance(value, int) or float(value).is_integer()):
         errs.add(path, f"expected an integer, got {value}", "type")
         return None
-    if not math.isfinite(value):
-        errs.add(path, f"expected a finite number, got {value}", "range")
+    if not _finite(value):
+        got = value if isinstance(value, float) else "an integer too large for a double"  # str() of it may fail
+        errs.add(path, f"expected a finite number, got {got}", "range")
         return None
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
     too_high = hi is not None and (value >= hi if hi_open else value > hi)
@@ -90,6 +104,14 @@ def as_number(
         errs.add(path, f"{value} is out of range {span}", "range")
         return None
     return int(value) if integer else value
+
+
+def _finite(value: int | float) -> bool:
+    """Whether ``value`` is a finite double (an integer too large for one, say 10**400, is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def as_str(
@@ -110,7 +132,7 @@ def as_str(
             "choice",
         )
         return None
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):   # the whole value: "$" alone lets "name\n" match
         errs.add(path, f"'{value}' must match {pattern.pattern}", "pattern")
         return None
     if len(value) > max_len:
@@ -162,13 +184,12 @@ def as_bool(errs: Errors, value, path: str) -> bool | None:
 
 
 def as_id(errs: Errors, value, path: str) -> str | None:
-    """An identifier: a non-empty string or an integer, normalised to ``str``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN:
-        return value
+    """An identifier: a string of 1..``MAX_ID_LEN`` characters. A number is not one (JSON clients
+    round integers past 2**53, so a numeric id may not be the one the client meant)."""
     if isinstance(value, str):
+        if 0 < len(value) <= MAX_ID_LEN:
+            return value
         errs.add(path, f"must be 1..{MAX_ID_LEN} characters", "invalid")
     else:
-        errs.add(path, f"expected a string or integer id, got {type_name(value)}", "type")
+        errs.add(path, f"expected a string id, got {type_name(value)}", "type")
     return None

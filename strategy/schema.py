@@ -20,6 +20,7 @@ from .checks import (
     as_number,
     as_str,
     check_keys,
+    nodes,
     type_name,
 )
 from .errors import Errors, join_path
@@ -27,9 +28,12 @@ from .errors import Errors, join_path
 SOURCE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 FEATURE_KEY_MAX = 128
 FEATURE_LIST_MAX = 1_000
+FEATURE_STR_MAX = 1_000
 MAX_TEXT = 20_000
 MAX_SLATE = 1_000
 DEFAULT_MAX_CANDIDATES = 2_000
+MAX_EVENTS = 10_000
+MAX_DEPTH = 8  # arrays and objects a body nests (the schema needs 5: body.candidates[i].features.x[j])
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +143,23 @@ def _features(errs: Errors, value, path: str) -> dict:
             elif not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in val):
                 errs.add(p, "list features hold ids (strings or integers) only")
         elif isinstance(val, str):
-            if len(val) > 1_000:
-                errs.add(p, "string features are at most 1000 characters", "too_long")
+            if len(val) > FEATURE_STR_MAX:
+                errs.add(p, f"string features are at most {FEATURE_STR_MAX} characters", "too_long")
         elif isinstance(val, (int, float)) and not isinstance(val, bool):
             as_number(errs, val, p)
         else:
             errs.add(p, f"expected a number, string or list of ids, got {type_name(val)}", "type")
     return obj
+
+
+def _nesting(errs: Errors, value, path: str, levels: int) -> None:
+    """Report the first array or object of ``value`` (itself level 1) nested deeper than ``levels``:
+    the free-form ``context`` is the one place where the schema alone does not bound the depth."""
+    for where, node, level in nodes(value, path):
+        if level > levels and type(node) in (dict, list):
+            errs.add(where, f"nests deeper than {MAX_DEPTH} levels of arrays and objects, the most a body may",
+                     "too_deep")
+            return
 
 
 def _predictions(errs: Errors, value, path: str) -> dict | None:
@@ -228,13 +242,8 @@ _LIST_ITEM_TYPES = frozenset((int, str))
 
 
 def _fast_id(value):
-    """``as_id`` of a valid id (an exact str of 1..256 characters or an exact int), else None."""
-    t = type(value)
-    if t is str:
-        return value if 0 < len(value) <= _MAX_ID_LEN else None
-    if t is int:
-        return str(value)
-    return None
+    """``as_id`` of a valid id (an exact str of 1..256 characters), else None."""
+    return value if type(value) is str and 0 < len(value) <= _MAX_ID_LEN else None
 
 
 def _fast_candidate(obj) -> Candidate | None:
@@ -248,7 +257,7 @@ def _fast_candidate(obj) -> Candidate | None:
         return None
     item_id = _fast_id(obj.get("item_id"))
     source = obj.get("source")
-    if item_id is None or type(source) is not str or not SOURCE_RE.match(source):
+    if item_id is None or type(source) is not str or not SOURCE_RE.fullmatch(source):
         return None
     creator = obj.get("creator_id")
     if creator is not None:
@@ -280,7 +289,7 @@ def _fast_candidate(obj) -> Candidate | None:
                 if not _INT64_LO <= val < _INT64_HI:
                     return None
             elif t is str:
-                if len(val) > 1_000:
+                if len(val) > FEATURE_STR_MAX:
                     return None
             elif t is list:
                 if len(val) > FEATURE_LIST_MAX or not set(map(type, val)) <= _LIST_ITEM_TYPES:
@@ -313,6 +322,8 @@ def parse_request(data, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> Request
     user_id = as_id(errs, obj["user_id"], "user_id") if "user_id" in obj else None
     request_id = as_id(errs, obj["request_id"], "request_id") if obj.get("request_id") is not None else None
     context = as_dict(errs, obj["context"], "context") if obj.get("context") is not None else {}
+    if context:
+        _nesting(errs, context, "context", MAX_DEPTH - 1)
     slate_size = None
     if obj.get("slate_size") is not None:
         slate_size = as_number(errs, obj["slate_size"], "slate_size", lo=1, hi=MAX_SLATE, integer=True)
@@ -355,7 +366,7 @@ def parse_event(data, path: str = "", errs: Errors | None = None) -> FeedbackEve
     return event
 
 
-def parse_events(data, max_events: int = 10_000) -> list[FeedbackEvent]:
+def parse_events(data, max_events: int = MAX_EVENTS) -> list[FeedbackEvent]:
     """Validate a ``/v1/events`` body: a list of events or ``{"events": [...]}``."""
     errs = Errors()
     path = ""

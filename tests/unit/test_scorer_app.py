@@ -148,6 +148,39 @@ def test_openapi_and_health():
     assert client.get("/healthz").get_json() == {"status": "ok"}
 
 
+VALUE_OF_TYPE = {"string": "7", "number": 7, "object": {}, "array": []}
+
+
+def test_the_openapi_document_states_the_types_the_server_takes(raw_client):
+    """Each field of a /v1/rank or /v1/events body, as the document types it: a value of another
+    type is a 400 at its path (``true`` for a number or id too), and null is taken where it says nullable."""
+    paths = raw_client.get("/openapi.json").get_json()["paths"]
+    rank = paths["/v1/rank"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    events = paths["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    candidate = {"item_id": "a", "source": "retrieval"}
+    event = json.loads(EVENT)
+    cases = [("/v1/rank", rank["properties"], lambda k, v: {"user_id": "u", "candidates": [candidate], k: v}, ""),
+             ("/v1/rank", rank["properties"]["candidates"]["items"]["properties"],
+              lambda k, v: {"user_id": "u", "candidates": [dict(candidate, **{k: v})]}, "candidates[0]."),
+             ("/v1/events", events["oneOf"][1]["properties"]["events"]["items"]["properties"],
+              lambda k, v: {"events": [dict(event, **{k: v})]}, "events[0].")]
+    checked = 0
+    for path, properties, body, prefix in cases:
+        for key, schema in properties.items():
+            kinds = {s["type"].replace("integer", "number") for s in schema.get("oneOf", [schema])}
+            wrong = [value for kind, value in VALUE_OF_TYPE.items() if kind not in kinds] + [True]
+            for value in wrong:
+                status, err = post_raw(raw_client, path, json.dumps(body(key, value)).encode())
+                assert status == 400 and err["path"] == prefix + key, (key, value, status, err)
+                checked += 1
+            status, err = post_raw(raw_client, path, json.dumps(body(key, None)).encode())
+            if schema.get("nullable"):
+                assert status < 300, (key, err)
+            else:
+                assert (status, err["path"]) == (400, prefix + key), key
+    assert checked > 40
+
+
 def test_service_config_validation_names_the_key():
     with pytest.raises(ValidationError) as exc:
         service_config_from_dict({"server": {"prot": 80, "workers": 0}, "rate_limit": {"per_second": -1}})
@@ -181,3 +214,183 @@ def test_experiment_variants_apply_overrides_and_log_exposures(tmp_path, request
     reader.close()
     assert {(e["user_id"], e["variant"]) for e in exposures} == {("qa-like-up-t", "treatment"), ("qa-like-up-c", "control")}
     assert all(set(e) >= {"user_id", "layer", "experiment", "variant", "ts"} for e in exposures)
+
+
+# ---------------------------------------------------------------- bodies that are never a 500
+
+CANDIDATE = b'{"item_id": "a", "source": "retrieval"}'
+EVENT = b'{"event_id": "e", "ts": 1, "type": "click", "user_id": "u", "item_id": "i"}'
+
+
+def rank_body(candidate: bytes = CANDIDATE, **fields: bytes) -> bytes:
+    """A /v1/rank body as raw bytes (the shapes below are not what json.dumps writes)."""
+    extra = b"".join(b'"%s": %s, ' % (k.encode(), v) for k, v in fields.items())
+    return b'{%s"user_id": "u", "candidates": [%s]}' % (extra, candidate)
+
+
+def events_body(event: bytes = EVENT) -> bytes:
+    return b'{"events": [%s]}' % event
+
+
+def post_raw(client, path: str, raw: bytes):
+    """(status, error) of a raw POST; the error envelope is checked whenever the answer is a 4xx."""
+    r = client.post(path, data=raw, content_type="application/json")
+    assert r.status_code < 500, (raw[:200], r.data[:300])
+    if r.status_code < 400:
+        return r.status_code, None
+    err = r.get_json()["error"]
+    assert isinstance(err["code"], str) and isinstance(err["message"], str) and isinstance(err["path"], str)
+    return r.status_code, err
+
+
+@pytest.fixture(scope="module")
+def raw_client(tmp_path_factory):
+    bus = BusConfig(url=f"embedded://{tmp_path_factory.mktemp('raw') / 'bus'}")
+    return create_app(ServiceConfig(nearline=NearlineConfig(bus=bus))).test_client()
+
+
+def both_endpoints(rank_raw: bytes, events_raw: bytes):
+    return [("/v1/rank", rank_raw), ("/v1/events", events_raw)]
+
+
+def nested(levels: int, inner: bytes = b"1") -> bytes:
+    return b"[" * levels + inner + b"]" * levels
+
+
+@pytest.mark.parametrize("levels", [9, 1000, 1025, 5000, 100_000])
+def test_deep_nesting_is_a_400_on_every_json_endpoint(raw_client, levels):
+    from strategy.schema import MAX_DEPTH
+
+    for path, raw in both_endpoints(rank_body(candidate=nested(levels)), events_body(nested(levels))):
+        status, err = post_raw(raw_client, path, raw)
+        assert status == 400
+        if levels > 1024:   # past orjson's own limit: the decoder names the body's limit
+            assert err["code"] == "too_deep" and f"deeper than {MAX_DEPTH} levels" in err["message"]
+        else:               # within it: the first level that is not what the schema wants, by its path
+            assert err["code"] == "type" and err["path"] in ("candidates[0]", "events[0]")
+    status, err = post_raw(raw_client, "/v1/rank", rank_body(context=b'{"a": %s}' % nested(levels)))
+    assert status == 400 and err["code"] == "too_deep"   # the free-form context: the limit, at its path
+    assert err["path"].startswith("context.a[0]") if levels + 2 <= 1024 else err["path"] == ""
+    assert raw_client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"-NaN"])
+def test_nan_and_infinity_literals_are_invalid_json(raw_client, literal):
+    features = b'{"item_id": "a", "source": "retrieval", "features": {"x": %s}}' % literal
+    for path, raw in both_endpoints(rank_body(features), events_body(EVENT.replace(b'"ts": 1', b'"ts": ' + literal))):
+        status, err = post_raw(raw_client, path, raw)
+        assert status == 400 and err["code"] == "invalid_json"
+        assert "NaN and Infinity are not JSON numbers" in err["message"] and "column" in err["message"]
+    status, err = post_raw(raw_client, "/v1/rank", rank_body(slate_size=literal))
+    assert status == 400 and err["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1" * 5000, b"-" + b"9" * 400])
+def test_numbers_past_a_double_are_a_400(raw_client, number):
+    features = b'{"item_id": "a", "source": "retrieval", "features": {"x": %s}}' % number
+    for path, raw in both_endpoints(rank_body(features), events_body(EVENT.replace(b'"ts": 1', b'"ts": ' + number))):
+        status, err = post_raw(raw_client, path, raw)
+        assert status == 400 and err["code"] == "invalid_json" and "double" in err["message"]
+    assert post_raw(raw_client, "/v1/rank", rank_body(slate_size=number))[0] == 400
+
+
+def test_number_edge_cases_that_are_json(raw_client):
+    ok = [b"-0", b"-0.0", b"0e0", b"1E2", b"18446744073709551615", b"123456789012345678901234567890", b"1e-400"]
+    for number in ok:   # features take any finite number; slate_size takes integers in [1, 1000]
+        features = b'{"item_id": "a", "source": "retrieval", "features": {"x": %s}}' % number
+        assert post_raw(raw_client, "/v1/rank", rank_body(features))[0] == 200, number
+    for number in (b"-0", b"0", b"1001", b"18446744073709551616", b"2.5", b"true"):
+        status, err = post_raw(raw_client, "/v1/rank", rank_body(slate_size=number))
+        assert status == 400 and err["path"] == "slate_size", number
+
+
+@pytest.mark.parametrize("raw", [b'"caf\xe9"', b'"\xff\xfe"', b'"\xed\xa0\x80"', b'"\xc0\xaf"', b'"\xf8\x88\x80\x80\x80"'])
+def test_bodies_that_are_not_utf8_are_a_400(raw_client, raw):
+    for path, body in both_endpoints(rank_body(b'{"item_id": %s, "source": "retrieval"}' % raw),
+                                     events_body(EVENT.replace(b'"i"', raw))):
+        status, err = post_raw(raw_client, path, body)
+        assert status == 400 and err["code"] == "invalid_json" and "not UTF-8 (byte" in err["message"]
+
+
+def test_utf16_is_a_400_and_a_utf8_byte_order_mark_is_skipped(raw_client):
+    body = rank_body()
+    for encoding in ("utf-16", "utf-16-le", "utf-32"):
+        status, err = post_raw(raw_client, "/v1/rank", body.decode().encode(encoding))
+        assert status == 400 and err["code"] == "invalid_json"
+    assert post_raw(raw_client, "/v1/rank", b"\xef\xbb\xbf" + body)[0] == 200
+    assert post_raw(raw_client, "/v1/events", b"\xef\xbb\xbf" + events_body())[0] == 202
+
+
+@pytest.mark.parametrize("escaped", [b"\\ud800", b"\\udfff", b"x\\ud83d", b"\\ude00\\ud83d", b"\\ud800\\u0041"])
+def test_lone_surrogates_are_a_400(raw_client, escaped):
+    for path, body in both_endpoints(rank_body(b'{"item_id": "%s", "source": "retrieval"}' % escaped),
+                                     events_body(EVENT.replace(b'"u"', b'"%s"' % escaped))):
+        status, err = post_raw(raw_client, path, body)
+        assert status == 400 and err["code"] == "invalid_json" and "surrogate" in err["message"]
+    pair = rank_body(b'{"item_id": "\\ud83d\\ude00", "source": "retrieval"}')   # a real pair is fine
+    assert post_raw(raw_client, "/v1/rank", pair)[0] == 200
+
+
+def test_null_bytes(raw_client):
+    cand = b'{"item_id": "a%sb", "source": "retrieval"}'
+    for path, body in both_endpoints(rank_body(cand % b"\x00"), events_body(EVENT.replace(b'"i"', b'"i\x00"'))):
+        status, err = post_raw(raw_client, path, body)            # a raw NUL byte is not JSON
+        assert status == 400 and err["code"] == "invalid_json"
+    for path, body, where in [("/v1/rank", rank_body(cand % b"\\u0000"), "candidates[0].item_id"),
+                              ("/v1/rank", rank_body(b'{"item_id": "a", "source": "retrieval", "text": "\\u0000"}'),
+                               "candidates[0].text"),
+                              ("/v1/events", events_body(EVENT.replace(b'"i"', b'"\\u0000"')), "events[0].item_id")]:
+        status, err = post_raw(raw_client, path, body)            # an escaped one is, but no field takes it
+        assert (status, err["code"], err["path"]) == (400, "invalid_string", where)
+    status, err = post_raw(raw_client, "/v1/rank", rank_body(context=b'{"k\\u0000": 1}'))
+    assert status == 400 and err["code"] == "invalid_string" and err["path"].startswith("context.k")
+    # the six characters \u0000 (an escaped backslash, then u0000) are only text
+    text = b'{"item_id": "a", "source": "retrieval", "text": "\\\\u0000"}'
+    assert post_raw(raw_client, "/v1/rank", rank_body(text))[0] == 200
+
+
+def test_a_duplicated_key_keeps_its_last_value(raw_client):
+    r = raw_client.post("/v1/rank", data=rank_body(request_id=b'"first", "request_id": "last"'),
+                        content_type="application/json")
+    assert r.status_code == 200 and r.get_json()["request_id"] == "last"
+    status, err = post_raw(raw_client, "/v1/rank", rank_body(request_id=b'"ok", "request_id": 5'))
+    assert status == 400 and err["path"] == "request_id"
+
+
+@pytest.mark.parametrize("raw", [b"null", b"true", b"3", b'"x"', b"[]", b"[1]", b"", b" ", b"{", b"}", b"{}"])
+def test_top_level_shapes(raw_client, raw):
+    status, err = post_raw(raw_client, "/v1/rank", raw)
+    assert status == 400 and (err["path"] == "" or err["code"] == "required")
+    status, err = post_raw(raw_client, "/v1/events", raw)
+    assert status == (202 if raw == b"[]" else 400)   # a batch is a list of events or {"events": [...]}
+
+
+@pytest.mark.parametrize("value", [b"7", b"0", b"-1", b"1.5", b"1e3", b"true", b"false", b"18446744073709551615"])
+def test_ids_that_are_numbers_are_a_400_naming_the_field(raw_client, value):
+    for field in ("item_id", "creator_id", "topic"):
+        cand = b'{"source": "retrieval", "item_id": "a", "%s": %s}' % (field.encode(), value)
+        status, err = post_raw(raw_client, "/v1/rank", rank_body(cand))
+        assert (status, err["code"], err["path"]) == (400, "type", f"candidates[0].{field}")
+    for field in ("user_id", "request_id"):
+        status, err = post_raw(raw_client, "/v1/rank", b'{"candidates": [], "user_id": "u", "%s": %s}'
+                               % (field.encode(), value))
+        assert (status, err["code"], err["path"]) == (400, "type", field)
+    for field in ("event_id", "user_id", "item_id", "request_id", "type"):
+        event = EVENT[:-1] + b', "%s": %s}' % (field.encode(), value)   # the last value of a key wins
+        status, err = post_raw(raw_client, "/v1/events", events_body(event))
+        assert (status, err["code"], err["path"]) == (400, "type", f"events[0].{field}")
+    status, err = post_raw(raw_client, "/v1/rank", rank_body(b'{"item_id": "a", "source": %s}' % value))
+    assert (status, err["path"]) == (400, "candidates[0].source")
+
+
+def test_a_body_just_under_the_size_limit_is_read_and_one_over_is_a_413(tmp_path):
+    limit = 64 * 1024
+    client = make_app(max_body_bytes=limit).test_client()
+    pad = rank_body(context=b'{"pad": ""}')
+    fill = b"x" * (limit - len(pad))
+    status, _ = post_raw(client, "/v1/rank", rank_body(context=b'{"pad": "%s"}' % fill))
+    assert status == 200
+    status, err = post_raw(client, "/v1/rank", rank_body(context=b'{"pad": "%sx"}' % fill))
+    assert status == 413 and err["code"] == "body_too_large"
+    status, err = post_raw(client, "/v1/events", b"[" + b" " * limit + b"]")
+    assert status == 413

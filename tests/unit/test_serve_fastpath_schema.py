@@ -18,24 +18,29 @@ GOOD = {"item_id": "i1", "source": "llm", "creator_id": "c1", "topic": "diy", "t
         "generator": {"model": "sim-llama-small", "prior_score": 0.941}}
 
 EDGES = {
-    "item_id": [None, "", "x" * 256, "x" * 257, 0, -5, 2 ** 70, True, 1.0, ["a"], {"a": 1}],
-    "source": [None, "", "LLM", "llm\n", "a" * 32, "a" * 33, "9x", 1, True, "retrieval"],
-    "creator_id": [None, "", 7, True, 1.5, "c" * 257, "ok"],
-    "topic": [None, "", 3, False, [], "t" * 256],
+    "item_id": [None, "", "x" * 256, "x" * 257, 0, -5, 2 ** 64 - 1, 2 ** 70, 10 ** 400, True, False, 1.0, -0.0,
+                ["a"], {"a": 1}, "12", "\u00e9\U0001f600"],
+    "source": [None, "", "LLM", "llm\n", "\nllm", "a" * 32, "a" * 33, "9x", 1, True, "retrieval"],
+    "creator_id": [None, "", 7, 0, 2 ** 63, True, 1.5, "c" * 257, "ok", ["c"]],
+    "topic": [None, "", 3, 1.0, False, [], "t" * 256, {"t": 1}],
     "text": [None, "", 5, "t" * 20_000, "t" * 20_001, ["a"], "ünïcode"],
     "features": [None, {}, [], "x", {"k" * 128: 1}, {"k" * 129: 1}, {"a": None}, {"a": True},
                  {"a": math.inf}, {"a": -math.inf}, {"a": math.nan}, {"a": 2 ** 63}, {"a": -(2 ** 63)},
                  {"a": 2 ** 63 - 1}, {"a": 2 ** 70}, {"a": "s" * 1000}, {"a": "s" * 1001},
                  {"a": list(range(1000))}, {"a": list(range(1001))}, {"a": [1, True]}, {"a": [1.5]},
-                 {"a": [None]}, {"a": []}, {"a": {"b": 1}}, {"a": 1e308}, {"a": -0.0}],
+                 {"a": [None]}, {"a": []}, {"a": {"b": 1}}, {"a": 1e308}, {"a": -0.0}, {"a": 10 ** 400},
+                 {"a": -(10 ** 400)}, {"a": 2 ** 64 - 1}, {"a": -(2 ** 63) - 1}, {"a": [2 ** 70, "x"]},
+                 {"a": [[1]]}, {"a": [{"b": 1}]}, {"a": [False]}, {"a": False}, {"a": [[[[["deep"]]]]]}],
     "generator": [None, {}, [], "g", {"model": "m"}, {"prior_score": 0.5}, {"model": "m", "prior_score": 0},
                   {"model": "m", "prior_score": 1}, {"model": "m", "prior_score": 2}, {"model": "m", "prior_score": -0.0},
                   {"model": "m", "prior_score": 1.0000001}, {"model": "m", "prior_score": math.nan},
-                  {"model": "m", "prior_score": True}, {"model": "m", "prior_score": "0.5"},
+                  {"model": "m", "prior_score": True}, {"model": "m", "prior_score": False},
+                  {"model": "m", "prior_score": "0.5"}, {"model": "m", "prior_score": 10 ** 400},
                   {"model": None, "prior_score": 0.5}, {"model": "m" * 256, "prior_score": 0.5},
                   {"model": "m" * 257, "prior_score": 0.5}, {"model": 3, "prior_score": 0.5},
                   {"model": "m", "prior_score": 0.5, "extra": 1}, {"model": "m", "extra": 1}],
-    "predictions": [None, {}, {"click": 0.5}, {"click": "x"}, [], {"click": math.inf}],
+    "predictions": [None, {}, {"click": 0.5}, {"click": "x"}, [], {"click": math.inf}, {"click": True},
+                    {"click": 10 ** 400}],
     "unknown_key": [1],
 }
 
@@ -90,9 +95,26 @@ def test_fast_candidate_builds_the_same_candidate():
     assert schema._fast_candidate(GOOD) == c and c.features is GOOD["features"]
     assert c.generator == schema.Generator("sim-llama-small", 0.941)
     assert req.candidates[1].generator is None and req.candidates[1].text is None
-    assert schema._fast_candidate(dict(GOOD, item_id=12)).item_id == "12"
+    assert schema._fast_candidate(dict(GOOD, item_id=12)) is None   # not an id: the full checks name it
     assert isinstance(schema._fast_candidate(dict(GOOD, generator={"model": "m", "prior_score": 1})).generator
                       .prior_score, float)
+
+
+REQUEST_EDGES = {
+    "user_id": [None, "", "u", "u" * 257, 7, 0, True, 1.5, 2 ** 64, ["u"], {"u": 1}],
+    "request_id": [None, "", "r", 5, False, 2.0, "r" * 257],
+    "slate_size": [None, 0, 1, 3, 3.0, 3.5, True, 1000, 1001, 2 ** 64, 10 ** 400, "3", -0.0],
+    "strategy": [None, "", "feed_v1", "feed_v1\n", 1, True],
+    "context": [None, {}, [], "c", {"a": [[["b"]]]}, {"a": [[[[[[["b"]]]]]]]}, {"a": True}],
+}
+
+
+def test_request_fields_parse_alike_with_any_candidates(monkeypatch):
+    """The request-level checks do not depend on which path built the candidates."""
+    for key, values in REQUEST_EDGES.items():
+        for value in values:
+            for cands in ([GOOD], [GOOD, dict(GOOD, item_id=3)], []):
+                parse_both({"user_id": "u", "candidates": cands, key: value}, monkeypatch)
 
 
 @pytest.mark.parametrize("n", [0, 1, 7])
