@@ -130,16 +130,23 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
     return Serving(strategies, default, risk, chain, assigner, variant_chains, experiments, ramps, signature)
 
 
-def current_pointer(config: ServiceConfig):
-    """What tells a scorer that the model's ``current`` pointer moved: its mtime, size and text."""
-    if not config.model_name or "@" in config.model_name:
+def current_pointer(registry: str, ref: str | None):
+    """What tells a scorer that model ``ref``'s ``current`` pointer moved: its mtime, size and text
+    (None for a pinned ``name@version`` or a missing model)."""
+    if not ref or "@" in ref:
         return None
-    path = Path(config.registry) / config.model_name / "current"
+    path = Path(registry) / ref / "current"
     try:
         st = path.stat()
         return (st.st_mtime_ns, st.st_size, path.read_text(encoding="utf-8").strip())
     except OSError:
         return None
+
+
+def followed_refs(config: ServiceConfig, serving: Serving) -> list[str]:
+    """The models whose ``current`` a scorer follows: the primary and the experiments' variant models
+    that name no version."""
+    return [ref for ref in [config.model_name, *serving.variant_chains] if ref and "@" not in ref]
 
 
 def ramp_signature(ramps) -> tuple:
@@ -167,7 +174,7 @@ class Scorer:
         self._variant_cache: dict = {}
         self._ramps_checked = time.monotonic()
         self._model_checked = time.monotonic()
-        self._model_pointer = current_pointer(config)
+        self._pointers = {ref: current_pointer(config.registry, ref) for ref in followed_refs(config, serving)}
         self._model_loading: threading.Thread | None = None
         self.follower = None  # the in-process near-line thread feeding a private memory store
 
@@ -211,33 +218,42 @@ class Scorer:
         self.swap(replace(serving, assigner=assigner, ramp_signature=signature))
 
     def follow_model(self) -> None:
-        """Serve each new ``current`` version of the model without a restart (``model.follow_current``):
-        at most every ``model.poll_s`` seconds, look at the registry's pointer; when it moved, load the
-        new chain in a background thread while the old one keeps serving, then swap (one reference
-        assignment). A version that fails to load is logged and the serving one stays."""
+        """Serve each new ``current`` version of the followed models (the primary and the variants'
+        unpinned models) without a restart (``model.follow_current``): at most every ``model.poll_s``
+        seconds, look at their registry pointers; when one moved, load the new chain in a background
+        thread while the old one keeps serving, then swap (one reference assignment). A version that
+        fails to load is logged and counted, and the serving one stays."""
         if not self.config.follow_current or time.monotonic() - self._model_checked < self.config.model_poll_s:
             return
         self._model_checked = time.monotonic()
-        pointer = current_pointer(self.config)
-        if pointer == self._model_pointer or (self._model_loading is not None and self._model_loading.is_alive()):
+        if self._model_loading is not None and self._model_loading.is_alive():
             return
-        self._model_loading = threading.Thread(target=self._load_model, args=(pointer,), name="model-follow",
-                                               daemon=True)
-        self._model_loading.start()
+        moved = {ref: pointer for ref in self._pointers
+                 if (pointer := current_pointer(self.config.registry, ref)) != self._pointers[ref]}
+        if moved:
+            self._model_loading = threading.Thread(target=self._load_models, args=(moved,), name="model-follow",
+                                                   daemon=True)
+            self._model_loading.start()
 
-    def _load_model(self, pointer) -> None:
+    def _load_models(self, moved: dict) -> None:
         config = self.config
-        chain = RankerChain.load(config.registry, config.model_name, config.fallback_name)
-        self._model_pointer = pointer
-        if not chain.primary_loaded:
-            log.error("model %s: the new current version did not load, still serving %s: %s", config.model_name,
-                      self.serving.chain.version, "; ".join(chain.load_errors))
-            self.metrics.add(model_reload_failed=True)
-            return
-        before = self.serving.chain.version
-        self.swap(replace(self.serving, chain=chain))
-        self.metrics.add(model_reloaded=True)
-        log.info("model: serving %s (was %s)", chain.version, before)
+        for ref, pointer in moved.items():
+            chain = RankerChain.load(config.registry, ref, config.fallback_name)
+            self._pointers[ref] = pointer
+            serving = self.serving
+            primary = ref == config.model_name
+            before = (serving.chain if primary else serving.variant_chains[ref]).version
+            if not chain.primary_loaded:
+                log.error("model %s: the new current version did not load, still serving %s: %s", ref, before,
+                          "; ".join(chain.load_errors))
+                self.metrics.add(model_reload_failed=True)
+                continue
+            if primary:
+                self.swap(replace(serving, chain=chain))
+            else:
+                self.swap(replace(serving, variant_chains={**serving.variant_chains, ref: chain}))
+            self.metrics.add(model_reloaded=True)
+            log.info("model: serving %s (was %s)", chain.version, before)
 
     def _strategy_and_chain(self, serving: Serving, req, assignments):
         name = req.strategy or serving.default_strategy
@@ -465,7 +481,8 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     def readyz():
         chain = scorer.serving.chain
         body = {"ready": chain.ready, "model_version": chain.version, "load_errors": chain.load_errors,
-                "worker": os.getpid()}
+                "worker": os.getpid(),
+                "variant_models": {ref: c.version for ref, c in scorer.serving.variant_chains.items()}}
         if scorer.follower is not None:  # this worker's own near-line thread (memory store)
             err = scorer.follower.error
             body["nearline"] = {"records": scorer.follower.stats.records, "applied": scorer.follower.stats.applied,
