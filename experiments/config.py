@@ -28,7 +28,8 @@ inside [0, 1] and disjoint within a layer; variant weights in [0, 1] summing to 
 valid for every strategy named (applied with :meth:`strategy.config.Strategy.with_overrides`, which
 re-validates the whole strategy); two layers never override the same strategy key or both pick
 a model (a user is in one experiment per layer, so their overrides are merged); ``model`` is
-``name@version``; metrics are valid and every experiment's metrics are declared.
+``name@version``, or a bare ``name`` (its current version: a scorer with ``model.follow_current``
+serves each new one, e.g. a streaming trainer's); metrics are valid and every experiment's metrics are declared.
 
 Relative ``strategy`` paths are looked up from the current directory, then from the file's
 folder and each folder above it (so ``conf/objectives/feed.yaml`` works from the repository root
@@ -58,7 +59,7 @@ EXPERIMENT_KEYS = ("name", "range", "status", "control", "variants", "allowlist"
 VARIANT_KEYS = ("weight", "overrides", "model", "description")
 HOLDOUT_KEYS = ("salt", "share")
 STATUSES = ("running", "stopped")
-MODEL_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}@[A-Za-z0-9_.\-]{1,128}$")
+MODEL_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}(@[A-Za-z0-9_.\-]{1,128})?$")
 SALT_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 WEIGHT_TOL = 1e-6
 
@@ -480,7 +481,7 @@ def _variant(errs: Errors, name, spec, path: str, strategies) -> tuple[Variant |
         model = as_str(errs, spec["model"], join_path(path, "model"), pattern=MODEL_RE)
         if model is None and isinstance(spec["model"], str):
             errs.items[-1] = FieldError(join_path(path, "model"),
-                                        f"'{spec['model']}' is not a model reference like name@version", "pattern")
+                                        f"'{spec['model']}' is not a model reference like name or name@version", "pattern")
     overrides: dict = {}
     if spec.get("overrides") is not None:
         opath = join_path(path, "overrides")

@@ -479,6 +479,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
 
     @app.get("/readyz")
     def readyz():
+        scorer.follow_model()   # a new current version also loads without traffic (probes keep coming)
         chain = scorer.serving.chain
         body = {"ready": chain.ready, "model_version": chain.version, "load_errors": chain.load_errors,
                 "worker": os.getpid(),

@@ -21,8 +21,10 @@ examples, whatever the interleaving of topics and partitions a consumer happens 
   written, raw, to ``rejected/``. Nothing is dropped silently.
 
 An impression is emitted once the events of its partition have been read past its window plus
-``grace_s`` (publish times may be out of order by up to ``grace_s`` between producers); when the bus
-has nothing more to read, the joiner's clock (wall time minus ``grace_s``) stands in. A
+``grace_s`` (publish times may be out of order by up to ``grace_s`` between producers); when the
+consumer is at the end of every partition it reads (``Consumer.at_end``), the joiner's clock (wall
+time minus ``grace_s``) stands in. One joiner process per consumer name: a Kafka rebalance between
+two live joiners would have both emit the partitions that moved (scale-out by partition is future work). A
 ``(request_id, item_id)`` is read from the same partition number of both topics (the buses key both
 by ``user_id``, with the same partition count).
 
@@ -762,7 +764,8 @@ def run_joiner(config: JoinerConfig, *, bus: EventBus | None = None, stop: threa
             for r in records:
                 state.add(r.topic, r.partition, r.offset, r.next_offset, r.timestamp, r.value, now)
             stats.records += len(records)
-            state.advance(now, idle=not records)
+            # the bus had nothing more: the joiner's clock may stand in for the partitions' (see advance)
+            state.advance(now, idle=not records and consumer.at_end())
             mono = time.monotonic()
             if records:
                 last_data = mono
@@ -775,7 +778,11 @@ def run_joiner(config: JoinerConfig, *, bus: EventBus | None = None, stop: threa
                                                                else max(max_idle_s, startup_grace_s)):
                 break
         if drain:
-            state.advance(time.time(), idle=True, drain=True)
+            if consumer.at_end():
+                state.advance(time.time(), idle=True, drain=True)
+            else:
+                log.warning("joiner: not drained — the consumer has not read all of its partitions; %d open "
+                            "impressions stay in the checkpoint", len(state.pending))
         stats.flushes += joiner.flush(consumer)
     finally:
         consumer.close()

@@ -11,10 +11,11 @@ Adam on the rest).
 Every ``publish_interval_s`` it publishes a full version under ``name`` (made ``current``; the registry
 keeps the last ``keep_versions``; ``stratarank models rollback`` points back), once a guard agrees: on
 a held-back slice of the stream (``guard.holdout_share`` of the examples, chosen by a hash of their id,
-never trained on), the candidate's loss must be finite and at most ``1 + guard.max_loss_increase``
-times the loss of the version serving now. A refused update keeps the previous version serving, and
-the trainer goes back to that version's weights (the examples trained since are counted as
-``discarded``).
+never trained on), the candidate's weights and loss must be finite and its loss at most
+``1 + guard.max_loss_increase`` times the loss of the version serving now (compared once the slice
+holds ``guard.min_holdout`` examples). A refused update keeps the previous version serving. After
+non-finite weights, or ``guard.patience`` refusals for a worse loss in a row, the trainer also goes
+back to the serving version's weights (the examples trained since are counted as ``discarded``).
 
 Exactly once: a checkpoint (model, optimizers, id tables, recent example ids, counters, positions) is
 written atomically at every publish and every ``checkpoint_interval_s``, always with no example
@@ -52,7 +53,7 @@ log = logging.getLogger("stratarank.stream_train")
 TOP_KEYS = ("name", "start_from", "registry", "bus", "topic", "consumer", "publish_interval_s",
             "checkpoint_interval_s", "checkpoint", "keep_versions", "training", "ids", "guard")
 TRAINING_KEYS = ("batch_size", "lr", "embedding_lr", "weight_decay", "threads", "max_wait_s", "seed")
-GUARD_KEYS = ("holdout_share", "holdout_size", "max_loss_increase", "min_holdout")
+GUARD_KEYS = ("holdout_share", "holdout_size", "max_loss_increase", "min_holdout", "patience")
 CHECKPOINT_FORMAT = 1
 COUNTERS = ("records", "applied", "held_out", "replayed", "duplicates", "invalid", "nonfinite_batches",
             "steps", "published", "refused", "discarded")
@@ -74,7 +75,8 @@ class GuardConfig:
     holdout_share: float = 0.05
     holdout_size: int = 20_000    # the most recent held-back examples the guard scores
     max_loss_increase: float = 0.05
-    min_holdout: int = 200        # below this, only finiteness is checked
+    min_holdout: int = 1000       # below this, only finiteness is checked (a loss on fewer rows is noise)
+    patience: int = 3             # refusals for a worse loss in a row before going back to the serving weights
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ class StreamConfig:
             "seed": (0, 2 ** 31, True)}, open_lo=("lr", "embedding_lr"))
         kw["guard"] = _section(errs, obj.get("guard"), "guard", GuardConfig, GUARD_KEYS, {
             "holdout_share": (0, 0.5, False), "holdout_size": (1, 10_000_000, True),
-            "max_loss_increase": (0, 100, False), "min_holdout": (1, 10_000_000, True)}, open_lo=("holdout_share",))
+            "max_loss_increase": (0, 100, False), "min_holdout": (1, 10_000_000, True), "patience": (1, 1000, True)},
+            open_lo=("holdout_share",))
         if obj.get("ids") is not None:
             kw["ids"] = as_dict(errs, obj["ids"], "ids") or {}
         errs.raise_if_any(source, lines)
@@ -242,6 +245,8 @@ class StreamTrainer:
             self.reference.load_state_dict(self.module.state_dict())
         else:
             self._restore(ckpt)
+        self.refused_in_row = 0
+        self.applied_at_publish = self.counters["applied"]   # when the serving version was published
         self.module.train()
         self.reference.eval()
         self._label_columns = [o.name for o in self.objectives]
@@ -397,11 +402,17 @@ class StreamTrainer:
             why = f"holdout loss {candidate:.5f} > {serving:.5f} x (1 + {g.max_loss_increase:g})"
         if why is not None:
             self.counters["refused"] += 1
-            self.counters["discarded"] += len(self.fresh)
-            self.module.load_state_dict(self.reference.state_dict())
-            self._reset_optimizer()
-            self.fresh = []
-            self.log(f"update refused ({why}); {self.config.name}@{self.published} keeps serving")
+            self.refused_in_row += 1
+            back = why.startswith("non-finite") or self.refused_in_row >= g.patience
+            if back:
+                self.counters["discarded"] += self.counters["applied"] - self.applied_at_publish
+                self.module.load_state_dict(self.reference.state_dict())
+                self._reset_optimizer()
+                self.fresh = []
+                self.refused_in_row = 0
+                self.applied_at_publish = self.counters["applied"]
+            self.log(f"update refused ({why}); {self.config.name}@{self.published} keeps serving"
+                     + ("; back to its weights" if back else ""))
             return {"published": None, "refused": why}
         now = time.time()
         lags = np.array([now - t for t in self.fresh]) if self.fresh else np.zeros(0)
@@ -417,6 +428,8 @@ class StreamTrainer:
                           data={"loader": "stream", "start_from": self.start["model"], "topic": self.config.topic},
                           train_config=self.config.source)
         self.published = path.name
+        self.refused_in_row = 0
+        self.applied_at_publish = self.counters["applied"]
         self.reference.load_state_dict(self.module.state_dict())
         self.fresh = []
         self.counters["published"] += 1

@@ -486,4 +486,28 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--kafka", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="use the Kafka-compatible bus (starts a broker when no address is given)")
-    p.set_defaults(func=run)
+    p.add_argument("--scenario", choices=("ab", "streaming"), default="ab",
+                   help="ab: the strategy A/B test (default); streaming: a static vs a streaming-updated model on a "
+                        "living world (served -> joined -> trained -> published -> served; stratarank/demo_streaming.py)")
+    s = p.add_argument_group("--scenario streaming")
+    s.add_argument("--hours", type=int, default=12, help="simulated hours of the second day served (default 12)")
+    s.add_argument("--window", type=float, default=3.0, help="the joiner's attribution window, seconds (default 3)")
+    s.add_argument("--publish-interval", type=float, default=3.0,
+                   help="the streaming trainer's publish interval, seconds (default 3)")
+    p.set_defaults(func=_run_scenario)
+
+
+def _run_scenario(args) -> int:
+    for flag, value in (("--users", args.users), ("--candidates", args.candidates), ("--hours", args.hours),
+                        ("--concurrency", args.concurrency)):
+        if value < 1:
+            print(f"{flag}: must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    if args.scenario == "streaming":
+        if args.kafka is not None:
+            print("--kafka: the streaming scenario runs on the embedded bus", file=sys.stderr)
+            return 2
+        from .demo_streaming import run as run_streaming
+
+        return run_streaming(args)
+    return run(args)

@@ -115,6 +115,11 @@ class Consumer:
     def commit(self, records_or_position=None) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def at_end(self) -> bool:  # pragma: no cover - interface
+        """True when this consumer has read everything its topics hold right now (every partition it
+        is assigned, at least one of them): an empty poll alone does not say so for Kafka."""
+        raise NotImplementedError
+
     def close(self) -> None:  # pragma: no cover
         raise NotImplementedError
 

@@ -405,6 +405,9 @@ class EmbeddedConsumer(Consumer):
             out[t] = max(0, end - self.position[t])
         return out
 
+    def at_end(self) -> bool:
+        return not any(self.lag().values())
+
     def close(self) -> None:
         for r in self._readers.values():
             r.close()

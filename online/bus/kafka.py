@@ -361,6 +361,18 @@ class KafkaConsumerAdapter(Consumer):
             except CommitFailedError as exc:  # a rebalance: the records are delivered again
                 log.warning("kafka consumer %s: commit failed (%s); records will be redelivered", self.name, exc)
 
+    def at_end(self) -> bool:
+        """Every assigned partition's position is at its high watermark (as the last fetch saw it);
+        False before the group assigned anything, or while a watermark is unknown."""
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return False
+        for tp in assigned:
+            high = self._consumer.highwater(tp)
+            if high is None or self._consumer.position(tp) < high:
+                return False
+        return True
+
     def close(self) -> None:
         try:
             self._consumer.close(autocommit=False)

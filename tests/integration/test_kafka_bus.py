@@ -138,3 +138,25 @@ def test_foreign_records_are_skipped_and_counted_never_fatal(kafka_broker, tmp_p
         assert cols._consumer.committed(TopicPartition(topic, 0)) == 7
     finally:
         bus.close()
+
+
+def test_at_end_once_every_assigned_partition_is_read(kafka_broker, tmp_path):
+    topic = f"t_{uuid.uuid4().hex[:8]}"
+    bus = open_bus(f"kafka://{kafka_broker}", spool_dir=str(tmp_path / "spool"), partitions=3)
+    try:
+        bus.publish(topic, recs(90))
+        assert bus.flush(60)
+        c = bus.consumer(f"g_{uuid.uuid4().hex[:8]}", [topic])
+        assert not c.at_end()                       # nothing assigned yet: an empty poll says nothing
+        assert len(drain(c, 90)) == 90
+        deadline = time.monotonic() + 10
+        while not c.at_end() and time.monotonic() < deadline:
+            c.poll(100, 0.2)
+        assert c.at_end()
+        bus.publish(topic, recs(3, tag="more"))
+        assert bus.flush(60)
+        assert len(drain(c, 3)) == 3
+        assert c.at_end()
+        c.close()
+    finally:
+        bus.close()

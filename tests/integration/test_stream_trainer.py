@@ -108,7 +108,7 @@ def test_new_items_get_rows_and_learn_and_versions_are_kept_to_the_last_n(world,
 
 
 def test_a_corrupt_or_nan_producing_update_is_refused_and_the_previous_version_keeps_serving(world, tmp_path):
-    cfg = stream_config(world, tmp_path)
+    cfg = stream_config(world, tmp_path, guard={"min_holdout": 300, "patience": 2})
     trainer = StreamTrainer(cfg, log_fn=lambda m: None)
     bus = open_bus(world["url"])
     consumer = bus.consumer(cfg.consumer, [cfg.topic])
@@ -126,6 +126,7 @@ def test_a_corrupt_or_nan_producing_update_is_refused_and_the_previous_version_k
     with torch.no_grad():
         tower.mul_(300.0)                              # an update that wrecks the predictions
     assert "holdout loss" in trainer.publish()["refused"]
+    assert not torch.equal(tower, trainer.reference.state_dict()[name_of(trainer, tower)])   # patience: not yet back
     with torch.no_grad():
         next(trainer.module.parameters()).fill_(float("nan"))   # an update that produced NaN
     assert trainer.publish()["refused"] == "non-finite weights or loss"
@@ -134,6 +135,10 @@ def test_a_corrupt_or_nan_producing_update_is_refused_and_the_previous_version_k
     for key, value in trainer.module.state_dict().items():   # the trainer went back to the serving weights
         assert torch.equal(value, serving[key]), key
     assert trainer.publish()["published"] is not None      # and goes on from there
+
+
+def name_of(trainer, param) -> str:
+    return next(name for name, p in trainer.module.named_parameters() if p is param)
 
 
 def test_killed_mid_stream_it_resumes_with_every_example_counted_once(world, tmp_path):

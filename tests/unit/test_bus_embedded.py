@@ -298,3 +298,17 @@ def test_poll_wakes_on_a_publish_of_the_same_process(tmp_path):
         t0 = time.monotonic()
         got = c.poll(10, timeout_s=5.0)
         assert len(got) == 1 and time.monotonic() - t0 < 2.0
+
+
+def test_at_end_is_true_only_once_every_topic_was_read(tmp_path):
+    bus = open_bus(f"embedded://{tmp_path}")
+    bus.publish("events", [{"event_id": "e1"}])
+    consumer = bus.consumer("c", ["events", "impressions"])
+    assert not consumer.at_end()
+    assert len(consumer.poll(10, 0.1)) == 1 and consumer.at_end()
+    bus.publish("impressions", [{"request_id": "r"}])
+    assert not consumer.at_end()
+    consumer.poll(10, 0.1)
+    assert consumer.at_end()
+    consumer.close()
+    bus.close()
