@@ -17,9 +17,9 @@ holds ``guard.min_holdout`` examples). A refused update keeps the previous versi
 non-finite weights, or ``guard.patience`` refusals for a worse loss in a row, the trainer also goes
 back to the serving version's weights (the examples trained since are counted as ``discarded``).
 
-Exactly once: a checkpoint (model, optimizers, id tables, recent example ids, counters, positions) is
-written atomically at every publish and every ``checkpoint_interval_s``, always with no example
-consumed but not yet applied, and only then are the positions committed to the bus. A trainer killed at
+Exactly once: a checkpoint (model, optimizers, id tables, recent example ids, counters, the examples
+consumed but not applied yet, positions) is written atomically at every publish and every
+``checkpoint_interval_s``, and only then are the positions committed to the bus. A trainer killed at
 any point resumes from its checkpoint; the records the bus delivers again are recognised by their
 offsets (before the checkpoint's positions) or their ``example_id`` (the joiner may publish a flush
 twice) and skipped, counted: no example is applied twice, none is skipped uncounted.
@@ -55,8 +55,8 @@ TOP_KEYS = ("name", "start_from", "registry", "bus", "topic", "consumer", "publi
 TRAINING_KEYS = ("batch_size", "lr", "embedding_lr", "weight_decay", "threads", "max_wait_s", "seed")
 GUARD_KEYS = ("holdout_share", "holdout_size", "max_loss_increase", "min_holdout", "patience")
 CHECKPOINT_FORMAT = 1
-COUNTERS = ("records", "applied", "held_out", "replayed", "duplicates", "invalid", "nonfinite_batches",
-            "steps", "published", "refused", "discarded")
+COUNTERS = ("records", "applied", "held_out", "replayed", "duplicates", "invalid", "other_ranks",
+            "nonfinite_batches", "steps", "published", "refused", "discarded")
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,9 @@ def _held_out(example_id: str, share: float) -> bool:
 class StreamTrainer:
     """The state of one streaming trainer and its steps (``run_stream_trainer`` drives it)."""
 
-    def __init__(self, config: StreamConfig, log_fn=log.info):
+    world = 1   # ranks (a DistributedStreamTrainer has more)
+
+    def __init__(self, config: StreamConfig, log_fn=log.info, rank: int = 0):
         import torch
 
         from ranking.dynamic_ids import DynamicIds, id_tables_from_dict
@@ -244,7 +246,7 @@ class StreamTrainer:
             load_grown(self.module, trained)
             self.reference.load_state_dict(self.module.state_dict())
         else:
-            self._restore(ckpt)
+            self._restore(ckpt, rank)
         self.refused_in_row = 0
         self.applied_at_publish = self.counters["applied"]   # when the serving version was published
         self.module.train()
@@ -318,23 +320,39 @@ class StreamTrainer:
         bs = self.config.training.batch_size
         while self.buffer:
             rows, self.buffer = self.buffer[:bs], self.buffer[bs:]
-            now = max(r["ts"] for r in rows)
-            columns = {c: [r.get(c) for r in rows] for c in self._columns}
-            self._admit(columns, now)
-            _, batch, y = self._encode(rows)
-            out = self.module(batch.dense, batch.kjt)
-            loss, _ = self.loss_fn(out, torch.from_numpy(y))
-            self.optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                self.counters["nonfinite_batches"] += 1
-                self.counters["discarded"] += len(rows)
-                continue
-            loss.backward()
-            self.optimizer.step()
-            self.counters["steps"] += 1
-            self.counters["applied"] += len(rows)
-            self.fresh += [r["last_event_at"] for r in rows if isinstance(r.get("last_event_at"), (int, float))]
-            self._expire_seen(now)
+            self._apply(rows)
+
+    def _apply(self, rows: list[dict]) -> None:
+        """One optimizer step on ``rows`` (skipped, counted, when the loss is not finite)."""
+        import torch
+
+        now = max(r["ts"] for r in rows)
+        self._admit({c: [r.get(c) for r in rows] for c in self._columns}, now)
+        _, batch, y = self._encode(rows)
+        out = self.training_module(batch.dense, batch.kjt)
+        loss, _ = self.loss_fn(out, torch.from_numpy(y))
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self._finite_loss(loss):
+            self.counters["nonfinite_batches"] += 1
+            self.counters["discarded"] += len(rows)
+            return
+        loss.backward()
+        self.optimizer.step()
+        self.counters["steps"] += 1
+        self.counters["applied"] += len(rows)
+        self.fresh += [r["last_event_at"] for r in rows if isinstance(r.get("last_event_at"), (int, float))]
+        self._expire_seen(now)
+
+    @property
+    def training_module(self):
+        """The module the steps run on (a DistributedModelParallel in a multi-rank trainer)."""
+        return self.module
+
+    @staticmethod
+    def _finite_loss(loss) -> bool:
+        import torch
+
+        return bool(torch.isfinite(loss))
 
     def _admit(self, columns: dict, now: float) -> None:
         """New ids get rows (fresh: zero weights, zero Adagrad state); lookups learn new items' values."""
@@ -344,22 +362,30 @@ class StreamTrainer:
 
         changed = self.ids.observe(columns, now)
         if changed:
-            params = dict(self.module.named_parameters())
-            adagrad = self.optimizer.optimizers[0]
-            with torch.no_grad():
-                for table, rows in changed.items():
-                    p = params[table_key(table)]
-                    idx = torch.tensor(rows, dtype=torch.long)
-                    p[idx] = 0.0
-                    state = adagrad.state.get(p)
-                    if state and "sum" in state:
-                        state["sum"][idx] = 0.0
+            self._zero_rows(changed)
         for name, (key_col, value_col), table in self._lookups:
             known = self.encoder._row_table(table)
             mapping = self.encoder.maps.setdefault(name, {})
             for k, v in zip(columns.get(key_col) or (), columns.get(value_col) or ()):
                 if isinstance(k, str) and isinstance(v, str) and k in known:
                     mapping[k] = v
+
+    def _zero_rows(self, changed: dict[str, list[int]]) -> None:
+        """Rows whose id changed start fresh: zero weights, zero Adagrad state."""
+        import torch
+
+        from ranking.dynamic_ids import table_key
+
+        params = dict(self.module.named_parameters())
+        adagrad = self.optimizer.optimizers[0]
+        with torch.no_grad():
+            for table, rows in changed.items():
+                p = params[table_key(table)]
+                idx = torch.tensor(rows, dtype=torch.long)
+                p[idx] = 0.0
+                state = adagrad.state.get(p)
+                if state and "sum" in state:
+                    state["sum"][idx] = 0.0
 
     # ---- the guard and publishing
 
@@ -382,21 +408,32 @@ class StreamTrainer:
             module.train()
         return total / len(rows)
 
-    def finite(self) -> bool:
+    @staticmethod
+    def finite(module) -> bool:
         import torch
 
-        return all(bool(torch.isfinite(p).all()) for p in self.module.parameters())
+        return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
     def publish(self) -> dict:
-        """Check the guard; publish a version (and prune old ones), or go back to the serving one."""
+        """Check the guard; publish a version (and prune old ones), or refuse it (going back to the
+        serving weights when the guard says so)."""
+        result = self.judge(self.module)
+        if result.get("back"):
+            self.module.load_state_dict(self.reference.state_dict())
+            self._reset_optimizer()
+        return result
+
+    def judge(self, module) -> dict:
+        """The guard on ``module`` (a plain model with the candidate weights); publishes it when it
+        passes. ``back`` in the result: the training weights must go back to ``self.reference``."""
         from ranking.artifacts import save_model
         from ranking.registry import prune_versions
 
         g = self.config.guard
-        candidate = self.holdout_loss(self.module) if len(self.holdout) else float("nan")
+        candidate = self.holdout_loss(module) if len(self.holdout) else float("nan")
         serving = self.holdout_loss(self.reference) if len(self.holdout) >= g.min_holdout else float("nan")
         why = None
-        if not self.finite() or (len(self.holdout) and not math.isfinite(candidate)):
+        if not self.finite(module) or (len(self.holdout) and not math.isfinite(candidate)):
             why = "non-finite weights or loss"
         elif math.isfinite(serving) and candidate > serving * (1.0 + g.max_loss_increase):
             why = f"holdout loss {candidate:.5f} > {serving:.5f} x (1 + {g.max_loss_increase:g})"
@@ -406,31 +443,29 @@ class StreamTrainer:
             back = why.startswith("non-finite") or self.refused_in_row >= g.patience
             if back:
                 self.counters["discarded"] += self.counters["applied"] - self.applied_at_publish
-                self.module.load_state_dict(self.reference.state_dict())
-                self._reset_optimizer()
                 self.fresh = []
                 self.refused_in_row = 0
                 self.applied_at_publish = self.counters["applied"]
             self.log(f"update refused ({why}); {self.config.name}@{self.published} keeps serving"
                      + ("; back to its weights" if back else ""))
-            return {"published": None, "refused": why}
+            return {"published": None, "refused": why, "back": back}
         now = time.time()
         lags = np.array([now - t for t in self.fresh]) if self.fresh else np.zeros(0)
         freshness = {"examples": int(len(lags))}
         if len(lags):
             freshness.update(p50=float(np.percentile(lags, 50)), p99=float(np.percentile(lags, 99)),
                              max=float(lags.max()))
-        metrics = {"valid": self._holdout_metrics(), "stream": {"holdout_loss": candidate, "serving_loss": serving,
+        metrics = {"valid": self._holdout_metrics(module), "stream": {"holdout_loss": candidate, "serving_loss": serving,
                                                                  "freshness_s": freshness, **self.counters,
                                                                  "ids": self.ids.stats()}}
-        path = save_model(self.config.registry, self.config.name, self.module.state_dict(), self.encoder,
+        path = save_model(self.config.registry, self.config.name, module.state_dict(), self.encoder,
                           self.model_config, self.objectives, metrics,
                           data={"loader": "stream", "start_from": self.start["model"], "topic": self.config.topic},
                           train_config=self.config.source)
         self.published = path.name
         self.refused_in_row = 0
         self.applied_at_publish = self.counters["applied"]
-        self.reference.load_state_dict(self.module.state_dict())
+        self.reference.load_state_dict(module.state_dict())
         self.fresh = []
         self.counters["published"] += 1
         pruned = prune_versions(self.config.registry, self.config.name, self.config.keep_versions)
@@ -439,7 +474,7 @@ class StreamTrainer:
                  + (f"; pruned {', '.join(pruned)}" if pruned else "") + ")")
         return {"published": path.name, "freshness_s": freshness}
 
-    def _holdout_metrics(self) -> dict:
+    def _holdout_metrics(self, module) -> dict:
         import torch
 
         from ranking.metrics import auc
@@ -449,11 +484,12 @@ class StreamTrainer:
         out = {}
         if not rows:
             return out
-        self.module.eval()
+        module.eval()
         with torch.no_grad():
             _, batch, y = self._encode(rows)
-            p = to_natural(self.module(batch.dense, batch.kjt), self.objectives).double().numpy()
-        self.module.train()
+            p = to_natural(module(batch.dense, batch.kjt), self.objectives).double().numpy()
+        if module is self.module:
+            module.train()
         raw = np.array([[r[name] for name in self._label_columns] for r in rows], dtype=np.float64)
         for k, o in enumerate(self.objectives):
             if o.type == "binary" and 0 < raw[:, k].sum() < len(rows):
@@ -485,42 +521,57 @@ class StreamTrainer:
                                     "invalid")
         return ckpt
 
+    def rank_state(self) -> dict:
+        """This trainer's own part of a checkpoint (a multi-rank trainer has one per rank)."""
+        return {"positions": dict(self.positions), "seen": [[xid, ts] for ts, xid in self.seen_order],
+                "counters": dict(self.counters), "fresh": list(self.fresh), "buffer": list(self.buffer)}
+
     def checkpoint(self) -> dict[tuple[str, int], int]:
-        """Write the checkpoint (atomically); returns the positions to commit. Call with an empty buffer."""
+        """Write the checkpoint (atomically); returns the positions to commit (examples consumed but
+        not applied yet are in the checkpoint too)."""
+        self._write_checkpoint(self.module.state_dict(), [o.state_dict() for o in self.optimizer.optimizers],
+                               [self.rank_state()])
+        return self.commit_positions()
+
+    def commit_positions(self) -> dict[tuple[str, int], int]:
+        return {(k.rpartition(":")[0], int(k.rpartition(":")[2])): v for k, v in self.positions.items()}
+
+    def _write_checkpoint(self, model_state: dict, optimizers: list, ranks: list[dict]) -> None:
         import torch
 
-        assert not self.buffer, "checkpoint with examples consumed but not applied"
         path = Path(self.config.checkpoint)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"format": CHECKPOINT_FORMAT, "model": self.module.state_dict(),
-                 "reference": self.reference.state_dict(),
-                 "optimizers": [o.state_dict() for o in self.optimizer.optimizers],
-                 "encoder": self.encoder.state_dict(), "ids": self.ids.state_dict(),
+        state = {"format": CHECKPOINT_FORMAT, "model": model_state, "reference": self.reference.state_dict(),
+                 "optimizers": optimizers, "encoder": self.encoder.state_dict(), "ids": self.ids.state_dict(),
                  "id_tables": {t: dataclasses.asdict(c) for t, c in self.ids.configs.items()},
                  "model_config": self.model_config.to_dict(), "objectives": [o.to_dict() for o in self.objectives],
-                 "start": self.start, "published": self.published, "positions": dict(self.positions),
-                 "seen": [[xid, ts] for ts, xid in self.seen_order], "counters": dict(self.counters),
-                 "fresh": list(self.fresh)}
+                 "start": self.start, "published": self.published, "ranks": ranks}
         tmp = path.with_suffix(path.suffix + ".tmp")
         torch.save(state, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        return {(k.rpartition(":")[0], int(k.rpartition(":")[2])): v for k, v in self.positions.items()}
 
-    def _restore(self, ckpt: dict) -> None:
+    def _restore(self, ckpt: dict, rank: int = 0) -> None:
+        if len(ckpt["ranks"]) != self.world:
+            raise self.config.error("checkpoint", f"{self.config.checkpoint} was written by {len(ckpt['ranks'])} "
+                                    f"rank(s), not {self.world}: run with --nproc {len(ckpt['ranks'])}", "conflict")
         self.module.load_state_dict(ckpt["model"])
         self.reference.load_state_dict(ckpt["reference"])
-        for opt, state in zip(self.optimizer.optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
+        if self.world == 1:   # a multi-rank trainer loads its dense optimizer once it is wrapped
+            for opt, state in zip(self.optimizer.optimizers, ckpt["optimizers"]):
+                opt.load_state_dict(state)
+        self.restored_optimizers = ckpt["optimizers"]
         self.ids.load_state_dict(ckpt["ids"])
-        self.positions = dict(ckpt["positions"])
-        self.replay_until = dict(ckpt["positions"])
-        for xid, ts in ckpt["seen"]:
+        mine = ckpt["ranks"][rank]
+        self.positions = dict(mine["positions"])
+        self.replay_until = dict(mine["positions"])
+        for xid, ts in mine["seen"]:
             self.seen[xid] = ts
             self.seen_order.append((ts, xid))
-        self.counters.update(ckpt["counters"])
-        self.fresh = list(ckpt["fresh"])
+        self.counters.update(mine["counters"])
+        self.fresh = list(mine["fresh"])
+        self.buffer = list(mine["buffer"])
 
 
 @dataclass

@@ -28,11 +28,20 @@ def cmd_train_stream(args) -> int:
         for key in ("registry", "checkpoint"):
             if getattr(args, key) is not None:
                 cfg = replace(cfg, **{key: getattr(args, key)})
+        if args.nproc is not None and args.nproc < 1:
+            raise ValidationError([FieldError("nproc", f"must be >= 1, got {args.nproc}", "range", "--nproc")])
         if args.publish_interval is not None:
             if args.publish_interval < 1:
                 raise ValidationError([FieldError("publish_interval_s", f"must be >= 1, got {args.publish_interval}",
                                                   "range", "--publish-interval")])
             cfg = replace(cfg, publish_interval_s=args.publish_interval)
+        if args.nproc is not None and args.nproc > 1:
+            from online.stream_dist import run_distributed
+
+            overrides = {k: getattr(cfg, k) for k in ("bus", "registry", "checkpoint", "publish_interval_s")}
+            summary = run_distributed(args.config, args.nproc, overrides, args.max_idle)
+            print(json.dumps(summary), flush=True)
+            return 0
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -57,4 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", metavar="FILE", help="override checkpoint")
     p.add_argument("--publish-interval", type=float, metavar="S", help="override publish_interval_s")
     p.add_argument("--max-idle", type=float, metavar="S", help="exit after S seconds without records")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="ranks of DistributedModelParallel (table-wise sharding, gloo, CPU), each training on its "
+                        "share of the examples")
     p.set_defaults(func=cmd_train_stream)

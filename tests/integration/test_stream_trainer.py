@@ -170,7 +170,8 @@ def test_killed_mid_stream_it_resumes_with_every_example_counted_once(world, tmp
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     ckpt = torch.load(cfg.checkpoint, weights_only=True)
-    assert ckpt["counters"]["applied"] + ckpt["counters"]["held_out"] < 16_000, "no kill landed mid-stream"
+    counters = ckpt["ranks"][0]["counters"]
+    assert counters["applied"] + counters["held_out"] < 16_000, "no kill landed mid-stream"
     done = subprocess.run(cmd + ["--max-idle", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     final = json.loads(done.stdout.strip().splitlines()[-1])
@@ -222,3 +223,36 @@ def test_the_scorer_serves_each_published_version_without_a_restart_or_a_failed_
         proc.wait(30)
     assert statuses and set(statuses) == {200}
     assert served[0] == "feed@v1" and final in served and len(set(served)) >= 3
+
+
+def test_two_ranks_of_distributed_model_parallel_share_the_stream(world, tmp_path):
+    """train-stream --nproc 2: each rank trains on its share, the ranks agree on the new ids' rows, and
+    every example is counted once across them."""
+    cfg = stream_config(world, tmp_path)
+    config = tmp_path / "stream.json"
+    config.write_text(json.dumps({
+        "name": "feed", "start_from": "feed", "registry": cfg.registry, "bus": {"url": world["url"]},
+        "consumer": cfg.consumer, "publish_interval_s": 2, "checkpoint": cfg.checkpoint,
+        "training": {"batch_size": 128, "threads": 1},
+        "ids": {"item_id": {"capacity": 6000, "min_count": 2, "ttl_s": 86400}}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "stratarank.cli", "train-stream", "--config", str(config),
+                           "--nproc", "2", "--max-idle", "3"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    ranks = summary["ranks"]
+    assert len(ranks) == 2 and all(r["applied"] > 3000 for r in ranks)
+    ckpt = torch.load(cfg.checkpoint, weights_only=True)
+    waiting = sum(len(r["buffer"]) for r in ckpt["ranks"])
+    assert sum(r["applied"] + r["held_out"] for r in ranks) + waiting == 16_000
+    assert all(r["other_ranks"] + r["applied"] + r["held_out"] + r["duplicates"] + r["invalid"] + len(b["buffer"])
+               == r["records"] for r, b in zip(ranks, ckpt["ranks"]))
+    served = load_model(cfg.registry, "feed")
+    assert served.version == summary["published_version"] != "v1"
+    vocab = served.encoder.vocabs["item_id"]
+    new = [k for k in vocab if k is not None and k.startswith("ni")]
+    assert len(new) > 1000
+    weights = served.module.state_dict()[table_key("item_id")]
+    rows = [vocab.index(k) + 1 for k in new[:200]]
+    assert float(weights[rows].abs().sum(dim=1).min()) > 0     # new items learnt on whichever rank holds the table
