@@ -216,7 +216,7 @@ def _loop(trainer, cfg, rank: int, world: int, stop: threading.Event, max_idle_s
                     trainer.publish()
                 applied_at_publish = trainer.counters["applied"]
                 last_publish = mono
-            if checkpoint or publish:
+            if checkpoint:
                 consumer.commit(trainer.checkpoint())
                 last_checkpoint = mono
             if done:

@@ -73,7 +73,7 @@ class StreamTraining:
 @dataclass(frozen=True)
 class GuardConfig:
     holdout_share: float = 0.05
-    holdout_size: int = 20_000    # the most recent held-back examples the guard scores
+    holdout_size: int = 5_000     # the most recent held-back examples the guard scores (twice per publish)
     max_loss_increase: float = 0.05
     min_holdout: int = 1000       # below this, only finiteness is checked (a loss on fewer rows is noise)
     patience: int = 3             # refusals for a worse loss in a row before going back to the serving weights
@@ -626,8 +626,7 @@ def run_stream_trainer(config: StreamConfig, *, bus: EventBus | None = None, sto
                     stats.versions.append(trainer.publish())
                     applied_at_publish = trainer.counters["applied"]
                 last_publish = mono
-                checkpoint()
-            elif mono - last_checkpoint >= config.checkpoint_interval_s:
+            if mono - last_checkpoint >= config.checkpoint_interval_s:
                 checkpoint()
             if max_idle_s is not None and mono - last_data >= (max_idle_s if trainer.counters["records"]
                                                                else max(max_idle_s, startup_grace_s)):

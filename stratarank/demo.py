@@ -492,8 +492,8 @@ def add_parser(sub) -> None:
     s = p.add_argument_group("--scenario streaming")
     s.add_argument("--hours", type=int, default=12, help="simulated hours of the second day served (default 12)")
     s.add_argument("--window", type=float, default=3.0, help="the joiner's attribution window, seconds (default 3)")
-    s.add_argument("--publish-interval", type=float, default=3.0,
-                   help="the streaming trainer's publish interval, seconds (default 3)")
+    s.add_argument("--publish-interval", type=float, default=5.0,
+                   help="the streaming trainer's publish interval, seconds (default 5)")
     p.set_defaults(func=_run_scenario)
 
 
