@@ -146,7 +146,7 @@ def closed_loop(world, port: int, registry: Path, args) -> dict:
     rngs = [np.random.default_rng([args.seed, k]) for k in range(len(users))]
     start = world.config.start_ts + DAY
     stats = {"latencies": [], "errors": 0, "variant": {}, "truth": {"like": {}, "click": {}},
-             "fresh_llm": {}, "served": {}, "versions": [], "waits": []}
+             "fresh_llm": {}, "served": {}, "versions": [], "waits": [], "freshness": []}
     lock = threading.Lock()   # the world (its item counters, the users' random streams) is not thread-safe
     local = threading.local()
 
@@ -191,6 +191,8 @@ def closed_loop(world, port: int, registry: Path, args) -> dict:
                 version = wait_for_training(port, registry, posted + args.window, timeout_s=60)
                 stats["versions"].append(version)
                 stats["waits"].append(time.time() - posted)
+                if version is not None:   # read now: the registry keeps only the last few versions
+                    stats["freshness"].append(stream_version(registry)[1].get("stream", {}).get("freshness_s", {}))
     return stats
 
 
@@ -204,16 +206,10 @@ def true_lift(stats: dict, name: str, control: str, treatment: str) -> float | N
     return float(np.mean(arms[treatment]) / np.mean(arms[control]) - 1.0)
 
 
-def freshness(registry: Path) -> dict:
-    """Per published ``feed_stream`` version: how old its newest feedback was (publish - event), p99."""
-    rows = []
-    for vdir in sorted((registry / STREAM).glob("v*")):
-        try:
-            f = json.loads((vdir / "metrics.json").read_text()).get("stream", {}).get("freshness_s", {})
-        except (OSError, ValueError):
-            continue
-        if f.get("examples"):
-            rows.append(f)
+def freshness(stats: dict) -> dict:
+    """Over the versions served each hour: how old their newest feedback was when they were published
+    (publish time - the feedback event's publish time; each version's p99 and max)."""
+    rows = [f for f in stats["freshness"] if f.get("examples")]
     if not rows:
         return {}
     return {"versions": len(rows), "p99_max": max(r["p99"] for r in rows),
@@ -258,7 +254,7 @@ def run(args) -> int:
         truth = {"likes_per_user": true_lift(stats, "like", "static", "streaming"),
                  "clicks_per_user": true_lift(stats, "click", "static", "streaming")}
         say("5/5", "summary")
-        text = summary_text(bundle["records"], truth, stats, freshness(registry), experiment,
+        text = summary_text(bundle["records"], truth, stats, freshness(stats), experiment,
                             time.perf_counter() - t0, n_impressions)
         (out / "report.txt").write_text(text + "\n")
         print(text)
