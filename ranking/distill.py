@@ -13,6 +13,18 @@ true labels, so early stopping and every reported metric are on real labels.
 Only training sees the teacher: the registered model, its feature spec and the online ranker are
 unchanged (no extra serving cost).
 
+``distill_from:`` distils a registered TorchRec ranker instead (a teacher of the same objectives, e.g. the
+served MMoE with GBDT leaves, into a smaller student: fewer experts, narrower towers, smaller
+embeddings, no leaves): each training row's binary targets become ``alpha * label + (1 - alpha) * p``,
+``p`` the teacher's served probability of the row (the teacher was trained on these rows, so its
+probabilities are in-sample; ``alpha`` keeps the labels in charge). Validation and test keep true labels::
+
+    distill_from:
+      model: kuairand_hybrid     # name (its current version) or name@version
+      registry: registry         # default: the train config's registry
+      alpha: 0.3
+      objectives: [click, like]  # default: every binary objective the teacher also predicts
+
 Train config section (``ranking.train``)::
 
     distill:
@@ -35,8 +47,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .leaves import objective_section
+
 DISTILL_KEYS = ("objectives", "alpha", "folds", "max_rounds", "early_stopping_rounds", "num_leaves",
                 "learning_rate", "min_data_in_leaf", "seed")
+DISTILL_FROM_KEYS = ("model", "registry", "alpha", "objectives")
 
 
 @dataclass(frozen=True)
@@ -58,8 +73,6 @@ def distill_config_from_dict(errs, value, path: str = "distill", objectives: Seq
     """Validate a ``distill:`` mapping into ``errs`` (``strategy.errors.Errors``); ``None`` when invalid.
 
     ``objectives``: the config's objective names (an unknown one names the allowed ones)."""
-    from .leaves import objective_section
-
     before = len(errs.items)
     d, kw = objective_section(errs, value, path, DISTILL_KEYS, objectives, {
         "alpha": (0, 1, False, False), "folds": (2, 100, True, False), "max_rounds": (1, 100_000, True, False),
@@ -67,6 +80,60 @@ def distill_config_from_dict(errs, value, path: str = "distill", objectives: Seq
         "learning_rate": (0, 10, False, True), "min_data_in_leaf": (1, 10 ** 9, True, False),
         "seed": (0, 2 ** 31, True, False)})
     return DistillConfig(**kw) if d is not None and len(errs.items) == before else None
+
+
+@dataclass(frozen=True)
+class DistillFromConfig:
+    """The ``distill_from:`` section of a train config: a registered TorchRec teacher."""
+
+    model: str
+    registry: str | None = None
+    alpha: float = 0.5
+    objectives: tuple[str, ...] | None = None
+
+
+def distill_from_config_from_dict(errs, value, path: str = "distill_from", objectives: Sequence[str] | None = None):
+    """Validate a ``distill_from:`` mapping into ``errs``; ``None`` when invalid."""
+    from strategy.checks import as_str
+
+    before = len(errs.items)
+    d, kw = objective_section(errs, value, path, DISTILL_FROM_KEYS, objectives, {"alpha": (0, 1, False, False)})
+    if d is None:
+        return None
+    if "model" not in d:
+        errs.add(f"{path}.model", "required (a registered model: name or name@version)", "required")
+    for key in ("model", "registry"):
+        if d.get(key) is not None:
+            kw[key] = as_str(errs, d[key], f"{path}.{key}", max_len=4096)
+    return DistillFromConfig(**kw) if len(errs.items) == before else None
+
+
+def registered_teacher_targets(cfg, frame: pd.DataFrame, y: np.ndarray, registry: str, log=print):
+    """``(soft targets, description)``: ``y`` (raw labels in ``cfg.objectives`` order) with each chosen
+    binary objective mixed with the registered teacher's probability of the row."""
+    from strategy.errors import FieldError, ValidationError
+
+    from .artifacts import load_model
+
+    d = cfg.distill_from
+    teacher = load_model(d.registry or registry, d.model)
+    names = [o.name for o in cfg.objectives]
+    missing = [k for k in d.objectives if k not in teacher.objectives]
+    if missing:
+        raise ValidationError([cfg.error("distill_from.objectives", f"{teacher.name}@{teacher.version} predicts "
+                                         f"{', '.join(teacher.objectives)}, not {', '.join(missing)}", "invalid")])
+    absent = [c for c in teacher.columns if c not in frame.columns and c not in teacher.encoder.fillable_columns()]
+    if absent:
+        raise ValidationError([FieldError("distill_from.model", f"{teacher.name}@{teacher.version} reads columns the "
+                                          f"training rows lack: {', '.join(absent)}", "unknown_column", cfg.source)])
+    p = teacher.predict(frame, allow_missing=True)
+    out = np.asarray(y, dtype=np.float64).copy()
+    for k in d.objectives:
+        i, j = names.index(k), teacher.objectives.index(k)
+        out[:, i] = d.alpha * out[:, i] + (1.0 - d.alpha) * p[:, j]
+    log(f"distill_from {teacher.name}@{teacher.version}: soft targets for {', '.join(d.objectives)} "
+        f"(alpha {d.alpha:g}) on {len(frame):,} training rows")
+    return out, {"model": f"{teacher.name}@{teacher.version}", "alpha": d.alpha, "objectives": list(d.objectives)}
 
 
 class Teacher:

@@ -26,6 +26,7 @@ Train config format::
     registry: registry
     leaves: {n_trees: 30, num_leaves: 31}   # optional: GBDT leaf ids as id_list column(s) (ranking/leaves.py)
     distill: {alpha: 0.5, folds: 5}         # optional: soft targets from a LightGBM teacher (ranking/distill.py)
+    distill_from: {model: feed_mmoe, alpha: 0.5}   # optional: ... or from a registered TorchRec teacher
 
 Determinism: one ``seed`` sets numpy/torch/python RNGs and the per-epoch shuffles.
 Dropped rows (missing or invalid labels) are counted and printed by reason — never silently.
@@ -48,7 +49,7 @@ from strategy.errors import Errors, FieldError, ValidationError, join_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOP_KEYS = ("name", "data", "features", "objectives", "labels", "loss_weights", "model", "training", "registry",
-            "leaves", "distill")
+            "leaves", "distill", "distill_from")
 DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "test_fraction", "from_hour", "to_hour", "ips_clip")
 LOADERS = ("table", "sim", "kuairand", "served")
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "embedding_lr", "weight_decay", "patience", "seed", "threads",
@@ -98,6 +99,7 @@ class TrainConfig:
     lines: dict = field(default_factory=dict, repr=False, compare=False)
     leaves: object | None = None   # ranking.leaves.LeavesConfig: GBDT leaf ids as an id_list column
     distill: object | None = None  # ranking.distill.DistillConfig: soft targets from a LightGBM teacher
+    distill_from: object | None = None  # ranking.distill.DistillFromConfig: ... from a registered TorchRec model
 
     def error(self, path: str, message: str, code: str) -> FieldError:
         from strategy.errors import _line_for
@@ -230,7 +232,7 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
     if t.get("refit") is not None and as_bool(errs, t["refit"], "training.refit") is not None:
         tk["refit"] = t["refit"]
     registry = as_str(errs, obj.get("registry", "registry"), "registry") or "registry"
-    leaves = distill = None
+    leaves = distill = distill_from = None
     if obj.get("leaves") is not None:
         from .leaves import leaves_config_from_dict
 
@@ -241,6 +243,15 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
 
         distill = _binary_section(errs, "distill", "the distillation teacher", objectives, distill_config_from_dict(
             errs, obj["distill"], "distill", [o.name for o in objectives] if objectives else None))
+    if obj.get("distill_from") is not None:
+        from .distill import distill_from_config_from_dict
+
+        distill_from = _binary_section(errs, "distill_from", "the teacher's soft targets", objectives,
+                                       distill_from_config_from_dict(errs, obj["distill_from"], "distill_from",
+                                                                     [o.name for o in objectives] if objectives else None))
+        if distill is not None and distill_from is not None:
+            errs.add("distill_from", "one teacher at a time: distill (LightGBM) or distill_from (a registered "
+                     "model)", "conflict")
     try:
         errs.raise_if_any(source, lines)
     except ValidationError as exc:
@@ -248,7 +259,7 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
     if external:
         raise ValidationError(external)
     cfg = TrainConfig(name, data_cfg, _resolve(features, base), objectives, model, TrainingConfig(**tk),
-                      registry, source, dict(lines or {}), leaves, distill)
+                      registry, source, dict(lines or {}), leaves, distill, distill_from)
     return cfg
 
 
@@ -456,6 +467,12 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
         teacher, y_soft = fit_teacher(cfg, splits["train"], splits["valid"], columns_in, log)
         splits["train"] = (splits["train"][0], y_soft)
         desc["distill"] = teacher.describe()
+    if cfg.distill_from is not None:
+        from .distill import registered_teacher_targets
+
+        y_soft, desc["distill_from"] = registered_teacher_targets(cfg, splits["train"][0], splits["train"][1],
+                                                                  cfg.registry, log)
+        splits["train"] = (splits["train"][0], y_soft)
     encoder.fit(splits["train"][0])
     enc = {s: (encoder.transform(v[0]), v[1]) if v else (None, None) for s, v in splits.items()}
     desc.update({f"{s}_rows": (len(v[0]) if v else 0) for s, v in splits.items()})

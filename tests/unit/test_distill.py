@@ -101,3 +101,52 @@ def test_training_softens_only_the_training_targets(tmp_path, small_train_config
     assert kd["objectives"] == ["click", "like"] and 1 <= kd["rounds"]["click"] <= 40
     assert reg.leaves is None and sorted(p.name for p in (tmp_path / "reg" / "kd" / summary["version"]).iterdir()) \
         == sorted(reg.manifest["files"])                            # nothing of the teacher is saved or served
+
+
+def test_a_registered_torchrec_teacher_softens_the_students_training_targets(tmp_path, small_train_config):
+    """distill_from: the teacher's served probabilities mixed into the student's training targets."""
+    import json
+
+    from ranking.artifacts import load_model
+    from ranking.train import load_train_config, prepare, train_from_config
+
+    _, teacher_path = small_train_config(SPEC, name="teacher")
+    train_from_config(load_train_config(teacher_path), log=lambda *a: None, progress=False)
+    student = json.loads(teacher_path.read_text())
+    student.update(name="student", distill_from={"model": "teacher", "alpha": 0.4, "objectives": ["click"]},
+                   model={"arch": "shared_bottom", "bottom": [4], "tower": [2]})
+    (tmp_path / "student.yaml").write_text(json.dumps(student))
+    cfg = load_train_config(tmp_path / "student.yaml")
+    lines = []
+    prep = prepare(cfg, log=lines.append)
+    teacher = load_model(tmp_path / "reg", "teacher")
+    rows = pd.read_parquet(tmp_path / "imp.parquet").sort_values("ts", kind="mergesort").iloc[:len(prep.y_train)]
+    p = teacher.predict(rows.reset_index(drop=True))[:, 0]
+    np.testing.assert_allclose(prep.y_train[:, 0], 0.4 * rows["click"].to_numpy() + 0.6 * p, rtol=1e-5)
+    np.testing.assert_allclose(prep.y_train[:, 1], rows["like"].to_numpy())          # not chosen: true labels
+    assert prep.description["distill_from"] == {"model": "teacher@v1", "alpha": 0.4, "objectives": ["click"]}
+    assert any("distill_from teacher@v1" in ln for ln in lines)
+    assert train_from_config(cfg, log=lambda *a: None, progress=False)["version"] == "v1"
+
+
+@pytest.mark.parametrize("section, path", [
+    ({"alpha": 0.5}, "distill_from.model"),
+    ({"model": "t", "alpha": 2}, "distill_from.alpha"),
+    ({"model": "t", "objectives": ["watch_time"]}, "distill_from.objectives[0]"),
+    ({"model": "t", "teacher": 1}, "distill_from.teacher"),
+])
+def test_distill_from_section_is_validated(small_train_config, section, path):
+    from ranking.train import load_train_config
+
+    with pytest.raises(ValidationError) as exc:
+        load_train_config(small_train_config(SPEC, name="kd", distill_from=section)[1])
+    assert path in {e.path for e in exc.value.errors}
+
+
+def test_one_teacher_at_a_time(small_train_config):
+    from ranking.train import load_train_config
+
+    with pytest.raises(ValidationError) as exc:
+        load_train_config(small_train_config(SPEC, name="kd", distill={"alpha": 0.5},
+                                             distill_from={"model": "t"})[1])
+    assert exc.value.errors[0].path == "distill_from" and "one teacher" in exc.value.errors[0].message
