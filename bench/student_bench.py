@@ -1,0 +1,128 @@
+"""A distilled student against its teacher: forward time at 500 candidates, model bytes, test AUC / GAUC per
+objective, in one run, on the simulated world and on KuaiRand.
+
+For each data set: the teacher (``conf/train/sim_mmoe.yaml``; ``conf/train/kuairand_hybrid.yaml``: MMoE with
+GBDT leaf embeddings, distilled from LightGBM) and the student (``conf/train/sim_student.yaml``;
+``conf/train/kuairand_student.yaml``: fewer experts, narrower towers, smaller or no embeddings, no leaves,
+``distill_from`` the teacher) are trained into a temporary registry, plus the same student architecture
+trained on the labels alone (what the teacher's soft targets add). Serving cost is one request of 500
+test rows: ``LoadedModel.predict`` (GBDT leaves + encode + forward, as the scorer pays) and the module's
+forward alone, medians of ``--repeats`` runs, one thread. Goals (issue 16): forward <= 0.4 x the
+teacher's, AUC loss <= 0.002 per objective. Never fails on a figure.
+
+    .venv/bin/python bench/student_bench.py [--data sim kuairand] [--repeats 50] [--sim-impressions 1000000]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"sim": ("conf/train/sim_mmoe.yaml", "conf/train/sim_student.yaml"),
+           "kuairand": ("conf/train/kuairand_hybrid.yaml", "conf/train/kuairand_student.yaml")}
+
+
+def model_bytes(loaded) -> tuple[int, int]:
+    """(embedding table bytes, whole module bytes: parameters and buffers)."""
+    emb = sum(p.numel() * p.element_size() for n, p in loaded.module.named_parameters() if n.startswith("ebc."))
+    total = sum(t.numel() * t.element_size() for t in loaded.module.state_dict().values())
+    return emb, total
+
+
+def timings(loaded, rows, repeats: int) -> tuple[float, float]:
+    """Median seconds of (the served predict: leaves + encode + forward, the module forward alone)."""
+    import torch
+
+    served, forward = [], []
+    batch = loaded.encoder.transform(loaded.with_leaves(rows), allow_missing=True)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            loaded.predict(rows, allow_missing=True)
+            served.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            loaded.module(batch.dense, batch.kjt)
+            forward.append(time.perf_counter() - t0)
+    return statistics.median(served), statistics.median(forward)
+
+
+def run(name: str, registry: Path, args, data_path: str | None) -> list[dict]:
+    from ranking.artifacts import load_model
+    from ranking.train import evaluate_registered, load_train_config, load_frames, train_from_config
+
+    teacher_cfg, student_cfg = (load_train_config(ROOT / p) for p in CONFIGS[name])
+    if data_path is not None:
+        teacher_cfg, student_cfg = (dataclasses.replace(c, data=dataclasses.replace(c.data, path=data_path))
+                                    for c in (teacher_cfg, student_cfg))
+    student_cfg = dataclasses.replace(student_cfg, registry=str(registry),
+                                      distill_from=dataclasses.replace(student_cfg.distill_from, registry=str(registry)))
+    labels_only = dataclasses.replace(student_cfg, name=f"{student_cfg.name}_labels_only", distill_from=None)
+    rows = []
+    for cfg in (teacher_cfg, student_cfg, labels_only):
+        t0 = time.perf_counter()
+        train_from_config(cfg, registry=str(registry), progress=False, log=lambda m: None)
+        seconds = time.perf_counter() - t0
+        loaded = load_model(registry, cfg.name)
+        metrics = evaluate_registered(loaded, cfg, "test", log=lambda m: None)["metrics"]
+        _, _, test, _ = load_frames(cfg)
+        served, forward = timings(loaded, test.iloc[:500].reset_index(drop=True), args.repeats)
+        emb, total = model_bytes(loaded)
+        rows.append({"model": cfg.name, "train_s": seconds, "served_ms": served * 1e3, "forward_ms": forward * 1e3,
+                     "embedding_bytes": emb, "bytes": total, "metrics": metrics})
+        print(f"  trained {cfg.name} in {seconds:.0f} s", flush=True)
+    return rows
+
+
+def report(name: str, rows: list[dict]) -> None:
+    teacher = rows[0]
+    objectives = [k for k, m in teacher["metrics"].items() if "auc" in m]
+    print(f"\n{name}: 500 candidates, medians; AUC / GAUC on the test split")
+    head = f"{'model':<28}{'served ms':>10}{'forward ms':>11}{'x teacher':>10}{'MiB':>8}{'x bytes':>8}"
+    print(head + "".join(f"{k:>22}" for k in objectives))
+    for r in rows:
+        cells = "".join(f"{r['metrics'][k]['auc']:>10.4f} / {r['metrics'][k].get('gauc', float('nan')):.4f}"
+                        for k in objectives)
+        print(f"{r['model']:<28}{r['served_ms']:>10.2f}{r['forward_ms']:>11.2f}"
+              f"{r['served_ms'] / teacher['served_ms']:>10.2f}{r['bytes'] / 2**20:>8.2f}"
+              f"{r['bytes'] / teacher['bytes']:>8.3f}{cells}")
+    student = rows[1]
+    loss = {k: teacher["metrics"][k]["auc"] - student["metrics"][k]["auc"] for k in objectives}
+    print(f"  student vs teacher: served time x{student['served_ms'] / teacher['served_ms']:.2f}, forward "
+          f"x{student['forward_ms'] / teacher['forward_ms']:.2f} (goal <= 0.4); AUC loss "
+          + ", ".join(f"{k} {v:+.4f}" for k, v in loss.items()) + " (goal <= 0.002 each)")
+
+
+def main(argv=None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--sim-impressions", type=int, default=1_000_000, help="simulated logs (conf/sim/default.yaml)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp(prefix="student-bench-"))
+    for name in args.data:
+        data_path = None
+        if name == "sim":
+            from world import World
+
+            logs = folder / "sim"
+            logs.mkdir()
+            imp, _ = World.from_yaml(ROOT / "conf/sim/default.yaml").simulate_logs(args.sim_impressions, progress=False)
+            imp.to_parquet(logs / "impressions.parquet")
+            data_path = str(logs)
+        print(f"{name}:", flush=True)
+        report(name, run(name, folder / "registry", args, data_path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
