@@ -68,6 +68,7 @@ from strategy.checks import as_dict, as_number, as_str, check_keys
 from strategy.errors import Errors, FieldError, ValidationError, join_path
 
 from .bus import CONSUMER_RE, TOPIC_RE, EventBus
+from .bus.segments import fsync_dir
 from .nearline import BusConfig, NearlineConfig
 
 log = logging.getLogger("stratarank.joiner")
@@ -604,17 +605,9 @@ def _write_part(folder: Path, rows: list[dict], seq: int, hour_of) -> list[Path]
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(target)
+        fsync_dir(target)
         written.append(path)
     return written
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _part_seq(path: Path) -> int | None:
@@ -729,7 +722,7 @@ class Joiner:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.out / CHECKPOINT)
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         positions = {}
         for key, offset in state["positions"].items():
             topic, _, part = key.rpartition(":")

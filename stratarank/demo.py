@@ -374,13 +374,14 @@ def num(x, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) -> str:
-    lines = ["", "=" * 100, "Closed-loop A/B test " + analysis["title"], "=" * 100,
-             f"{'metric':<18}{'role':<10}{'control':>10}{'treatment':>11}{'rel. lift':>11}{'95% CI (rel.)':>22}"
+def result_lines(records, truth: dict, control: str, treatment: str) -> list[str]:
+    """The A/B table: a row per metric (means, relative lift with its CI, p-value, the world's true
+    lift where known, a verdict and whether the CI covers the truth)."""
+    lines = [f"{'metric':<18}{'role':<10}{control:>10}{treatment:>11}{'rel. lift':>11}{'95% CI (rel.)':>22}"
              f"{'p-value':>9}  {'true lift':>9}  verdict"]
-    for r in analysis["records"]:
+    for r in records:
         ci = f"[{pct(r['rel_ci_low']).strip()}, {pct(r['rel_ci_high']).strip()}]" if r["rel_ci_low"] is not None else "n/a"
-        truth = analysis["truth"].get(r["metric"])
+        true = truth.get(r["metric"])
         if r["role"] == "guardrail":
             verdict = (r.get("guardrail") or "n/a").upper()
         elif r.get("error"):
@@ -389,11 +390,17 @@ def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) ->
             verdict = "better" if r["abs_lift"] > 0 else "worse"
         else:
             verdict = "not significant"
-        if truth is not None and r["rel_ci_low"] is not None:
-            verdict += "; CI covers truth" if r["rel_ci_low"] <= truth <= r["rel_ci_high"] else "; CI MISSES truth"
+        if true is not None and r["rel_ci_low"] is not None:
+            verdict += "; CI covers truth" if r["rel_ci_low"] <= true <= r["rel_ci_high"] else "; CI MISSES truth"
         lines.append(f"{r['metric']:<18}{r['role']:<10}{num(r['control_mean'], '.4g'):>10}"
                      f"{num(r['treatment_mean'], '.4g'):>11}{pct(r['rel_lift']):>11}{ci:>22}"
-                     f"{num(r['p_value'], '.4f'):>9}  {pct(truth):>9}  {verdict}")
+                     f"{num(r['p_value'], '.4f'):>9}  {pct(true):>9}  {verdict}")
+    return lines
+
+
+def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) -> str:
+    lines = ["", "=" * 100, "Closed-loop A/B test " + analysis["title"], "=" * 100,
+             *result_lines(analysis["records"], analysis["truth"], "control", "treatment")]
     first = analysis["records"][0] if analysis["records"] else {}
     lat = np.array(stats.latencies) * 1e3
     srm = first.get("srm_p")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo import (FALLBACK, RISK, ROOT, Client, Processes, free_port, num, pct, post_events, read_bus, say,
+from .demo import (FALLBACK, RISK, ROOT, Client, Processes, free_port, post_events, read_bus, result_lines, say,
                    train_fallback, wait_ready)
 
 WORLD = ROOT / "conf/sim/living_stream.yaml"
@@ -270,22 +270,7 @@ def run(args) -> int:
 
 def summary_text(records, truth, stats, fresh, experiment, wall: float, n_impressions: int) -> str:
     lines = ["", "=" * 100, f"Closed-loop A/B test {experiment.name}: streaming vs static ({experiment.description})",
-             "=" * 100, f"{'metric':<18}{'role':<10}{'static':>10}{'streaming':>11}{'rel. lift':>11}"
-             f"{'95% CI (rel.)':>22}{'p-value':>9}  {'true lift':>9}  verdict"]
-    for r in records:
-        ci = f"[{pct(r['rel_ci_low']).strip()}, {pct(r['rel_ci_high']).strip()}]" if r["rel_ci_low"] is not None else "n/a"
-        t = truth.get(r["metric"])
-        if r["role"] == "guardrail":
-            verdict = (r.get("guardrail") or "n/a").upper()
-        elif r["p_value"] is not None and r["p_value"] < 0.05:
-            verdict = "better" if r["abs_lift"] > 0 else "worse"
-        else:
-            verdict = "not significant"
-        if t is not None and r["rel_ci_low"] is not None:
-            verdict += "; CI covers truth" if r["rel_ci_low"] <= t <= r["rel_ci_high"] else "; CI MISSES truth"
-        lines.append(f"{r['metric']:<18}{r['role']:<10}{num(r['control_mean'], '.4g'):>10}"
-                     f"{num(r['treatment_mean'], '.4g'):>11}{pct(r['rel_lift']):>11}{ci:>22}"
-                     f"{num(r['p_value'], '.4f'):>9}  {pct(t):>9}  {verdict}")
+             "=" * 100, *result_lines(records, truth, "static", "streaming")]
     share = {v: stats["fresh_llm"].get(v, 0) / max(stats["served"].get(v, 0), 1) for v in ("static", "streaming")}
     lat = np.array(stats["latencies"]) * 1e3
     waits = [w for w in stats["waits"] if w is not None]

@@ -5,9 +5,8 @@ Importing this module stays light (no torch, no kafka): they load inside the com
 from __future__ import annotations
 
 import json
-import signal
-import sys
-import threading
+
+from .runtime import print_errors, progress, say, stop_on_signals, with_bus_url
 
 
 def cmd_join(args) -> int:
@@ -20,38 +19,16 @@ def cmd_join(args) -> int:
     from online.joiner import JoinerConfig, run_joiner
 
     try:
-        cfg = JoinerConfig.load(args.config)
-        if args.bus is not None:
-            from online.nearline import NearlineConfig
-
-            cfg = replace(cfg, bus=NearlineConfig(bus=cfg.bus).with_urls(bus_url=args.bus).bus)
+        cfg = with_bus_url(JoinerConfig.load(args.config), args.bus)
         if args.out is not None:
             cfg = replace(cfg, out=args.out)
-    except ValidationError as exc:
-        for err in exc.errors:
-            print(str(err), file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-
-    def progress(stats):
-        print(json.dumps({"progress": stats.to_dict()}), file=sys.stderr, flush=True)
-
-    print(json.dumps({"joiner": {"bus": cfg.bus.url, "consumer": cfg.consumer, "out": cfg.out, "topic": cfg.topic,
-                                 "window_s": cfg.window_s, "grace_s": cfg.grace_s, "objectives": cfg.objectives}}),
-          file=sys.stderr, flush=True)
-    try:
+        stop = stop_on_signals()
+        say(joiner={"bus": cfg.bus.url, "consumer": cfg.consumer, "out": cfg.out, "topic": cfg.topic,
+                    "window_s": cfg.window_s, "grace_s": cfg.grace_s, "objectives": cfg.objectives})
         stats = run_joiner(cfg, stop=stop, max_idle_s=args.max_idle, drain=args.drain, on_progress=progress,
                            progress_interval_s=args.progress_interval)
     except ValidationError as exc:
-        for err in exc.errors:
-            print(str(err), file=sys.stderr)
-        return 2
+        return print_errors(exc)
     print(json.dumps(stats.to_dict()), flush=True)
     return 0
 

@@ -5,48 +5,29 @@ Importing this module stays light (no torch, no kafka, no redis): they load insi
 from __future__ import annotations
 
 import json
-import signal
-import sys
-import threading
+
+from .runtime import print_errors, progress, say, stop_on_signals
 
 
 def cmd_nearline(args) -> int:
     """Consume until SIGTERM/SIGINT (or ``--max-idle`` seconds without records), then snapshot,
     commit and print the final figures as one JSON line on stdout."""
+    from dataclasses import replace
+
     from strategy.errors import ValidationError
 
     from online.nearline import NearlineConfig, run_nearline
 
     try:
         cfg = NearlineConfig.load(args.config).with_urls(args.bus, args.store)
-    except ValidationError as exc:
-        for err in exc.errors:
-            print(str(err), file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def _stop(signum, frame):  # noqa: ARG001 - signal handler signature
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    if args.progress_interval is not None:
-        from dataclasses import replace
-
-        cfg = replace(cfg, nearline=replace(cfg.nearline, progress_interval_s=args.progress_interval))
-
-    def progress(stats):
-        print(json.dumps({"progress": stats.to_dict()}), file=sys.stderr, flush=True)
-
-    print(json.dumps({"nearline": {"bus": cfg.bus.url, "store": cfg.store.effective_url,
-                                   "consumer": cfg.nearline.consumer, "topics": list(cfg.nearline.topics)}}),
-          file=sys.stderr, flush=True)
-    try:
+        if args.progress_interval is not None:
+            cfg = replace(cfg, nearline=replace(cfg.nearline, progress_interval_s=args.progress_interval))
+        stop = stop_on_signals()
+        say(nearline={"bus": cfg.bus.url, "store": cfg.store.effective_url, "consumer": cfg.nearline.consumer,
+                      "topics": list(cfg.nearline.topics)})
         stats = run_nearline(cfg, stop=stop, max_idle_s=args.max_idle, on_progress=progress)
     except ValidationError as exc:
-        for err in exc.errors:
-            print(str(err), file=sys.stderr)
-        return 2
+        return print_errors(exc)
     print(json.dumps(stats.to_dict()), flush=True)
     return 0
 

@@ -5,9 +5,9 @@ Importing this module stays light (no torch): it loads inside the command.
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
+
+from .runtime import print_errors, say, stop_on_signals, with_bus_url
 
 
 def cmd_train_stream(args) -> int:
@@ -20,11 +20,7 @@ def cmd_train_stream(args) -> int:
     from online.stream_train import StreamConfig, run_stream_trainer
 
     try:
-        cfg = StreamConfig.load(args.config)
-        if args.bus is not None:
-            from online.nearline import NearlineConfig
-
-            cfg = replace(cfg, bus=NearlineConfig(bus=cfg.bus).with_urls(bus_url=args.bus).bus)
+        cfg = with_bus_url(StreamConfig.load(args.config), args.bus)
         for key in ("registry", "checkpoint"):
             if getattr(args, key) is not None:
                 cfg = replace(cfg, **{key: getattr(args, key)})
@@ -42,18 +38,13 @@ def cmd_train_stream(args) -> int:
             summary = run_distributed(args.config, args.nproc, overrides, args.max_idle)
             print(json.dumps(summary), flush=True)
             return 0
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        print(json.dumps({"train_stream": {"name": cfg.name, "start_from": cfg.start_from, "bus": cfg.bus.url,
-                                           "topic": cfg.topic, "registry": cfg.registry,
-                                           "publish_interval_s": cfg.publish_interval_s}}), file=sys.stderr, flush=True)
+        stop = stop_on_signals()
+        say(train_stream={"name": cfg.name, "start_from": cfg.start_from, "bus": cfg.bus.url, "topic": cfg.topic,
+                          "registry": cfg.registry, "publish_interval_s": cfg.publish_interval_s})
         stats = run_stream_trainer(cfg, stop=stop, max_idle_s=args.max_idle,
                                    log_fn=lambda m: print(m, file=sys.stderr, flush=True))
     except ValidationError as exc:
-        for err in exc.errors:
-            print(str(err), file=sys.stderr)
-        return 2
+        return print_errors(exc)
     print(json.dumps(stats.to_dict()), flush=True)
     return 0
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .base import (DEFAULT_RETENTION_S, DEFAULT_SEGMENT_BYTES, TOPIC_RE, Consumer, EventBus, Record, _bad,
                    _check_consumer_name, _check_topic, _decode_values, _normalise_position, encode_records)
-from .segments import _fsync_dir, _frame, _seg_path, _segments, _TopicReader, _TopicWriter
+from .segments import fsync_dir, _frame, _seg_path, _segments, _TopicReader, _TopicWriter
 
 log = logging.getLogger("stratarank.bus")
 
@@ -204,7 +204,7 @@ class EmbeddedBus(EventBus):
             deleted.append(segs[i])
         if deleted:
             if self.fsync != "never":
-                _fsync_dir(folder)
+                fsync_dir(folder)
             self.deleted_segments += len(deleted)
             log.info("embedded log %s: retention deleted %d segment(s) of %s before %d", self.path, len(deleted),
                      topic, segs[len(deleted)])
@@ -391,7 +391,7 @@ class EmbeddedConsumer(Consumer):
                 os.fsync(fh.fileno())
         os.replace(tmp, self._offsets_path)
         if self.bus.fsync == "always":
-            _fsync_dir(self._offsets_path.parent)
+            fsync_dir(self._offsets_path.parent)
         if not self.bus.retains_everything and time.monotonic() - self._last_retention >= RETENTION_CHECK_S:
             self._last_retention = time.monotonic()
             self.bus.enforce_retention(self.topics)

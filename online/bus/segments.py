@@ -85,7 +85,8 @@ def _seg_path(folder: Path, base: int) -> Path:
     return folder / f"{base:020d}.log"
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries durable (a rename or a new file in it survives a crash)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -127,7 +128,7 @@ class _TopicWriter:
         if not segs:
             base = 0
             fd = os.open(_seg_path(self.folder, base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         else:
             base = segs[-1]
             path = _seg_path(self.folder, base)
@@ -150,7 +151,7 @@ class _TopicWriter:
                     self._sync()
                     new_base = self._base + size
                     fd = os.open(_seg_path(self.folder, new_base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                    _fsync_dir(self.folder)
+                    fsync_dir(self.folder)
                     os.close(self._fd)
                     self._fd, self._base = fd, new_base
                     self.rolled = True
