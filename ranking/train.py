@@ -26,6 +26,8 @@ Train config format::
     registry: registry
     leaves: {n_trees: 30, num_leaves: 31}   # optional: GBDT leaf ids as id_list column(s) (ranking/leaves.py)
     distill: {alpha: 0.5, folds: 5}         # optional: soft targets from a LightGBM teacher (ranking/distill.py)
+    serving: {quantize: int8}               # optional: int8 | int4 | none (default): a serving variant with
+                                            #   row-wise quantized embedding tables (ranking/quantize.py)
 
 Determinism: one ``seed`` sets numpy/torch/python RNGs and the per-epoch shuffles.
 Dropped rows (missing or invalid labels) are counted and printed by reason — never silently.
@@ -48,7 +50,7 @@ from strategy.errors import Errors, FieldError, ValidationError, join_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOP_KEYS = ("name", "data", "features", "objectives", "labels", "loss_weights", "model", "training", "registry",
-            "leaves", "distill")
+            "leaves", "distill", "serving")
 DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "test_fraction", "from_hour", "to_hour", "ips_clip")
 LOADERS = ("table", "sim", "kuairand", "served")
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "embedding_lr", "weight_decay", "patience", "seed", "threads",
@@ -98,6 +100,7 @@ class TrainConfig:
     lines: dict = field(default_factory=dict, repr=False, compare=False)
     leaves: object | None = None   # ranking.leaves.LeavesConfig: GBDT leaf ids as an id_list column
     distill: object | None = None  # ranking.distill.DistillConfig: soft targets from a LightGBM teacher
+    serving: object | None = None  # ranking.quantize.ServingConfig: the quantized serving variant to register
 
     def error(self, path: str, message: str, code: str) -> FieldError:
         from strategy.errors import _line_for
@@ -241,6 +244,11 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
 
         distill = _binary_section(errs, "distill", "the distillation teacher", objectives, distill_config_from_dict(
             errs, obj["distill"], "distill", [o.name for o in objectives] if objectives else None))
+    serving = None
+    if obj.get("serving") is not None:
+        from .quantize import serving_config_from_dict
+
+        serving = serving_config_from_dict(errs, obj["serving"], "serving")
     try:
         errs.raise_if_any(source, lines)
     except ValidationError as exc:
@@ -248,7 +256,7 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
     if external:
         raise ValidationError(external)
     cfg = TrainConfig(name, data_cfg, _resolve(features, base), objectives, model, TrainingConfig(**tk),
-                      registry, source, dict(lines or {}), leaves, distill)
+                      registry, source, dict(lines or {}), leaves, distill, serving)
     return cfg
 
 
@@ -804,12 +812,14 @@ def finish(cfg: TrainConfig, prep: Prepared, result: dict, metrics: dict, state:
                 f"{k} auc {v['auc']:.4f}" if "auc" in v else f"{k} rmse {v['rmse']:.4f}"
                 for k, v in metrics[split].items()))
     summary = {"metrics": metrics, "version": None, "path": None}
+    quantize = cfg.serving.quantize if cfg.serving is not None else "none"
     if register:
         path = save_model(registry or cfg.registry, cfg.name, state, prep.encoder, cfg.model, prep.objectives,
                           metrics, data=prep.description, train_config=cfg.source,
-                          leaves=getattr(prep, "leaves", None))
+                          leaves=getattr(prep, "leaves", None), quantize=quantize)
         summary.update(version=path.name, path=str(path))
-        log(f"registered {cfg.name}@{path.name} in {path.parent.parent} (current)")
+        log(f"registered {cfg.name}@{path.name} in {path.parent.parent} (current)"
+            + (f" with its {quantize} serving variant" if quantize != "none" else ""))
     return summary
 
 
