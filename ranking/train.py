@@ -878,8 +878,9 @@ def synthetic_impressions(n: int = 2000, seed: int = 0, n_users: int = 200, n_it
 
 
 def evaluate_registered(loaded, cfg: TrainConfig, split: str = "test", group_column: str = "user_id",
-                        log=print) -> dict:
-    """Metrics of a registered model (``ranking.artifacts.LoadedModel``) on ``split`` of the config's data.
+                        log=print, frame: pd.DataFrame | None = None) -> dict:
+    """Metrics of a registered model (``ranking.artifacts.LoadedModel``) on ``split`` of the config's data
+    (``frame``: those rows, when the caller has loaded them already, e.g. to score several models).
 
     Uses the model's own fitted encoder (``loaded.predict``), never a refit. Binary objectives:
     ``auc``, ``gauc`` (grouped by ``group_column`` where present), ``logloss``, ``ece``; regression:
@@ -888,8 +889,9 @@ def evaluate_registered(loaded, cfg: TrainConfig, split: str = "test", group_col
     """
     from . import metrics as M
 
-    train, valid, test, _ = load_frames(cfg)
-    frame = {"train": train, "valid": valid, "test": test}[split]
+    if frame is None:
+        train, valid, test, _ = load_frames(cfg)
+        frame = {"train": train, "valid": valid, "test": test}[split]
     if frame is None or not len(frame):
         raise ValidationError([FieldError("split", f"the config's data has no '{split}' rows", "empty", cfg.source)])
     objectives = loaded.objective_configs
