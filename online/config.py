@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ranking.quantize import QUANTIZE
 from strategy.checks import as_bool, as_dict, as_list, as_number, as_str, check_keys
 from strategy.config import read_yaml
 from strategy.errors import Errors, ValidationError
@@ -36,6 +37,7 @@ class ServiceConfig:
     fallback_name: str | None = None
     follow_current: bool = False   # serve each new ``current`` version of the model without a restart
     model_poll_s: float = 1.0      # how often a worker looks at the ``current`` pointer
+    model_quantized: str = "none"  # int8 | int4: serve the model's row-wise quantized tables (ranking/quantize.py)
     risk_file: str | None = None
     admin_token: str | None = None
     api_keys: frozenset = frozenset()
@@ -74,7 +76,7 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
         out["default_strategy"] = as_str(errs, strategies["default"], "strategies.default")
 
     model = as_dict(errs, obj.get("model") or {}, "model") or {}
-    check_keys(errs, model, "model", ("registry", "name", "fallback", "follow_current", "poll_s"))
+    check_keys(errs, model, "model", ("registry", "name", "fallback", "follow_current", "poll_s", "quantized"))
     if "registry" in model:
         out["registry"] = as_str(errs, model["registry"], "model.registry")
     if model.get("name") is not None:
@@ -85,6 +87,8 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
         out["follow_current"] = as_bool(errs, model["follow_current"], "model.follow_current")
     if model.get("poll_s") is not None:
         out["model_poll_s"] = as_number(errs, model["poll_s"], "model.poll_s", lo=0.05, hi=3600)
+    if model.get("quantized") is not None:
+        out["model_quantized"] = as_str(errs, model["quantized"], "model.quantized", choices=QUANTIZE)
 
     if obj.get("risk") is not None:
         out["risk_file"] = as_str(errs, obj["risk"], "risk")

@@ -100,16 +100,21 @@ class RankerChain:
         return bool(self.models)
 
     @classmethod
-    def load(cls, registry: str, primary: str | None, fallback: str | None = None) -> "RankerChain":
-        """Load the primary ranker and its fallback (TorchRec or LightGBM, told apart by the manifest);
-        load failures are kept in ``load_errors`` and the service starts anyway."""
+    def load(cls, registry: str, primary: str | None, fallback: str | None = None,
+             quantized: str = "none") -> "RankerChain":
+        """Load the primary ranker and its fallback (TorchRec or LightGBM, told apart by the manifest;
+        ``quantized``: the TorchRec rankers' serving variant, see :func:`load_ranker`); load failures,
+        and quantized variants that did not load, are kept in ``load_errors`` and the service starts anyway."""
         models, errors, primary_loaded = [], [], primary is None
         for ref, is_primary in ((primary, True), (fallback, False)):
             if not ref:
                 continue
             try:
-                models.append(load_ranker(registry, ref))
+                model = load_ranker(registry, ref, quantized)
+                models.append(model)
                 primary_loaded = primary_loaded or is_primary
+                if getattr(model, "load_warning", None):
+                    errors.append(f"{ref}: {model.load_warning}")
             except Exception as exc:  # a missing or corrupt model must not stop the service
                 errors.append(f"{ref}: {type(exc).__name__}: {exc}")
                 log.warning("model %s not loaded: %s", ref, exc)
@@ -142,8 +147,12 @@ class RankerChain:
         return Prediction(self.prior.predict(strategy, candidates, counters), "prior", degraded or "no_model")
 
 
-def load_ranker(registry: str, ref: str):
-    """A registered ranker: TorchRec (``ranking.artifacts.load_model``) or LightGBM (manifest ``kind``)."""
+def load_ranker(registry: str, ref: str, quantized: str = "none"):
+    """A registered ranker: TorchRec (``ranking.artifacts.load_model``) or LightGBM (manifest ``kind``).
+
+    ``quantized`` (int8 | int4): a TorchRec ranker serves that row-wise quantized variant of its tables
+    (LightGBM has none and ignores it). A variant that is missing, corrupt or does not load is logged
+    and the version's fp32 weights serve instead; the ranker's ``load_warning`` says why."""
     import json
 
     from ranking.artifacts import load_model
@@ -155,6 +164,15 @@ def load_ranker(registry: str, ref: str):
         from ranking.artifacts import load_registered_lgbm
 
         return load_registered_lgbm(vdir)
+    if quantized != "none":
+        try:
+            return TorchRecRanker(load_model(registry, str(vdir), quantized))
+        except Exception as exc:   # the fp32 weights of the same version serve: never dark for a variant
+            warning = f"{quantized} variant not loaded, serving the fp32 weights: {type(exc).__name__}: {exc}"
+            log.error("model %s: %s", ref, warning)
+            ranker = TorchRecRanker(load_model(registry, str(vdir)))
+            ranker.load_warning = warning
+            return ranker
     return TorchRecRanker(load_model(registry, str(vdir)))
 
 
@@ -168,6 +186,8 @@ class TorchRecRanker:
     def __init__(self, loaded):
         self.loaded = loaded
         self.name, self.version, self.objectives = loaded.name, loaded.version, loaded.objectives
+        self.quantized = loaded.quantized   # the tables it serves: int8 | int4 | none (fp32)
+        self.load_warning: str | None = None   # why a requested quantized variant did not load
         loaded.encoder.prepare_serving()
 
     def predict(self, rows) -> np.ndarray:

@@ -8,6 +8,11 @@ A TorchRec ranker's version folder (``kind: torchrec``, :func:`save_model` / :fu
     objectives.json   the objectives it predicts, in output order (type, transform, loss weight, label)
     metrics.json      validation/test metrics and the training history
     manifest.json     name, version, created, model config, objective types/transforms, data description
+                      and, per serving variant, ``serving: {int8: {file, sha256, bytes, embedding_bytes, ...}}``
+    weights.int8.pt   (optional) serving variants with row-wise quantized embedding tables
+    weights.int4.pt   (ranking/quantize.py): written by ``save_model(..., quantize=)`` (the train config's
+                      ``serving: {quantize:}``) or added to a version later by :func:`add_serving_variant`
+                      (``stratarank quantize``); the fp32 ``weights.pt`` stays for training
     leaves/           (optional) the GBDT whose leaf ids feed an id_list feature (ranking/leaves.py:
                       LightGBM text models + leaves.json); loading computes the same leaf column
 
@@ -16,12 +21,17 @@ A LightGBM fallback's (``kind: lightgbm``, :func:`register_lgbm` / :func:`load_r
 ``manifest.json``.
 
 Loading: ``load_model(registry_dir, "name")`` (current), ``"name@v3"`` or a version folder path;
-``LoadedModel.predict(rows)`` -> (N, K) predictions in natural units. Heavy imports (torch, lightgbm)
+``load_model(..., quantized="int8")`` serves the int8 variant instead of the fp32 weights (a missing or
+corrupt variant is a :class:`ranking.quantize.VariantError`); ``LoadedModel.predict(rows)`` -> (N, K)
+predictions in natural units. Heavy imports (torch, lightgbm)
 happen inside the functions that need them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .quantize import VariantError, variant_file
 from .registry import publish_version, resolve, write_json
 
 if TYPE_CHECKING:
@@ -52,11 +63,12 @@ def _clean(obj):
 
 def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, model_config, objectives,
                metrics: dict, data: dict | None = None, train_config: str | None = None,
-               make_current: bool = True, leaves=None) -> Path:
+               make_current: bool = True, leaves=None, quantize: str = "none") -> Path:
     """Write a new version of a TorchRec ranker and (by default) make it current; returns its folder.
 
     ``leaves``: the fitted :class:`ranking.leaves.LeafFeatures` whose column the encoder reads (saved in
-    ``leaves/``, LightGBM text format)."""
+    ``leaves/``, LightGBM text format). ``quantize`` (int8 | int4 | none): a serving variant with row-wise
+    quantized tables, written in the same publish (a scorer never sees the version without it)."""
     import torch
 
     def write(folder: Path) -> dict:
@@ -66,6 +78,13 @@ def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, m
         write_json(folder / "features.json", encoder.state_dict())
         write_json(folder / "objectives.json", [o.to_dict() for o in objectives])
         write_json(folder / "metrics.json", _clean(metrics))
+        serving = {}
+        if quantize != "none":
+            from .models import build_model
+
+            module = build_model(encoder, objectives, model_config)
+            module.load_state_dict(state_dict)
+            serving[quantize] = write_variant(folder, module, quantize)
         return {
             "format": 1,
             "kind": "torchrec",
@@ -74,12 +93,74 @@ def save_model(registry_dir: str | Path, name: str, state_dict: dict, encoder, m
             "objectives": [{"name": o.name, "type": o.type, "transform": o.transform} for o in objectives],
             "data": _clean(data or {}),
             "train_config": train_config,
-            "files": list(FILES) + ([LEAVES_DIR] if leaves is not None else []),
+            "files": list(FILES) + ([LEAVES_DIR] if leaves is not None else [])
+                     + [v["file"] for v in serving.values()],
             **({"leaves": {"dir": LEAVES_DIR, "column": leaves.column, "objectives": leaves.objectives,
                            "n_trees": leaves.n_trees}} if leaves is not None else {}),
+            **({"serving": serving} if serving else {}),
         }
 
     return publish_version(registry_dir, name, write, make_current)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_atomically(path: Path, fill) -> None:
+    """Write ``path`` through a temp file in its folder (``fill(temp_path)``), then ``os.replace``:
+    readers see the old file or the new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        fill(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_variant(folder: Path, module, to: str) -> dict:
+    """Quantize ``module`` (fp32 :class:`ranking.models.MultiTaskRanker`) to ``to`` and write its state
+    to ``folder / weights.<to>.pt``; returns the manifest entry (file, sha256, sizes)."""
+    import torch
+
+    from .quantize import ROW_ALIGNMENT, embedding_bytes, model_bytes, quantize_module, quantized_state
+
+    qmodule = quantize_module(module, to)
+    path = Path(folder) / variant_file(to)
+    _replace_atomically(path, lambda tmp: torch.save(quantized_state(qmodule, to), tmp))
+    return {"file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size,
+            "embedding_bytes": embedding_bytes(qmodule), "fp32_embedding_bytes": embedding_bytes(module),
+            "model_bytes": model_bytes(qmodule), "fp32_model_bytes": model_bytes(module),
+            "row_alignment": ROW_ALIGNMENT, "format": "fbgemm row-wise, fp16 scale and bias"}
+
+
+def add_serving_variant(registry_dir: str | Path, ref: str, to: str) -> dict:
+    """Add (or replace) the ``to`` serving variant of an existing TorchRec version ``ref``
+    (``stratarank quantize``): quantize its fp32 weights, write ``weights.<to>.pt`` and list it in the
+    manifest (both replaced atomically, under a lock so two writers never lose an entry). Returns the
+    manifest entry."""
+    import fcntl
+
+    vdir = resolve(registry_dir, ref)
+    loaded = load_model(registry_dir, str(vdir))
+    if loaded.manifest.get("kind", "torchrec") != "torchrec":
+        raise VariantError(f"{loaded.name}@{loaded.version} is a {loaded.manifest.get('kind')} model: only "
+                           "TorchRec rankers have embedding tables to quantize")
+    with open(vdir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entry = write_variant(vdir, loaded.module, to)
+        manifest = json.loads((vdir / "manifest.json").read_text(encoding="utf-8"))
+        manifest["serving"] = {**manifest.get("serving", {}), to: entry}
+        manifest["files"] = list(dict.fromkeys([*manifest.get("files", []), entry["file"]]))
+        _replace_atomically(vdir / "manifest.json", lambda tmp: write_json(tmp, manifest))
+    return entry
 
 
 @dataclass
@@ -100,6 +181,7 @@ class LoadedModel:
     module: object
     path: Path
     leaves: object | None = None   # ranking.leaves.LeafFeatures: computes the encoder's leaf-id column
+    quantized: str = "none"        # the serving variant whose tables ``module`` holds (int8 | int4 | none)
 
     @property
     def columns(self) -> list[str]:
@@ -136,8 +218,9 @@ class LoadedModel:
         return [dict(zip(self.objectives, map(float, r))) for r in p]
 
 
-def load_model(registry_dir: str | Path, ref: str) -> LoadedModel:
-    """Load ``ref`` (``name``, ``name@version`` or a version folder) from ``registry_dir``."""
+def load_model(registry_dir: str | Path, ref: str, quantized: str = "none") -> LoadedModel:
+    """Load ``ref`` (``name``, ``name@version`` or a version folder) from ``registry_dir``; ``quantized``
+    (int8 | int4) loads that serving variant's tables instead of the fp32 weights."""
     import torch
 
     from .features import FeatureEncoder
@@ -149,17 +232,53 @@ def load_model(registry_dir: str | Path, ref: str) -> LoadedModel:
     objectives = tuple(ObjectiveConfig(**o) for o in json.loads((vdir / "objectives.json").read_text(encoding="utf-8")))
     encoder = FeatureEncoder.load(vdir / "features.json")
     config = ModelConfig.from_dict(manifest["model"]["config"])
-    module = MultiTaskRanker(encoder.embedding_bag_configs(), encoder.dense_dim, objectives, config)
-    state = torch.load(vdir / "weights.pt", map_location="cpu", weights_only=True)
-    module.load_state_dict(state)
-    module.eval()
+    if quantized != "none":
+        module = _load_variant(vdir, manifest, encoder, objectives, config, quantized)
+    else:
+        module = MultiTaskRanker(encoder.embedding_bag_configs(), encoder.dense_dim, objectives, config)
+        state = torch.load(vdir / "weights.pt", map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+        module.eval()
     leaves = None
     if manifest.get("leaves") is not None:
         from .leaves import LeafFeatures
 
         leaves = LeafFeatures.load(vdir / manifest["leaves"].get("dir", LEAVES_DIR))
     return LoadedModel(manifest["name"], manifest["version"], tuple(o.name for o in objectives), objectives,
-                       manifest, metrics, encoder, module, vdir, leaves)
+                       manifest, metrics, encoder, module, vdir, leaves, quantized)
+
+
+def _load_variant(vdir: Path, manifest: dict, encoder, objectives, config, to: str):
+    """The module of the ``to`` serving variant of version folder ``vdir``; a variant the manifest does
+    not list, a missing file, a checksum mismatch or an unreadable state is a :class:`VariantError`."""
+    import torch
+
+    from .quantize import load_quantized_module
+
+    ref = f"{manifest['name']}@{manifest['version']}"
+    entry = manifest.get("serving", {}).get(to)
+    if entry is None:
+        have = ", ".join(manifest.get("serving", {})) or "none"
+        raise VariantError(f"{ref} has no {to} serving variant (variants: {have}); add one with "
+                           f"`stratarank quantize --model {ref} --to {to}`")
+    path = vdir / entry.get("file", variant_file(to))
+    if not path.is_file():
+        raise VariantError(f"{ref}: the {to} variant's file {path} is missing")
+    digest = _sha256(path)
+    if digest != entry.get("sha256"):
+        raise VariantError(f"{ref}: the {to} variant's file {path} is corrupt (sha256 {digest[:12]}..., the "
+                           f"manifest says {str(entry.get('sha256'))[:12]}...)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise VariantError(f"{ref}: cannot read the {to} variant's file {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict):
+        raise VariantError(f"{ref}: the {to} variant's file {path} holds a {type(state).__name__}, not a state dict")
+    try:
+        return load_quantized_module(encoder.embedding_bag_configs(), encoder.dense_dim, objectives, config, to,
+                                     state)
+    except VariantError as exc:
+        raise VariantError(f"{ref}: {path.name}: {exc}") from None
 
 
 class RegisteredLGBM:

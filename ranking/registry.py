@@ -139,9 +139,9 @@ def rollback(registry_dir: str | Path, name: str, to: str | None = None) -> str:
 
 
 def list_models(registry_dir: str | Path) -> list[dict]:
-    """One dict per version: name, version, current, created, arch, objectives, and headline metrics
+    """One dict per version: name, version, current, created, arch, objectives, headline metrics
     (``metrics``: objective -> test (else valid) AUC for binary, rmse for regression; ``metric_kinds``
-    says which)."""
+    says which) and ``serving``: its quantized serving variants (e.g. ``["int8"]``)."""
     root = Path(registry_dir)
     rows = []
     if not root.is_dir():
@@ -161,7 +161,8 @@ def list_models(registry_dir: str | Path) -> list[dict]:
             rows.append({"name": model_dir.name, "version": v, "current": v == cur,
                          "created": manifest.get("created"), "arch": manifest["model"]["config"].get("arch"),
                          "objectives": [o["name"] for o in manifest["objectives"]],
-                         "metric_split": split, "metrics": head, "metric_kinds": kinds, "path": str(vdir)})
+                         "metric_split": split, "metrics": head, "metric_kinds": kinds,
+                         "serving": sorted(manifest.get("serving", {})), "path": str(vdir)})
     return rows
 
 

@@ -27,6 +27,8 @@ Train config format::
     leaves: {n_trees: 30, num_leaves: 31}   # optional: GBDT leaf ids as id_list column(s) (ranking/leaves.py)
     distill: {alpha: 0.5, folds: 5}         # optional: soft targets from a LightGBM teacher (ranking/distill.py)
     distill_from: {model: feed_mmoe, alpha: 0.5}   # optional: ... or from a registered TorchRec teacher
+    serving: {quantize: int8}               # optional: int8 | int4 | none (default): a serving variant with
+                                            #   row-wise quantized embedding tables (ranking/quantize.py)
 
 Determinism: one ``seed`` sets numpy/torch/python RNGs and the per-epoch shuffles.
 Dropped rows (missing or invalid labels) are counted and printed by reason — never silently.
@@ -49,7 +51,7 @@ from strategy.errors import Errors, FieldError, ValidationError, join_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOP_KEYS = ("name", "data", "features", "objectives", "labels", "loss_weights", "model", "training", "registry",
-            "leaves", "distill", "distill_from")
+            "leaves", "distill", "distill_from", "serving")
 DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "test_fraction", "from_hour", "to_hour", "ips_clip")
 LOADERS = ("table", "sim", "kuairand", "served")
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "embedding_lr", "weight_decay", "patience", "seed", "threads",
@@ -100,6 +102,7 @@ class TrainConfig:
     leaves: object | None = None   # ranking.leaves.LeavesConfig: GBDT leaf ids as an id_list column
     distill: object | None = None  # ranking.distill.DistillConfig: soft targets from a LightGBM teacher
     distill_from: object | None = None  # ranking.distill.DistillFromConfig: ... from a registered TorchRec model
+    serving: object | None = None  # ranking.quantize.ServingConfig: the quantized serving variant to register
 
     def error(self, path: str, message: str, code: str) -> FieldError:
         from strategy.errors import _line_for
@@ -252,6 +255,11 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
         if distill is not None and distill_from is not None:
             errs.add("distill_from", "one teacher at a time: distill (LightGBM) or distill_from (a registered "
                      "model)", "conflict")
+    serving = None
+    if obj.get("serving") is not None:
+        from .quantize import serving_config_from_dict
+
+        serving = serving_config_from_dict(errs, obj["serving"], "serving")
     try:
         errs.raise_if_any(source, lines)
     except ValidationError as exc:
@@ -259,7 +267,7 @@ def train_config_from_dict(data, source: str | None = None, lines: dict | None =
     if external:
         raise ValidationError(external)
     cfg = TrainConfig(name, data_cfg, _resolve(features, base), objectives, model, TrainingConfig(**tk),
-                      registry, source, dict(lines or {}), leaves, distill, distill_from)
+                      registry, source, dict(lines or {}), leaves, distill, distill_from, serving)
     return cfg
 
 
@@ -821,12 +829,14 @@ def finish(cfg: TrainConfig, prep: Prepared, result: dict, metrics: dict, state:
                 f"{k} auc {v['auc']:.4f}" if "auc" in v else f"{k} rmse {v['rmse']:.4f}"
                 for k, v in metrics[split].items()))
     summary = {"metrics": metrics, "version": None, "path": None}
+    quantize = cfg.serving.quantize if cfg.serving is not None else "none"
     if register:
         path = save_model(registry or cfg.registry, cfg.name, state, prep.encoder, cfg.model, prep.objectives,
                           metrics, data=prep.description, train_config=cfg.source,
-                          leaves=getattr(prep, "leaves", None))
+                          leaves=getattr(prep, "leaves", None), quantize=quantize)
         summary.update(version=path.name, path=str(path))
-        log(f"registered {cfg.name}@{path.name} in {path.parent.parent} (current)")
+        log(f"registered {cfg.name}@{path.name} in {path.parent.parent} (current)"
+            + (f" with its {quantize} serving variant" if quantize != "none" else ""))
     return summary
 
 
@@ -885,8 +895,9 @@ def synthetic_impressions(n: int = 2000, seed: int = 0, n_users: int = 200, n_it
 
 
 def evaluate_registered(loaded, cfg: TrainConfig, split: str = "test", group_column: str = "user_id",
-                        log=print) -> dict:
-    """Metrics of a registered model (``ranking.artifacts.LoadedModel``) on ``split`` of the config's data.
+                        log=print, frame: pd.DataFrame | None = None) -> dict:
+    """Metrics of a registered model (``ranking.artifacts.LoadedModel``) on ``split`` of the config's data
+    (``frame``: those rows, when the caller has loaded them already, e.g. to score several models).
 
     Uses the model's own fitted encoder (``loaded.predict``), never a refit. Binary objectives:
     ``auc``, ``gauc`` (grouped by ``group_column`` where present), ``logloss``, ``ece``; regression:
@@ -895,8 +906,9 @@ def evaluate_registered(loaded, cfg: TrainConfig, split: str = "test", group_col
     """
     from . import metrics as M
 
-    train, valid, test, _ = load_frames(cfg)
-    frame = {"train": train, "valid": valid, "test": test}[split]
+    if frame is None:
+        train, valid, test, _ = load_frames(cfg)
+        frame = {"train": train, "valid": valid, "test": test}[split]
     if frame is None or not len(frame):
         raise ValidationError([FieldError("split", f"the config's data has no '{split}' rows", "empty", cfg.source)])
     objectives = loaded.objective_configs

@@ -1,4 +1,5 @@
-"""``stratarank train``, ``stratarank evaluate``, ``stratarank models list`` and ``models rollback``.
+"""``stratarank train``, ``stratarank evaluate``, ``stratarank quantize``, ``stratarank models list`` and
+``models rollback``.
 
 Importing this module stays light (no torch): the heavy imports happen inside the commands.
 """
@@ -64,8 +65,36 @@ def cmd_models_list(args) -> int:
         kinds = r.get("metric_kinds", {})
         metrics = ", ".join(f"{k} {kinds.get(k, '')} {v:.3f}".replace("  ", " ") if isinstance(v, (int, float))
                             else f"{k} -" for k, v in r["metrics"].items())
+        variants = f" (serving: {', '.join(r['serving'])})" if r.get("serving") else ""
         print(f"{'*' if r['current'] else ' '} {r['name']:<20} {r['version']:<8} {r['created'] or '':<21} "
-              f"{r['arch'] or '':<14} {r['metric_split']}: {metrics}")
+              f"{r['arch'] or '':<14} {r['metric_split']}: {metrics}{variants}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    """Add a serving variant with row-wise quantized embedding tables to a registered TorchRec version."""
+    from strategy.errors import ValidationError
+
+    from ranking.quantize import VariantError
+
+    try:
+        from ranking.artifacts import add_serving_variant
+
+        entry = add_serving_variant(args.registry, args.model, args.to)
+    except ValidationError as exc:
+        for err in exc.errors:
+            print(str(err), file=sys.stderr)
+        return 1
+    except VariantError as exc:
+        print(f"{args.model}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(entry, indent=2))
+        return 0
+    share = entry["embedding_bytes"] / max(entry["fp32_embedding_bytes"], 1)
+    print(f"{args.model}: {entry['file']} ({entry['bytes']:,} bytes): embedding tables {entry['fp32_embedding_bytes']:,} "
+          f"-> {entry['embedding_bytes']:,} bytes ({share:.1%} of fp32), whole model {entry['fp32_model_bytes']:,} "
+          f"-> {entry['model_bytes']:,} bytes")
     return 0
 
 
@@ -96,7 +125,10 @@ def cmd_evaluate(args) -> int:
         from online.predictor import load_ranker
         from ranking.evaluate import evaluate_model, held_out_rows
 
-        model = load_ranker(args.registry, args.model)
+        model = load_ranker(args.registry, args.model, args.quantized)
+        if getattr(model, "load_warning", None):
+            print(f"{args.model}: {model.load_warning}", file=sys.stderr)
+            return 1
         frame, data = held_out_rows(args.data, args.split)
         strategy = load_strategy(args.strategy) if args.strategy else None
         result = evaluate_model(model, frame, strategy, plot=args.plot)
@@ -104,7 +136,9 @@ def cmd_evaluate(args) -> int:
         for err in exc.errors:
             print(str(err), file=sys.stderr)
         return 1
-    result = {"model": f"{model.name}@{model.version}", "data": data["source"], "split": data["split"], **result}
+    tables = f" ({args.quantized} tables)" if args.quantized != "none" else ""
+    result = {"model": f"{model.name}@{model.version}{tables}", "data": data["source"], "split": data["split"],
+              **result}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -119,7 +153,9 @@ def cmd_evaluate(args) -> int:
 
 
 def add_parser(sub) -> None:
-    """Register ``train`` and ``models`` on the ``stratarank`` sub-parsers."""
+    """Register ``train``, ``evaluate``, ``quantize`` and ``models`` on the ``stratarank`` sub-parsers."""
+    from ranking.quantize import QUANTIZE
+
     p = sub.add_parser("train", help="train a TorchRec multi-task ranker and register it")
     p.add_argument("--config", required=True, metavar="FILE", help="a train config, e.g. conf/train/sim_mmoe.yaml")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
@@ -139,8 +175,18 @@ def add_parser(sub) -> None:
     p.add_argument("--strategy", metavar="FILE", help="objectives YAML whose blended score NDCG@10 is reported")
     p.add_argument("--split", choices=("test", "valid"), default="test")
     p.add_argument("--plot", metavar="PNG", help="write a reliability plot here")
+    p.add_argument("--quantized", choices=QUANTIZE, default="none",
+                   help="evaluate the version's serving variant with quantized tables (stratarank quantize)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("quantize", help="add a serving variant with row-wise int8/int4 embedding tables to a "
+                                        "registered TorchRec version")
+    p.add_argument("--model", required=True, metavar="NAME[@V]", help="name (current), name@version or a version folder")
+    p.add_argument("--registry", default="registry", metavar="DIR")
+    p.add_argument("--to", required=True, choices=[q for q in QUANTIZE if q != "none"])
+    p.add_argument("--json", action="store_true", help="print the manifest entry as JSON")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("models", help="list registered models")
     msub = p.add_subparsers(dest="models_command", required=True)
