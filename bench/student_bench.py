@@ -14,26 +14,19 @@ teacher's, AUC loss <= 0.002 per objective. Never fails on a figure.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import run_model_bench  # noqa: E402 - bench/ is on the path as the script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"sim": ("conf/train/sim_mmoe.yaml", "conf/train/sim_student.yaml"),
            "kuairand": ("conf/train/kuairand_hybrid.yaml", "conf/train/kuairand_student.yaml")}
-
-
-def model_bytes(loaded) -> tuple[int, int]:
-    """(embedding table bytes, whole module bytes: parameters and buffers)."""
-    emb = sum(p.numel() * p.element_size() for n, p in loaded.module.named_parameters() if n.startswith("ebc."))
-    total = sum(t.numel() * t.element_size() for t in loaded.module.state_dict().values())
-    return emb, total
 
 
 def timings(loaded, rows, repeats: int) -> tuple[float, float]:
@@ -55,6 +48,7 @@ def timings(loaded, rows, repeats: int) -> tuple[float, float]:
 
 def run(name: str, registry: Path, args, data_path: str | None) -> list[dict]:
     from ranking.artifacts import load_model
+    from ranking.quantize import embedding_bytes, model_bytes
     from ranking.train import evaluate_registered, load_train_config, load_frames, train_from_config
 
     teacher_cfg, student_cfg = (load_train_config(ROOT / p) for p in CONFIGS[name])
@@ -73,7 +67,7 @@ def run(name: str, registry: Path, args, data_path: str | None) -> list[dict]:
         metrics = evaluate_registered(loaded, cfg, "test", log=lambda m: None)["metrics"]
         _, _, test, _ = load_frames(cfg)
         served, forward = timings(loaded, test.iloc[:500].reset_index(drop=True), args.repeats)
-        emb, total = model_bytes(loaded)
+        emb, total = embedding_bytes(loaded.module), model_bytes(loaded.module)
         rows.append({"model": cfg.name, "train_s": seconds, "served_ms": served * 1e3, "forward_ms": forward * 1e3,
                      "embedding_bytes": emb, "bytes": total, "metrics": metrics})
         print(f"  trained {cfg.name} in {seconds:.0f} s", flush=True)
@@ -100,28 +94,7 @@ def report(name: str, rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
-    ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--sim-impressions", type=int, default=1_000_000, help="simulated logs (conf/sim/default.yaml)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    folder = Path(tempfile.mkdtemp(prefix="student-bench-"))
-    for name in args.data:
-        data_path = None
-        if name == "sim":
-            from world import World
-
-            logs = folder / "sim"
-            logs.mkdir()
-            imp, _ = World.from_yaml(ROOT / "conf/sim/default.yaml").simulate_logs(args.sim_impressions, progress=False)
-            imp.to_parquet(logs / "impressions.parquet")
-            data_path = str(logs)
-        print(f"{name}:", flush=True)
-        report(name, run(name, folder / "registry", args, data_path))
-    return 0
+    return run_model_bench(__doc__, CONFIGS, "student-bench-", run, report, argv)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from online.client import ApiError, Client
+
 ROOT = Path(__file__).resolve().parents[1]
 SIM_CONFIG = ROOT / "conf/sim/default.yaml"
 TRAIN_CONFIG = ROOT / "conf/train/sim_mmoe.yaml"
@@ -97,7 +99,34 @@ def simulate(out: Path, seed: int, impressions: int | None, users: int):
     return world, logs
 
 
+def frame_digest(frame) -> str:
+    """sha256 of a data frame's columns as Arrow IPC without schema metadata (not of its Parquet file,
+    whose bytes name the writer's version)."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
+
+
+def weights_digest(version_dir) -> str:
+    """sha256 of a registered ranker's trained tensors (names, shapes, values), not of the file."""
+    import torch
+
+    state = torch.load(Path(version_dir) / "weights.pt", map_location="cpu", weights_only=True)
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+        h.update(tensor.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_models(logs: Path, registry: Path, epochs: int | None) -> dict:
+    import pandas as pd
+
     from ranking.train import load_train_config, train_from_config
 
     cfg = load_train_config(TRAIN_CONFIG)
@@ -105,7 +134,8 @@ def train_models(logs: Path, registry: Path, epochs: int | None) -> dict:
     cfg = replace(cfg, name=MODEL, data=replace(cfg.data, path=str(logs)), training=training)
     summary = train_from_config(cfg, registry=str(registry), progress=True, log=lambda m: print("    " + m))
     fallback = train_fallback(logs, registry, [o.name for o in cfg.objectives])
-    return {"mmoe": summary, "lightgbm": fallback}
+    logs_digest = frame_digest(pd.read_parquet(logs / "impressions.parquet"))
+    return {"mmoe": summary, "lightgbm": fallback, "logs_digest": logs_digest}
 
 
 def train_fallback(logs: Path, registry: Path, objectives) -> dict:
@@ -186,29 +216,9 @@ class LoopStats:
         return h.hexdigest()[:16]
 
 
-class Client:
-    """Keep-alive JSON client of one simulated user session."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-
-    def call(self, method: str, path: str, body=None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        for attempt in (0, 1):
-            try:
-                self.conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-                resp = self.conn.getresponse()
-                return resp.status, json.loads(resp.read() or b"{}")
-            except (OSError, http.client.HTTPException):
-                self.conn.close()
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def post(self, path: str, body) -> tuple[int, dict]:
-        return self.call("POST", path, body)
+def scorer_client(port: int) -> Client:
+    """The typed client of the local scorer, one per thread (its connection is kept alive)."""
+    return Client(f"http://127.0.0.1:{port}", timeout_s=30, retries=1)
 
 
 def nearline_records(port: int, workers: int, timeout_s: float = 60.0, at_least: dict | None = None) -> dict:
@@ -218,7 +228,7 @@ def nearline_records(port: int, workers: int, timeout_s: float = 60.0, at_least:
     seen: dict = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status, body = Client(port).call("GET", "/readyz")
+        status, body = scorer_client(port).call("GET", "/readyz")
         near = body.get("nearline") or {}
         if near.get("error"):
             raise SystemExit(f"the near-line thread of worker {body.get('worker')} failed: {near['error']}")
@@ -232,12 +242,10 @@ def nearline_records(port: int, workers: int, timeout_s: float = 60.0, at_least:
 
 
 def post_events(client: Client, events: list) -> int:
-    if not events:
-        return 0
-    status, body = client.post("/v1/events", {"events": events})
-    if status != 202:
-        raise SystemExit(f"/v1/events answered {status}: {body}")
-    return body["accepted"]
+    try:
+        return client.events(events)
+    except ApiError as exc:
+        raise SystemExit(f"/v1/events answered {exc}") from None
 
 
 def closed_loop(world, port: int, users: int, requests_per_user: int, candidates: int, seed: int,
@@ -258,13 +266,13 @@ def closed_loop(world, port: int, users: int, requests_per_user: int, candidates
 
     def rank(k: int, body: dict):
         if not hasattr(local, "client"):
-            local.client = Client(port)
+            local.client = scorer_client(port)
         t0 = time.perf_counter()
-        status, resp = local.client.post("/v1/rank", body)
+        status, resp = local.client.call("POST", "/v1/rank", body)
         bar.update(1)
         return status, resp, time.perf_counter() - t0
 
-    poster = Client(port)
+    poster = scorer_client(port)
     with ThreadPoolExecutor(concurrency) as pool:
         for r in range(requests_per_user):
             # the world is read and advanced in user order (candidates carry its impression counts);
@@ -411,6 +419,8 @@ def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) ->
         f"served: {stats.served:,} items in {len(stats.latencies):,} requests; LLM-generated share "
         f"{stats.served_llm / max(stats.served, 1):.1%}; degraded responses {stats.degraded}; errors {stats.errors}",
         f"served slates digest: {stats.digest()} (the same seed serves the same slates: rerun to compare)",
+        f"inputs of the slates: world logs digest {models['logs_digest']}, {MODEL} weights digest "
+        f"{weights_digest(models['mmoe']['path'])} (equal inputs and unequal slates: the serving side differs)",
         f"latency /v1/rank (client side): p50 {np.percentile(lat, 50):.1f} ms, p95 {np.percentile(lat, 95):.1f} ms, "
         f"p99 {np.percentile(lat, 99):.1f} ms",
         f"bus: {analysis['impressions']:,} impressions, {analysis['events']:,} feedback events, "

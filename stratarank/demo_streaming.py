@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .demo import (FALLBACK, RISK, ROOT, Client, Processes, free_port, post_events, read_bus, result_lines, say,
-                   train_fallback, wait_ready)
+from .demo import (FALLBACK, RISK, ROOT, Processes, free_port, post_events, read_bus, result_lines, say,
+                   scorer_client, train_fallback, wait_ready)
 
 WORLD = ROOT / "conf/sim/living_stream.yaml"
 FEATURES = ROOT / "conf/features/living.yaml"
@@ -124,7 +124,7 @@ def wait_for_training(port: int, registry: Path, joined_before: float, timeout_s
         return None
     seen: dict = {}   # worker -> the version number of feed_stream it serves (the trainer keeps publishing)
     while time.monotonic() < deadline:
-        status, body = Client(port).call("GET", "/readyz")
+        status, body = scorer_client(port).call("GET", "/readyz")
         served = (body.get("variant_models") or {}).get(STREAM) or f"{STREAM}@v0"
         seen[body.get("worker")] = int(served.rpartition("@v")[2])
         if len(seen) >= 2 and min(seen.values()) >= int(version[1:]):
@@ -152,13 +152,13 @@ def closed_loop(world, port: int, registry: Path, args) -> dict:
 
     def serve(k: int, ts: float, hour: int) -> None:
         if not hasattr(local, "client"):
-            local.client = Client(port)
+            local.client = scorer_client(port)
         user = users[k]
         with lock:
             body = {"request_id": f"stream-{args.seed}-{k}-{hour}", "user_id": user,
                     "candidates": world.candidates(user, args.candidates, rngs[k], ts=ts)}
         t0 = time.perf_counter()
-        status, resp = local.client.post("/v1/rank", body)
+        status, resp = local.client.call("POST", "/v1/rank", body)
         latency = time.perf_counter() - t0
         if status != 200:
             with lock:

@@ -30,8 +30,9 @@ def test_demo_runs_the_closed_loop_and_writes_the_dashboard(tmp_path, root):
     # the same seed serves the same slates and gives the same analysis, run after run (the loop
     # advances the world in user order and waits for every worker's near-line thread each round)
     again = small_demo(tmp_path / "again", root)
-    digest = [line for line in text.splitlines() if line.startswith("served slates digest:")]
-    assert digest and digest == [line for line in again.splitlines() if line.startswith("served slates digest:")]
+    for prefix in ("served slates digest:", "inputs of the slates: world logs digest"):
+        digest = [line for line in text.splitlines() if line.startswith(prefix)]
+        assert digest and digest == [line for line in again.splitlines() if line.startswith(prefix)]
     assert (out / "results" / "results.json").read_text() == (tmp_path / "again" / "results" / "results.json").read_text()
 
 
