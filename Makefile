@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` and `make test`.
 # Both create .venv when missing and install the pinned stack once; the stamp
-# .venv/.installed is newer than requirements.lock and setup.py afterwards, so a
+# .venv/.installed is newer than requirements.lock, pyproject.toml and setup.py afterwards, so a
 # second run installs nothing.
 PYTHON ?= python3
 VENV   := .venv
@@ -22,7 +22,7 @@ system-deps:
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock setup.py
+$(STAMP): requirements.lock pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements.lock
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
