@@ -40,7 +40,7 @@ from online.ann import AnnIndex  # noqa: E402
 
 K = 100
 RECALL_GOAL, P99_GOAL_MS = 0.95, 2.0
-SWEEPS = {"hnsw": ("ef_search", (48, 64, 96, 128, 192)), "ivf": ("nprobe", (16, 32, 48, 64, 96)),
+SWEEPS = {"hnsw": ("ef_search", (128, 192, 256, 384, 512)), "ivf": ("nprobe", (16, 32, 48, 64, 96)),
           "flat": (None, (None,))}
 
 

@@ -22,11 +22,13 @@ Kinds (``kind=``):
 Why these limits (``bench/retrieval_bench.py``, one core, 64 dims, 2-core machine):
 exact search costs ≈ 0.02 µs per vector per query (IndexFlatIP), so it stays under 1 ms per query
 up to ≈ 50,000 items — and below that it is exact and needs no parameters, hence
-``flat_max_items = 50_000``. At 1M items HNSW (M=32, efConstruction=80, efSearch=96) gives
-recall@100 ≈ 0.97 at a query p99 well under 2 ms, where IVF (nlist=1024) needs nprobe ≈ 48 for
-the same recall and misses the 2 ms p99. HNSW's cost is its build (≈ 3 minutes for 1M items on one
-core, growing slightly faster than linear) and its graph memory; past ≈ 4M items a background rebuild
-of the graph takes over 15 minutes of one core and the graph over 1.5 GB, so IVF (training on a
+``flat_max_items = 50_000``. At 1M items of the bench's hard synthetic data (noise larger than the
+cluster centres), HNSW (M=32, efConstruction=80) gives recall@100 0.93 / 0.95 / 0.96 at efSearch
+256 / 384 / 512 with a query p99 of 1.6 / 2.2-2.9 / 2.7-3.3 ms (one run on a shared machine), against
+16-20 ms for exact search (IVF: `--kind ivf`). HNSW's cost is its build
+(≈ 5 minutes for 1M items on one core, growing slightly faster than linear, and ≈ 2,500-2,800 items/s
+added incrementally) and its graph memory (≈ 2x the vectors'); past ≈ 4M items a background rebuild
+of the graph would take over 15 minutes of one core and the graph over 1.5 GB, so IVF (training on a
 sample, adds at ≈ 10^6 items/s) takes over: ``hnsw_max_items = 4_000_000``.
 
 Ids and labels: faiss labels are *slots*, the position of each vector in insertion order (faiss's
