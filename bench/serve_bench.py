@@ -12,7 +12,15 @@ of ``Scorer.rank`` (validation, real-time lookup, model-input rows, encode, forw
 rerank, impression log, JSON encode of the response) and the machine's load average (the
 machine may be shared: quote figures with it). Never fails on time.
 
-    .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15]
+Against a peer (``--peers mlflow``, the default): the demo's LightGBM fallback served alone by
+``stratarank serve`` (``/v1/rank``: features, strategy, guardrails, re-rank, impression log) and by
+MLflow's model server (``mlflow models serve``: ``/invocations`` of the same requests' feature rows
+as ``dataframe_split`` JSON), the same number of workers, the same load generator and settings, one
+after the other: req/s, p50/p99 of both and their ratios. MLflow is installed by the bench into its
+own venv ``bench/.peers/mlflow/`` (bench/peer_mlflow.py); if it cannot be, the bench says why and
+goes on with Stratarank alone. ``--peers none`` skips it.
+
+    .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15] [--peers none]
     .venv/bin/python bench/serve_bench.py --stages-only      # the stage breakdown alone (seconds)
 
 Without a registered model it first simulates a small world and trains one (about a minute).
@@ -20,10 +28,12 @@ Without a registered model it first simulates a small world and trains one (abou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import multiprocessing as mp
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -63,20 +73,54 @@ def make_bodies(n_requests: int, n_candidates: int, llm_share: float, seed: int 
     return bodies
 
 
+def service_config(registry: Path, name: str, tmp: Path) -> dict:
+    """The bench's scorer config: model ``name`` alone, an embedded bus and a memory store in ``tmp``."""
+    return {
+        "strategies": {"files": [str(ROOT / "conf/objectives/feed.yaml")]},
+        "model": {"registry": str(registry), "name": name},
+        "bus": {"url": f"embedded://{tmp}/bus", "fsync": "interval"},
+        "store": {"url": "memory://"},
+        "server": {"max_candidates": 2000},
+    }
+
+
 def ensure_model(registry: Path, name: str) -> None:
     from ranking.registry import current_version
 
     if current_version(registry, name):
         return
     print(f"no model '{name}' in {registry}: simulating a world and training one ...", flush=True)
-    logs = registry.parent / "sim"
-    subprocess.run([sys.executable, "-m", "stratarank.cli", "simulate", "--config", str(ROOT / "conf/sim/default.yaml"),
-                    "--out", str(logs), "--impressions", "100000"], check=True, cwd=ROOT)
+    logs = simulate_logs(registry)
     from ranking.train import load_train_config, train_from_config
 
     cfg = load_train_config(ROOT / "conf/train/sim_mmoe.yaml")
     cfg = replace(cfg, name=name, data=replace(cfg.data, path=str(logs)), training=replace(cfg.training, epochs=2))
     train_from_config(cfg, registry=str(registry), progress=False)
+
+
+def ensure_lgbm(registry: Path) -> str:
+    """The name of the demo's LightGBM fallback in ``registry`` (request-time features, one booster
+    per objective of the feed strategy), trained on the bench's simulated logs if missing."""
+    from ranking.registry import current_version
+    from stratarank.demo import FALLBACK, train_fallback
+
+    if not current_version(registry, FALLBACK):
+        print(f"no model '{FALLBACK}' in {registry}: training the LightGBM one ...", flush=True)
+        from ranking.train import load_train_config
+
+        objectives = [o.name for o in load_train_config(ROOT / "conf/train/sim_mmoe.yaml").objectives]
+        train_fallback(simulate_logs(registry), registry, objectives)
+    return FALLBACK
+
+
+def simulate_logs(registry: Path) -> Path:
+    """The simulated logs next to ``registry`` (simulated once)."""
+    logs = registry.parent / "sim"
+    if (logs / "impressions.parquet").exists():
+        return logs
+    subprocess.run([sys.executable, "-m", "stratarank.cli", "simulate", "--config", str(ROOT / "conf/sim/default.yaml"),
+                    "--out", str(logs), "--impressions", "100000"], check=True, cwd=ROOT)
+    return logs
 
 
 class Tally:
@@ -93,10 +137,10 @@ class Tally:
                 self.errors += 1
 
 
-def post_rank(conn, port: int, body: bytes):
-    """``(ok, connection)`` of one ``/v1/rank`` call; a failed call gets a fresh connection."""
+def post_json(conn, port: int, body: bytes, path: str = "/v1/rank"):
+    """``(ok, connection)`` of one POST to ``path``; a failed call gets a fresh connection."""
     try:
-        conn.request("POST", "/v1/rank", body=body, headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         resp.read()
         return resp.status == 200, conn
@@ -105,7 +149,8 @@ def post_rank(conn, port: int, body: bytes):
         return False, http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
 
-def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: int, out: mp.Queue) -> None:
+def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: int, out: mp.Queue,
+                  path: str = "/v1/rank") -> None:
     """Runs in its own process: ``concurrency`` keep-alive connections for ``seconds``."""
     tally = Tally()
     stop = time.perf_counter() + seconds
@@ -117,7 +162,7 @@ def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: i
             body = bodies[i % len(bodies)]
             i += concurrency
             t0 = time.perf_counter()
-            ok, conn = post_rank(conn, port, body)
+            ok, conn = post_json(conn, port, body, path)
             tally.add(ok, time.perf_counter() - t0)
         conn.close()
 
@@ -131,7 +176,7 @@ def client_worker(port: int, bodies: list[bytes], seconds: float, concurrency: i
 
 
 def paced_worker(port: int, bodies: list[bytes], seconds: float, rate: float, out: mp.Queue,
-                 connections: int = 16) -> None:
+                 path: str = "/v1/rank", connections: int = 16) -> None:
     """Runs in its own process: an open-loop load at ``rate`` req/s (request ``i`` is due at
     ``t0 + i / rate``) over ``connections`` keep-alive connections. Each latency counts from the
     request's due time, so time spent waiting for a free connection or a busy server is included
@@ -154,7 +199,7 @@ def paced_worker(port: int, bodies: list[bytes], seconds: float, rate: float, ou
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            ok, conn = post_rank(conn, port, bodies[i % len(bodies)])
+            ok, conn = post_json(conn, port, bodies[i % len(bodies)], path)
             tally.add(ok, time.perf_counter() - due)
         conn.close()
 
@@ -166,11 +211,11 @@ def paced_worker(port: int, bodies: list[bytes], seconds: float, rate: float, ou
     out.put((tally.latencies, tally.errors, time.perf_counter() - t0))
 
 
-def run_load(port, bodies, seconds, concurrency, rate: float | None = None):
-    """Closed loop with ``concurrency`` connections, or open loop at ``rate`` req/s."""
+def run_load(port, bodies, seconds, concurrency, rate: float | None = None, path: str = "/v1/rank"):
+    """Closed loop with ``concurrency`` connections, or open loop at ``rate`` req/s, POSTing to ``path``."""
     q = mp.get_context("spawn").Queue()
-    target, args = ((client_worker, (port, bodies, seconds, concurrency, q)) if rate is None
-                    else (paced_worker, (port, bodies, seconds, rate, q)))
+    target, args = ((client_worker, (port, bodies, seconds, concurrency, q, path)) if rate is None
+                    else (paced_worker, (port, bodies, seconds, rate, q, path)))
     p = mp.get_context("spawn").Process(target=target, args=args)
     p.start()
     result = q.get()
@@ -212,6 +257,135 @@ def bare_model_times(registry: Path, name: str, body: bytes, repeats: int) -> tu
     return med(lambda: ranker.predict(rows)), med(lambda: model.predict(frame, allow_missing=True)), med(forward)
 
 
+class ServerNotReady(RuntimeError):
+    """A server process exited, or did not answer its readiness path in time."""
+
+
+def answers(port: int, path: str) -> bool:
+    """Whether ``GET path`` on loopback ``port`` is a 200 now."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], env: dict, port: int, ready_path: str, what: str, seconds: float = 120.0):
+    """A server started in a session of its own, ready once ``ready_path`` answers 200; on exit its
+    whole process group (master and workers) is stopped."""
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + seconds
+        while not answers(port, ready_path):
+            if server.poll() is not None:
+                raise ServerNotReady(f"{what} exited with {server.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise ServerNotReady(f"{what} did not answer {ready_path} within {seconds:g} s")
+            time.sleep(0.1)
+        yield server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+@contextlib.contextmanager
+def stratarank_server(registry: Path, model: str, workers: int, tmp: Path):
+    """``stratarank serve`` of ``model`` alone with ``workers`` gunicorn workers; yields its port."""
+    config = tmp / f"{model}.yaml"
+    config.write_text(json.dumps(service_config(registry, model, tmp / model)))
+    port = free_port()
+    cmd = [sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config), "--port", str(port),
+           "--workers", str(workers)]
+    try:
+        with server_process(cmd, dict(os.environ, OMP_NUM_THREADS="1"), port, "/readyz", "the scorer"):
+            yield port
+    except ServerNotReady as exc:
+        raise SystemExit(f"{exc} (is a model registered?)") from None
+
+
+def percentile_ms(latencies: list[float], q: float) -> float:
+    return float(np.percentile(np.array(latencies) * 1e3, q)) if latencies else float("nan")
+
+
+def measure(port: int, bodies: list[bytes], args, path: str = "/v1/rank") -> dict:
+    """A 2 s warm-up, the closed loop at ``args.concurrency`` (req/s, p50/p99) and the open loop at
+    ``args.peer_rate`` (p50/p99 from each request's due time), POSTing ``bodies`` to ``path``."""
+    run_load(port, bodies, 2.0, 2, path=path)
+    lat, errors, wall = run_load(port, bodies, args.seconds, args.concurrency, path=path)
+    paced, paced_err, _ = run_load(port, bodies, args.seconds, 0, rate=args.peer_rate, path=path)
+    return {"rps": len(lat) / wall, "p50": percentile_ms(lat, 50), "p99": percentile_ms(lat, 99),
+            "rate_p50": percentile_ms(paced, 50), "rate_p99": percentile_ms(paced, 99),
+            "errors": errors + paced_err}
+
+
+def compare_with_mlflow(registry: Path, args, bodies: list[bytes], tmp: Path) -> list[str]:
+    """The report lines of Stratarank against MLflow's model server on the same LightGBM model.
+
+    The peer is installed (its own venv) and saved first, so no install runs while either server
+    is measured; then ``/v1/rank`` of the LightGBM model and MLflow's ``/invocations`` of the same
+    requests' feature rows, one server after the other, with the same load generator and settings.
+    A peer that cannot be installed, saved, started or that predicts otherwise than the booster is
+    reported with the reason, and Stratarank's figures stand alone."""
+    import peer_mlflow as peer
+    from online.predictor import load_ranker
+    from ranking.artifacts import LGBM_DIR
+    from ranking.registry import resolve
+
+    name = ensure_lgbm(registry)
+    ranker = load_ranker(str(registry), name)
+    frames = peer.feature_frames(bodies, ranker)
+    peer_bodies = [peer.invocation_body(frame) for frame in frames]
+    head = (f"peers           : the same LightGBM model ({name}@{ranker.version}: {len(ranker.objectives)} "
+            f"objectives, {len(ranker.model.feature_columns)} features), {args.workers} workers each, "
+            f"{args.candidates} rows per request, one server after the other")
+    try:
+        requirements = peer.ensure_venv()
+        peer.save_model(resolve(registry, name) / LGBM_DIR, tmp / "mlflow-model")
+        problem = None
+    except peer.PeerUnavailable as exc:
+        problem = f"MLflow peer not installed: {exc}"
+    with stratarank_server(registry, name, args.workers, tmp) as port:
+        ours = measure(port, bodies, args)
+    rows = [("stratarank /v1/rank", ours)]
+    lines = [head]
+    if problem is None:
+        port = free_port()
+        try:
+            with server_process(peer.serve_command(tmp / "mlflow-model", port, args.workers), peer.peer_env(),
+                                port, "/ping", "mlflow models serve"):
+                diff = peer.check_predictions(port, peer_bodies[0], frames[0], ranker)
+                theirs = measure(port, peer_bodies, args, "/invocations")
+            rows.append(("mlflow /invocations", theirs))
+            lines.append(f"  {requirements[0]} in {peer.VENV.relative_to(ROOT)} (--env-manager local): predictions "
+                         f"{'equal' if diff < 1e-9 else 'DIFFER FROM'} the booster's own (max |diff| {diff:.1e} "
+                         f"on {len(frames[0])} rows)")
+        except (peer.PeerUnavailable, ServerNotReady) as exc:
+            problem = f"MLflow peer not measured: {exc}"
+    if problem:
+        lines.append(f"  {problem} -- Stratarank alone")
+    lines.append(f"  {'':22s} {'closed loop, concurrency ' + str(args.concurrency):>28s}   "
+                 f"{'open loop at ' + format(args.peer_rate, 'g') + ' req/s':>19s}")
+    lines.append(f"  {'server':22s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}   {'p50 ms':>9s} {'p99 ms':>9s}   errors")
+    for label, m in rows:
+        lines.append(f"  {label:22s} {m['rps']:8.1f} {m['p50']:9.1f} {m['p99']:9.1f}   {m['rate_p50']:9.1f} "
+                     f"{m['rate_p99']:9.1f}   {m['errors']}")
+    if len(rows) == 2:
+        r = {k: ours[k] / theirs[k] for k in ("rps", "p50", "p99", "rate_p50", "rate_p99")}
+        lines.append(f"  {'stratarank / mlflow':22s} {r['rps']:7.2f}x {r['p50']:8.2f}x {r['p99']:8.2f}x   "
+                     f"{r['rate_p50']:8.2f}x {r['rate_p99']:8.2f}x   goal: req/s >= 1.5x, p99 < 1x")
+    return lines
+
+
 STAGES = ("validation", "lookup", "frame", "encode", "forward", "blend+rerank", "log", "json")
 
 
@@ -245,13 +419,7 @@ def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) ->
         return wrapper
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = service_config_from_dict({
-            "strategies": {"files": [str(ROOT / "conf/objectives/feed.yaml")]},
-            "model": {"registry": str(registry), "name": name},
-            "bus": {"url": f"embedded://{tmp}/bus", "fsync": "interval"},
-            "store": {"url": "memory://"},
-            "server": {"max_candidates": 2000},
-        })
+        config = service_config_from_dict(service_config(registry, name, Path(tmp)))
         serving = build_serving(config)
         scorer = Scorer(config, serving, config.nearline.bus.open(), config.nearline.store.open())
         ranker = serving.chain.models[0]
@@ -302,6 +470,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rate", type=float, default=100.0, help="open-loop request rate for the latency SLO (req/s)")
     ap.add_argument("--stages-only", action="store_true", help="only the in-process per-stage timing (no server)")
+    ap.add_argument("--peers", choices=("mlflow", "none"), default="mlflow",
+                    help="also serve the LightGBM model with MLflow's model server and compare (none: skip)")
+    ap.add_argument("--peer-rate", type=float, default=30.0,
+                    help="open-loop rate of the peer comparison (req/s; below both servers' LightGBM capacity)")
     args = ap.parse_args()
     load_before = os.getloadavg()   # the machine is shared: report what else was running
     registry = Path(args.registry)
@@ -316,39 +488,12 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "service.yaml"
-        config.write_text(json.dumps({
-            "strategies": {"files": [str(ROOT / "conf/objectives/feed.yaml")]},
-            "model": {"registry": str(registry), "name": args.model},
-            "bus": {"url": f"embedded://{tmp}/bus", "fsync": "interval"},
-            "store": {"url": "memory://"},
-            "server": {"max_candidates": 2000},
-        }))
-        port = free_port()
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        server = subprocess.Popen([sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config),
-                                   "--port", str(port), "--workers", str(args.workers)], cwd=ROOT, env=env)
-        try:
-            for _ in range(600):
-                try:
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                    conn.request("GET", "/readyz")
-                    ready = conn.getresponse().status == 200
-                    conn.close()
-                    if ready:
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise SystemExit("the scorer did not become ready (is a model registered?)")
+        with stratarank_server(registry, args.model, args.workers, Path(tmp)) as port:
             run_load(port, bodies, 2.0, 2)  # warm-up: both workers loaded and JIT-free paths hot
             seq, seq_err, _ = run_load(port, bodies, args.seconds / 3, 1)
             lat, errors, wall = run_load(port, bodies, args.seconds, args.concurrency)
             paced, paced_err, _ = run_load(port, bodies, args.seconds, 0, rate=args.rate)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        peers = compare_with_mlflow(registry, args, bodies, Path(tmp)) if args.peers == "mlflow" else []
 
     predict_s, pandas_s, forward_s = bare_model_times(registry, args.model, bodies[0], 30)
     stages = stage_times(registry, args.model, bodies, 60)
@@ -371,6 +516,8 @@ def main() -> None:
           f"   goal <= 1.5")
     print("in-process stages (median ms per request, Scorer.rank + json.dumps, 1 thread): "
           + "  ".join(f"{s} {stages[s] * 1e3:.2f}" for s in STAGES + ("other", "total")))
+    for line in peers:
+        print(line)
     print(f"load average    : before {' '.join(f'{x:.2f}' for x in load_before)}, after "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min; {os.cpu_count()} CPUs)")
 
