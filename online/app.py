@@ -35,14 +35,17 @@ from experiments.assignment import merge_assignments
 
 from .config import ServiceConfig
 from .features import StoreUnavailable
-from .metrics import Metrics
+from .logs import REQUEST_ID, request_id_from
+from .metrics import CONTENT_TYPE, Metrics
 from .nearline import NearlineThread
 from .openapi import openapi_document
 from .predictor import RankerChain, RequestRows
-from .ratelimit import TokenBuckets
+from .ratelimit import client_key, open_limiter
 from .risk import RiskRules, load_risk
 
 log = logging.getLogger("stratarank.scorer")
+access_log = logging.getLogger("stratarank.access")
+PROGRESS_STALE_S = 10.0  # a near-line consumer silent for longer is not caught up, whatever it last said
 
 
 class ApiError(Exception):
@@ -182,6 +185,7 @@ class Scorer:
         """Stop the near-line thread and flush and close the bus and store (worker shutdown)."""
         if self.follower is not None:
             self.follower.stop()
+        self.metrics.close()
         for part in (self.bus, self.store):
             if part is not None:
                 part.close()
@@ -333,7 +337,21 @@ class Scorer:
 
     def _store_unavailable(self, exc) -> None:
         log.warning("feature store unavailable: %s", exc)
+        self.metrics.store_errors.labels("lookup").inc()
         self.metrics.add(degraded="feature_store_unavailable")
+
+    def sample_gauges(self, metrics: Metrics) -> None:
+        """Near-line lag and spool backlog as this worker sees them (a :meth:`Metrics.watch` callback)."""
+        if self.follower is not None:
+            metrics.nearline_lag.set(self.follower.stats.lag_s())
+            metrics.nearline_records.set(self.follower.stats.records)
+        elif self.store is not None:
+            lags = [nearline_lag(p) for p in self.store.nearline_progress()]
+            if lags:
+                metrics.nearline_lag.set(max(lags))
+        pending = getattr(self.bus, "pending", None)
+        if pending is not None:
+            metrics.spool_backlog.set(pending())
 
     @staticmethod
     def _frame(req, cands, realtime: dict) -> RequestRows:
@@ -383,6 +401,16 @@ class Scorer:
                                            for e in experiments])
 
 
+def nearline_lag(progress: dict, now: float | None = None) -> float:
+    """A near-line consumer's lag from what it last recorded in a shared store: 0 while it says
+    it is caught up and said so recently, else the age of the newest record it applied."""
+    now = time.time() if now is None else now
+    if progress["caught_up"] and now - progress["updated_at"] <= PROGRESS_STALE_S:
+        return 0.0
+    newest = progress["newest_ts"]
+    return max(0.0, now - newest) if newest is not None else now - progress["updated_at"]
+
+
 def create_app(config: ServiceConfig | None = None, *, serving: Serving | None = None, bus=None, store=None,
                on_reload=None) -> Flask:
     """The scorer app. ``bus``/``store`` default to the ones the config names.
@@ -407,11 +435,12 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
                                       bus=bus, store=store).start()
     scorer = Scorer(config, serving or build_serving(config), bus, store)
     scorer.follower = follower
+    scorer.metrics.watch(scorer.sample_gauges)
     app.extensions["stratarank"] = scorer
-    limiter = TokenBuckets(config.rate_per_s, config.rate_burst) if config.rate_per_s else None
-
-    def client_id() -> str:
-        return request.headers.get("X-API-Key") or request.headers.get("X-Client-Id") or request.remote_addr or "-"
+    limiter = None
+    if config.rate_per_s:
+        limiter = open_limiter(config.rate_storage, config.rate_per_s, config.rate_burst,
+                               on_error=scorer.metrics.rate_limit_errors.inc)
 
     def guard_public():
         if config.api_keys:
@@ -419,8 +448,10 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
             if not any(hmac.compare_digest(key, k) for k in config.api_keys):
                 raise ApiError(401, "unauthorized", "a valid X-API-Key header is required", "headers.X-API-Key")
         if limiter is not None:
-            wait = limiter.take(client_id())
+            wait = limiter.take(client_key(request.headers, request.remote_addr, bool(config.api_keys),
+                                           config.rate_client_header))
             if wait > 0:
+                scorer.metrics.rate_limited.inc()
                 raise ApiError(429, "rate_limited", "too many requests for this client", "",
                                headers={"Retry-After": str(max(1, int(np.ceil(wait))))})
 
@@ -430,14 +461,28 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
         return decode_json(request.get_data(cache=False))
 
     @app.before_request
-    def start_timer():
+    def start_request():
         g.t0 = time.perf_counter()
+        g.request_id = request_id_from(request.headers.get("X-Request-Id"))
+        g.log_context = REQUEST_ID.set(g.request_id)
 
     @app.after_request
     def record(response):
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        scorer.metrics.observe(endpoint, response.status_code, time.perf_counter() - g.get("t0", time.perf_counter()))
+        seconds = time.perf_counter() - g.get("t0", time.perf_counter())
+        scorer.metrics.observe(endpoint, response.status_code, seconds)
+        response.headers["X-Request-Id"] = g.get("request_id") or ""
+        if config.access_log:
+            access_log.info("%s %s %d %.1f ms", request.method, request.path, response.status_code, seconds * 1e3,
+                            extra={"fields": {"method": request.method, "path": request.path,
+                                              "status": response.status_code, "ms": round(seconds * 1e3, 2)}})
         return response
+
+    @app.teardown_request
+    def end_request(_exc):
+        token = g.pop("log_context", None)
+        if token is not None:
+            REQUEST_ID.reset(token)
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -492,7 +537,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
 
     @app.get("/metrics")
     def metrics():
-        return Response(scorer.metrics.render(), mimetype="text/plain; version=0.0.4")
+        return Response(scorer.metrics.render(), content_type=CONTENT_TYPE)
 
     @app.get("/openapi.json")
     def openapi():

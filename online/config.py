@@ -9,6 +9,7 @@ The ``bus``, ``store`` and ``nearline`` sections are validated by ``online.nearl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +19,13 @@ from strategy.config import read_yaml
 from strategy.errors import Errors, ValidationError
 
 from .nearline import NearlineConfig
+from .ratelimit import check_storage_url
 
-SECTIONS = ("server", "strategies", "model", "risk", "auth", "rate_limit", "bus", "store", "nearline", "experiments",
-            "joiner")
+SECTIONS = ("server", "strategies", "model", "risk", "auth", "rate_limit", "logging", "bus", "store", "nearline",
+            "experiments", "joiner")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,11 @@ class ServiceConfig:
     api_keys: frozenset = frozenset()
     rate_per_s: float | None = None
     rate_burst: float = 0.0
+    rate_storage: str = "memory://"        # or redis://HOST:PORT/DB: one limit across workers and replicas
+    rate_client_header: str | None = None  # a header a trusted proxy sets, keying buckets when API keys are off
+    log_format: str = "text"               # json: one JSON object per line, with the request id and pid
+    log_level: str = "warning"
+    access_log: bool = False               # one line per request (method, path, status, ms)
     nearline: NearlineConfig = field(default_factory=NearlineConfig)  # bus, store, near-line consumer
     experiments: dict = field(default_factory=dict)
 
@@ -103,10 +113,30 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
         out["api_keys"] = frozenset(k.strip() for k in environ.get(keys_env, "").split(",") if k.strip())
 
     rate = as_dict(errs, obj.get("rate_limit") or {}, "rate_limit") or {}
-    check_keys(errs, rate, "rate_limit", ("per_second", "burst"))
+    check_keys(errs, rate, "rate_limit", ("per_second", "burst", "storage", "client_header"))
     if rate.get("per_second") is not None:
         out["rate_per_s"] = as_number(errs, rate["per_second"], "rate_limit.per_second", lo=0, lo_open=True)
         out["rate_burst"] = as_number(errs, rate.get("burst", out["rate_per_s"] or 1), "rate_limit.burst", lo=1)
+    if rate.get("storage") is not None:
+        storage = as_str(errs, rate["storage"], "rate_limit.storage")
+        if storage:
+            try:
+                check_storage_url(storage)
+                out["rate_storage"] = storage
+            except ValidationError as exc:
+                errs.items.extend(exc.errors)
+    if rate.get("client_header") is not None:
+        out["rate_client_header"] = as_str(errs, rate["client_header"], "rate_limit.client_header",
+                                           pattern=HEADER_NAME, max_len=100)
+
+    logs = as_dict(errs, obj.get("logging") or {}, "logging") or {}
+    check_keys(errs, logs, "logging", ("format", "level", "access"))
+    if logs.get("format") is not None:
+        out["log_format"] = as_str(errs, logs["format"], "logging.format", choices=LOG_FORMATS)
+    if logs.get("level") is not None:
+        out["log_level"] = as_str(errs, logs["level"], "logging.level", choices=LOG_LEVELS)
+    if logs.get("access") is not None:
+        out["access_log"] = as_bool(errs, logs["access"], "logging.access")
 
     if obj.get("experiments") is not None:
         exp = as_dict(errs, obj["experiments"], "experiments")

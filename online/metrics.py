@@ -1,94 +1,170 @@
-"""Prometheus text-format metrics of one scorer process (no client library needed).
+"""The scorer's Prometheus metrics, with ``prometheus_client``.
 
-Thread-safe: gunicorn's threads and the Flask dev server may update concurrently. Each
-worker process exports its own series; Prometheus sums them across scrape targets.
+One process (the Flask dev server, ``app.test_client()``): each :class:`Metrics` has its own
+registry, and ``/metrics`` renders it. Under ``stratarank serve`` (gunicorn, several workers) the
+client library runs in multiprocess mode: ``serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh
+folder before anything imports it, every worker writes its values there, gunicorn's
+``child_exit`` hook marks a dead worker's gauges dead, and any worker's ``/metrics`` renders the
+whole server (counters summed over workers, dead ones included; gauges as each says below).
+
+Gauges of state outside a request (near-line lag, spool backlog, the Kafka decoder's fallbacks)
+are read by callbacks registered with :meth:`Metrics.watch`: at every scrape in one process,
+and every ``sample_s`` by a daemon thread in multiprocess mode (a scrape reaches one worker).
 """
 from __future__ import annotations
 
-import bisect
+import logging
+import os
 import threading
-from collections import defaultdict
+from functools import cached_property
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import multiprocess
 
 from .bus.kafka_decoder import fallbacks as kafka_decoder_fallbacks
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+log = logging.getLogger("stratarank.scorer")
+
+
+def multiprocess_dir() -> str | None:
+    """The folder of multiprocess mode, when this process runs in it."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class Metrics:
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = defaultdict(int)  # (endpoint, status) -> count
-        self.latency_counts = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-        self.latency_sum = defaultdict(float)
-        self.candidates_scored = 0
-        self.degraded = defaultdict(int)  # reason -> count
-        self.events_accepted = 0
-        self.model_version = "none"
-        self.model_reloads = defaultdict(int)   # outcome (loaded | failed) -> count (model.follow_current)
+    def __init__(self, sample_s: float = 1.0):
+        disable_created_metrics()  # no *_created series: multiprocess mode has none either
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_dir()
+        r = self.registry
+        self.requests = Counter("stratarank_requests", "HTTP requests by endpoint and status.",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("stratarank_request_seconds", "Request latency.", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.candidates = Counter("stratarank_candidates_scored", "Candidates scored by /v1/rank.", registry=r)
+        self.events = Counter("stratarank_events_accepted", "Feedback events accepted by /v1/events.", registry=r)
+        self.degraded = Counter("stratarank_degraded_responses",
+                                "Responses served without the primary model, by cause.", ["reason"], registry=r)
+        self.reloads = Counter("stratarank_model_reloads",
+                               "New current versions a worker loaded (or failed to).", ["outcome"], registry=r)
+        self.store_errors = Counter("stratarank_feature_store_errors",
+                                    "Feature-store calls that failed (the request ranked without real-time "
+                                    "features), by operation.", ["op"], registry=r)
+        self.rate_limited = Counter("stratarank_rate_limited", "Requests refused with 429.", registry=r)
+        self.rate_limit_errors = Counter("stratarank_rate_limit_storage_errors",
+                                         "Rate-limit checks that could not reach the shared storage (Redis) and "
+                                         "used this worker's own buckets.", registry=r)
+        self.model_info = Gauge("stratarank_model_info", "The model versions live workers serve (1).", ["version"],
+                                multiprocess_mode="livemax", registry=r)
+        self.decoder_fallbacks = Counter(
+            "stratarank_kafka_decoder_fallbacks",
+            "Kafka consumers reading with kafka-python's stock record decoder (about 3x slower) instead of the fast "
+            "one, by cause: version (kafka-python is not 2.3.x), private_api (something the fast one relies on is "
+            "missing).", ["reason"], registry=r)
+        self._fallbacks_seen: dict = {}
+        self._version = None
+        self._watchers = [self._sample_decoder]
+        self._sample_s = sample_s
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---------------------------------- gauges that exist only where the part they watch does
+
+    @cached_property
+    def nearline_lag(self) -> Gauge:
+        return Gauge("stratarank_nearline_lag_seconds",
+                     "How far the near-line consumer feeding the feature store is behind: 0 while caught up, else "
+                     "the age of the newest event it applied.", multiprocess_mode="livemax", registry=self.registry)
+
+    @cached_property
+    def nearline_records(self) -> Gauge:
+        return Gauge("stratarank_nearline_records", "Records the workers' own near-line threads consumed "
+                     "(memory store).", multiprocess_mode="livesum", registry=self.registry)
+
+    @cached_property
+    def spool_backlog(self) -> Gauge:
+        return Gauge("stratarank_bus_spool_backlog_bytes", "Bytes spooled for Kafka and not yet acknowledged by "
+                     "the broker.", multiprocess_mode="livemax", registry=self.registry)
+
+    # ------------------------------------------------------------ updates
+
+    @property
+    def model_version(self) -> str | None:
+        return self._version
+
+    @model_version.setter
+    def model_version(self, version: str) -> None:
+        if version == self._version:
+            return
+        if self._version is not None:
+            self.model_info.labels(self._version).set(0)
+        self.model_info.labels(version).set(1)
+        self._version = version
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(endpoint, status)] += 1
-            self.latency_counts[endpoint][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            self.latency_sum[endpoint] += seconds
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
     def add(self, *, candidates: int = 0, events: int = 0, degraded: str | None = None,
             model_reloaded: bool = False, model_reload_failed: bool = False) -> None:
-        with self._lock:
-            self.candidates_scored += candidates
-            self.events_accepted += events
-            if degraded:
-                self.degraded[degraded] += 1
-            if model_reloaded:
-                self.model_reloads["loaded"] += 1
-            if model_reload_failed:
-                self.model_reloads["failed"] += 1
+        if candidates:
+            self.candidates.inc(candidates)
+        if events:
+            self.events.inc(events)
+        if degraded:
+            self.degraded.labels(degraded).inc()
+        if model_reloaded:
+            self.reloads.labels("loaded").inc()
+        if model_reload_failed:
+            self.reloads.labels("failed").inc()
+
+    def watch(self, sample) -> None:
+        """Call ``sample(self)`` to refresh gauges before each scrape (one process) or every
+        ``sample_s`` (multiprocess mode, from a daemon thread that starts with the first watcher)."""
+        self._watchers.append(sample)
+        if self.multiprocess and self._sampler is None:
+            self._sampler = threading.Thread(target=self._sample_loop, name="metrics-sampler", daemon=True)
+            self._sampler.start()
+
+    def _sample_decoder(self, _) -> None:
+        """The decoder counts fallbacks per process (``online.bus.kafka_decoder``); add what is new."""
+        for reason, n in kafka_decoder_fallbacks().items():
+            new = n - self._fallbacks_seen.get(reason, 0)
+            if new > 0:
+                self.decoder_fallbacks.labels(reason).inc(new)
+                self._fallbacks_seen[reason] = n
+
+    def sample(self) -> None:
+        for watcher in self._watchers:
+            try:
+                watcher(self)
+            except Exception:  # noqa: BLE001 - a gauge that cannot be read must not fail the scrape
+                log.exception("metrics: a sampler failed")
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self._sample_s):
+            self.sample()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------ export
 
     def render(self) -> str:
-        decoder_fallbacks = kafka_decoder_fallbacks()
-        with self._lock:
-            lines = [
-                "# HELP stratarank_requests_total HTTP requests by endpoint and status.",
-                "# TYPE stratarank_requests_total counter",
-            ]
-            for (endpoint, status), n in sorted(self.requests.items()):
-                lines.append(f'stratarank_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-            lines += [
-                "# HELP stratarank_request_seconds Request latency.",
-                "# TYPE stratarank_request_seconds histogram",
-            ]
-            for endpoint, counts in sorted(self.latency_counts.items()):
-                cumulative = 0
-                for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), counts):
-                    cumulative += count
-                    le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                    lines.append(f'stratarank_request_seconds_bucket{{endpoint="{endpoint}",le="{le}"}} {cumulative}')
-                lines.append(f'stratarank_request_seconds_sum{{endpoint="{endpoint}"}} {self.latency_sum[endpoint]:.6f}')
-                lines.append(f'stratarank_request_seconds_count{{endpoint="{endpoint}"}} {cumulative}')
-            lines += [
-                "# HELP stratarank_candidates_scored_total Candidates scored by /v1/rank.",
-                "# TYPE stratarank_candidates_scored_total counter",
-                f"stratarank_candidates_scored_total {self.candidates_scored}",
-                "# HELP stratarank_events_accepted_total Feedback events accepted by /v1/events.",
-                "# TYPE stratarank_events_accepted_total counter",
-                f"stratarank_events_accepted_total {self.events_accepted}",
-                "# HELP stratarank_degraded_responses_total Responses served without the primary model, by cause.",
-                "# TYPE stratarank_degraded_responses_total counter",
-            ]
-            for reason, n in sorted(self.degraded.items()):
-                lines.append(f'stratarank_degraded_responses_total{{reason="{reason}"}} {n}')
-            lines += [
-                "# HELP stratarank_model_info The model version being served.",
-                "# TYPE stratarank_model_info gauge",
-                f'stratarank_model_info{{version="{self.model_version}"}} 1',
-                "# HELP stratarank_model_reloads_total New current versions this worker loaded (or failed to).",
-                "# TYPE stratarank_model_reloads_total counter",
-                *(f'stratarank_model_reloads_total{{outcome="{k}"}} {n}' for k, n in sorted(self.model_reloads.items())),
-                "# HELP stratarank_kafka_decoder_fallbacks_total Kafka consumers reading with kafka-python's stock "
-                "record decoder (about 3x slower) instead of the fast one, by cause: version (kafka-python is not "
-                "2.3.x), private_api (something the fast one relies on is missing).",
-                "# TYPE stratarank_kafka_decoder_fallbacks_total counter",
-            ]
-            for reason, n in sorted(decoder_fallbacks.items()):
-                lines.append(f'stratarank_kafka_decoder_fallbacks_total{{reason="{reason}"}} {n}')
-        return "\n".join(lines) + "\n"
+        """The Prometheus text exposition: of this process, or of every worker in multiprocess mode."""
+        self.sample()
+        if self.multiprocess is None:
+            return generate_latest(self.registry).decode()
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiprocess)
+        return generate_latest(merged).decode()
+
+
+def mark_worker_dead(pid: int) -> None:
+    """gunicorn ``child_exit``: drop a dead worker's live gauges (its counters stay in the sums)."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(pid)

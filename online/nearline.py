@@ -45,6 +45,7 @@ BUS_KEYS = ("url", "fsync", "fsync_interval_s", "segment_bytes", "spool_dir", "p
 STORE_KEYS = ("url", "half_life_s", "snapshot_path", "snapshot_interval_s", "recent_items", "dedupe_ttl_s",
               "dedupe_max_keys", "affinity", "counters", "key_prefix")
 STARTUP_GRACE_S = 15.0
+PROGRESS_REPORT_S = 1.0   # how often the loop tells the store where it stands (record_progress)
 NEARLINE_KEYS = ("consumer", "topics", "batch_size", "poll_timeout_s", "progress_interval_s")
 
 
@@ -320,7 +321,16 @@ class NearlineStats:
     commits: int = 0
     snapshots: int = 0
     store_errors: int = 0
+    newest_ts: float | None = None  # event time of the newest record applied
+    caught_up: bool = False         # the last poll found nothing more to read
     started: float = field(default_factory=time.time)
+
+    def lag_s(self, now: float | None = None) -> float:
+        """0 while caught up, else how old the newest applied record is (the whole backlog's age
+        is at least that); 0 before anything arrived."""
+        if self.caught_up or self.newest_ts is None:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - self.newest_ts)
 
     def to_dict(self) -> dict:
         elapsed = max(time.time() - self.started, 1e-9)
@@ -348,7 +358,7 @@ def run_nearline(config: NearlineConfig, *, bus: EventBus | None = None, store: 
     can_snapshot = store.durable or getattr(store, "snapshot_path", None) is not None
     consumer = bus.consumer(settings.consumer, list(settings.topics))
     pending: dict = {}
-    last_snapshot = last_progress = last_data = time.monotonic()
+    last_snapshot = last_progress = last_data = last_report = time.monotonic()
 
     def checkpoint() -> None:
         nonlocal pending, last_snapshot
@@ -371,6 +381,7 @@ def run_nearline(config: NearlineConfig, *, bus: EventBus | None = None, store: 
                     break  # stopped while the store was down: nothing of this batch is committed
                 stats.records += len(batch)
                 stats.batches += 1
+                stats.newest_ts = _event_ts(batch.values[-1]) or stats.newest_ts
                 last_data = now
                 if store.durable:
                     consumer.commit(batch)
@@ -379,8 +390,12 @@ def run_nearline(config: NearlineConfig, *, bus: EventBus | None = None, store: 
                     for k, v in batch.positions.items():
                         if v > pending.get(k, -1):
                             pending[k] = v
+            stats.caught_up = not batch.positions
             if pending and (now - last_snapshot >= config.store.snapshot_interval_s or not batch.positions):
                 checkpoint()
+            if now - last_report >= PROGRESS_REPORT_S:
+                last_report = now
+                _report_progress(store, settings.consumer, stats)
             if on_progress is not None and now - last_progress >= settings.progress_interval_s:
                 last_progress = now
                 on_progress(stats)
@@ -390,6 +405,7 @@ def run_nearline(config: NearlineConfig, *, bus: EventBus | None = None, store: 
                 if not stats.records and now - last_data >= max(max_idle_s, startup_grace_s):
                     break  # nothing at all (a Kafka group join alone takes ~5 s)
         checkpoint()
+        _report_progress(store, settings.consumer, stats)
     finally:
         consumer.close()
         if own_store:
@@ -397,6 +413,20 @@ def run_nearline(config: NearlineConfig, *, bus: EventBus | None = None, store: 
         if own_bus:
             bus.close()
     return stats
+
+
+def _event_ts(value) -> float | None:
+    ts = value.get("ts") if isinstance(value, dict) else None
+    return float(ts) if type(ts) in (int, float) and ts == ts else None
+
+
+def _report_progress(store: FeatureStore, consumer: str, stats: NearlineStats) -> None:
+    """Tell the store's other readers (the scorer's /metrics) how far this consumer is; an
+    unreachable store is the apply loop's business, not this report's."""
+    try:
+        store.record_progress(consumer, stats.newest_ts, stats.caught_up)
+    except StoreUnavailable:
+        pass
 
 
 def _apply_with_retry(store: FeatureStore, values: list, stats: NearlineStats, stop: threading.Event) -> bool:

@@ -171,6 +171,14 @@ class FeatureStore:
         """Persist the state (memory backend); a no-op where the backend is durable itself."""
         return None
 
+    def record_progress(self, consumer: str, newest_ts: float | None, caught_up: bool) -> None:
+        """Where near-line ``consumer`` stands, for readers in other processes (a shared store
+        keeps it; a memory store has no other reader: its near-line thread's stats say it)."""
+
+    def nearline_progress(self) -> list[dict]:
+        """What :meth:`record_progress` kept: ``[{consumer, newest_ts, caught_up, updated_at}]``."""
+        return []
+
     @property
     def durable(self) -> bool:
         """True when an applied batch survives this process (so offsets may be committed at once)."""

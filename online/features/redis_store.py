@@ -265,6 +265,36 @@ class RedisStore(FeatureStore):
         return RealtimeFeatures(user_id, now, list(recent), affinity, items_dec, cre_dec, items_tot, cre_tot,
                                 len(item_ids), len(creator_ids))
 
+    def record_progress(self, consumer: str, newest_ts: float | None, caught_up: bool) -> None:
+        prefix = self.options.key_prefix
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.sadd(prefix + "nearline", consumer)
+                pipe.hset(prefix + "nearline:" + consumer, mapping={
+                    "newest_ts": "" if newest_ts is None else repr(float(newest_ts)),
+                    "caught_up": int(bool(caught_up)), "updated_at": repr(time.time())})
+                pipe.execute()
+        except self._errors as exc:
+            raise StoreUnavailable(f"redis {self.url}: {exc}") from exc
+
+    def nearline_progress(self) -> list[dict]:
+        prefix = self.options.key_prefix
+        try:
+            names = sorted(n.decode() for n in self.client.smembers(prefix + "nearline"))
+            with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(prefix + "nearline:" + name)
+                rows = pipe.execute()
+        except self._errors as exc:
+            raise StoreUnavailable(f"redis {self.url}: {exc}") from exc
+        out = []
+        for name, row in zip(names, rows):
+            newest = row.get(b"newest_ts", b"")
+            out.append({"consumer": name, "newest_ts": float(newest) if newest else None,
+                        "caught_up": row.get(b"caught_up") == b"1",
+                        "updated_at": float(row.get(b"updated_at", b"0") or 0)})
+        return out
+
     def applied_total(self) -> int:
         """Records applied (new, not duplicates) by every writer of this prefix, ever."""
         try:

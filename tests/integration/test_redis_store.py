@@ -105,3 +105,34 @@ def test_a_flushed_script_cache_is_reloaded(redis_server):
         assert store.lookup("u1", []).recent_items[:3] == ["i299", "i298", "i297"]
     finally:
         store.close()
+
+
+def test_a_nearline_run_into_redis_reports_its_lag_to_the_scorer(redis_server, tmp_path):
+    """The near-line process records where it stands in Redis; a scorer worker (another process in
+    production) reads it for stratarank_nearline_lag_seconds: 0 while caught up, the age of the
+    newest applied event once the consumer has gone quiet for longer than PROGRESS_STALE_S."""
+    import time
+
+    from online.app import PROGRESS_STALE_S, nearline_lag
+    from online.bus import open_bus
+    from online.nearline import BusConfig, NearlineConfig, run_nearline
+
+    store = redis_store(redis_server)
+    bus = open_bus(f"embedded://{tmp_path / 'bus'}")
+    try:
+        imps, evs = synthetic_stream(2000, seed=3, start_ts=time.time() - 30, users=50, items=200)
+        bus.publish("impressions", imps)
+        bus.publish("events", evs)
+        bus.flush()
+        config = NearlineConfig(bus=BusConfig(url=f"embedded://{tmp_path / 'bus'}"))
+        stats = run_nearline(config, bus=bus, store=store, max_idle_s=1.5, startup_grace_s=1.5)
+        assert stats.records == len(imps) + len(evs) and stats.caught_up
+        [progress] = store.nearline_progress()
+        assert progress["consumer"] == config.nearline.consumer and progress["caught_up"]
+        assert progress["newest_ts"] == evs[-1]["ts"] or progress["newest_ts"] == imps[-1]["ts"]
+        assert nearline_lag(progress) == 0.0
+        later = progress["updated_at"] + PROGRESS_STALE_S + 1   # the consumer died, or the stream stopped
+        assert nearline_lag(progress, now=later) == pytest.approx(later - progress["newest_ts"])
+    finally:
+        bus.close()
+        store.close()

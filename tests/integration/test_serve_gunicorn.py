@@ -1,33 +1,11 @@
 """`stratarank serve` for real: gunicorn with 2 workers on loopback, reload under load."""
-import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-TOKEN = "test-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def call(port, method, path, body=None, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    data = None if body is None else json.dumps(body).encode()
-    hdrs = {"Content-Type": "application/json", **(headers or {})}
-    conn.request(method, path, body=data, headers=hdrs)
-    resp = conn.getresponse()
-    raw = resp.read()
-    conn.close()
-    return resp.status, (json.loads(raw) if raw and resp.getheader("Content-Type", "").startswith("application/json") else raw)
+from scorer_process import TOKEN, call, start_scorer
 
 
 @pytest.fixture
@@ -46,24 +24,6 @@ def served(tmp_path, root):
     yield port, strategy, tmp_path
     proc.terminate()
     proc.wait(timeout=30)
-
-
-def start_scorer(config, root):
-    """`stratarank serve` with 2 gunicorn workers on a free port; waits for /healthz."""
-    port = free_port()
-    env = dict(os.environ, STRATARANK_ADMIN_TOKEN=TOKEN)
-    proc = subprocess.Popen([sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config),
-                             "--port", str(port), "--workers", "2"], env=env, cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if call(port, "GET", "/healthz")[0] == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    pytest.fail("scorer did not start: " + proc.stdout.read())
 
 
 def test_ranks_logs_impressions_and_reloads_under_load_without_failures(served, root):

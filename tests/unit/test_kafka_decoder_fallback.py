@@ -40,7 +40,7 @@ def test_another_kafka_python_version_falls_back_loudly_and_is_counted(fresh_gat
     assert len(warned) == 1 and "kafka-python 2.4.0 is not 2.3.x" in warned[0]
     assert kafka_decoder.fallbacks() == {"version": 2}
     assert kafka_decoder._fast_partition_records() is None
-    assert metric_lines()[-1] == 'stratarank_kafka_decoder_fallbacks_total{reason="version"} 2'
+    assert metric_lines()[-1] == 'stratarank_kafka_decoder_fallbacks_total{reason="version"} 2.0'
 
 
 def test_a_missing_private_attribute_falls_back_and_names_it(fresh_gate, monkeypatch, caplog):
@@ -52,7 +52,7 @@ def test_a_missing_private_attribute_falls_back_and_names_it(fresh_gate, monkeyp
     warned = fallback_warnings(caplog)
     assert len(warned) == 1 and "lacks DefaultRecordBatch._maybe_uncompress" in warned[0]
     assert kafka_decoder.fallbacks() == {"private_api": 1}
-    assert metric_lines()[-1] == 'stratarank_kafka_decoder_fallbacks_total{reason="private_api"} 1'
+    assert metric_lines()[-1] == 'stratarank_kafka_decoder_fallbacks_total{reason="private_api"} 1.0'
 
 
 def test_kafka_python_2_3_gets_the_fast_decoder_and_nothing_is_counted(fresh_gate, caplog):
