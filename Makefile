@@ -35,8 +35,11 @@ demo: $(STAMP)
 	$(VENV)/bin/stratarank demo
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent pass.
+# Two processes (CI has 2 cores; most long tests wait on subprocesses, brokers and servers);
+# a file's tests run in one process, in order. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q tests; rc=$$?; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)

@@ -43,6 +43,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -494,6 +495,16 @@ class RampRun:
     final: State | None = None
 
 
+@lru_cache(maxsize=8)
+def _user_hashes(salt: str, n_users: int) -> np.ndarray:
+    """``unit_hash(salt, "u<k>")`` of users 0..n-1 (read-only; simulations of one set-up reuse it)."""
+    from .assignment import unit_hash
+
+    out = np.array([unit_hash(salt, f"u{k}") for k in range(n_users)])
+    out.flags.writeable = False
+    return out
+
+
 def simulate_ramp(config: ControlConfig, rates: Mapping[str, np.ndarray], metrics: Sequence[str],
                   n_users: int, max_requests: int, check_every: int, rng: np.random.Generator,
                   seconds_per_request: float = 1.0, salt: str = "sim", activity: np.ndarray | None = None) -> RampRun:
@@ -504,13 +515,11 @@ def simulate_ramp(config: ControlConfig, rates: Mapping[str, np.ndarray], metric
     a request draws a context uniformly and Poisson outcomes. Users keep their layer position and
     variant (hash-based, as in ``experiments.assignment``) while the range grows.
     """
-    from .assignment import unit_hash
-
     exp = config.exp
     variants = [v.name for v in exp.variants]
     cum = np.cumsum([v.weight for v in exp.variants])
-    pos = np.array([unit_hash(salt, f"u{k}") for k in range(n_users)])
-    vh = np.array([unit_hash(f"{salt}:{exp.name}", f"u{k}") for k in range(n_users)])
+    pos = _user_hashes(salt, n_users)
+    vh = _user_hashes(f"{salt}:{exp.name}", n_users)
     var_of = np.minimum(np.searchsorted(cum, vh, side="right"), len(variants) - 1)
     p_user = None if activity is None else activity / activity.sum()
     state = initial_state(config, 0.0)

@@ -210,11 +210,27 @@ def _constrained(strategy: Strategy) -> bool:
 _TABLES: dict = {}
 
 
+_REQUEST_KEYS: dict = {}
+
+
+def _request_key(request: Request) -> tuple:
+    """What of a request the greedy order depends on (not its id); computed once per request object
+    (estimates of several targets on the same logs ask again and again)."""
+    hit = _REQUEST_KEYS.get(id(request))
+    if hit is not None and hit[0] is request:
+        return hit[1]
+    key = (request.user_id, request.slate_size,
+           tuple((c.item_id, c.source, c.impressions) for c in request.candidates))
+    if len(_REQUEST_KEYS) > 50_000:
+        _REQUEST_KEYS.clear()
+    _REQUEST_KEYS[id(request)] = (request, key)   # the request is held, so its id is not reused
+    return key
+
+
 def _policy_table(strategy: Strategy, request: Request, P: np.ndarray) -> tuple[dict, np.ndarray, list[str]]:
     """``(rank of item, marginals, order)``; cached on the strategy and the request's content (the
     greedy order does not depend on the request id), so re-estimating the same logs is cheap."""
-    key = (_entry(strategy)[2], request.user_id, request.slate_size,
-           tuple((c.item_id, c.source, c.impressions) for c in request.candidates), P.tobytes())
+    key = (_entry(strategy)[2], _request_key(request), P.tobytes())
     hit = _TABLES.get(key)
     if hit is None:
         order = preference_order(strategy, request, P)
@@ -267,7 +283,8 @@ def slot_weights(logged: LoggedSlate, logging: Strategy, target: Strategy,
         shown = set(l_rank)
         cols = min(t_M.shape[1], l_M.shape[1])
         mass = t_M.sum()
-        ok = sum(t_M[r, :cols].sum() for item, r in t_rank.items() if item in shown)
+        rows = [r for item, r in t_rank.items() if item in shown]
+        ok = t_M[rows, :cols].sum() if rows else 0.0
         support = float(ok / mass) if mass > 0 else 1.0
     elif propensity == "logged":
         eps = target.epsilon

@@ -23,7 +23,7 @@ from online.nearline import synthetic_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 H = 1800.0
-N_EVENTS = 100_000
+N_EVENTS = 50_000   # ~110k records with their impressions: dozens of batches before and after the kill
 
 
 # ---------------------------------------------------------------- the oracle
