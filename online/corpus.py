@@ -200,9 +200,24 @@ class Corpus:
         conn = sqlite3.connect(str(path), timeout=self.config.busy_timeout_s, isolation_level=None,
                                check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout_s * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise sqlite3.OperationalError(f"journal_mode WAL refused (got {mode}): a network file system?")
+        # switching a new file to WAL and creating the schema meet other processes doing the same:
+        # SQLite answers "locked" there without waiting (no busy handler), so retry up to busy_timeout
+        deadline = time.monotonic() + self.config.busy_timeout_s
+        while True:
+            try:
+                self._prepare(conn)
+                return conn
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    conn.close()
+                    raise
+                time.sleep(0.01)
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"journal_mode WAL refused (got {mode}): a network file system?")
         conn.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
@@ -213,12 +228,11 @@ class Corpus:
                         conn.execute(stmt)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 elif version != SCHEMA_VERSION:
-                    raise sqlite3.OperationalError(f"corpus schema version {version}, this code reads {SCHEMA_VERSION}")
+                    raise sqlite3.DatabaseError(f"corpus schema version {version}, this code reads {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return conn
 
     def close(self) -> None:
         """Close the connections this object opened in this process."""
@@ -459,6 +473,36 @@ def _row(item: Item) -> tuple:
 # ---------------------------------------------------------------- HTTP (the routes live in online/app.py)
 
 
+ITEM_PATH = "/v1/items/"
+ITEM_ID_KEY = "stratarank.item_id"
+
+
+def item_paths(wsgi_app):
+    """WSGI middleware for ``GET /v1/items/<item_id>``: any id, "/" and newlines included. The
+    router sees a WSGI ``PATH_INFO`` that the server already percent-decoded, so an id holding "/"
+    (sent as ``%2F``) would be split, merged or redirected; this takes the id from the path as the
+    client sent it (gunicorn's ``RAW_URI``, else ``REQUEST_URI``), decodes it once (UTF-8, strict),
+    and hands the router a path without slashes. The route reads the id from
+    ``environ[ITEM_ID_KEY]`` (None when the bytes are not UTF-8: no stored id is)."""
+    from urllib.parse import quote, unquote, urlsplit
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO", "").startswith(ITEM_PATH):
+            raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+            path = urlsplit(raw).path if raw else quote(environ["PATH_INFO"].encode("latin-1"), safe="/")
+            if path.startswith(ITEM_PATH):
+                remainder = path[len(ITEM_PATH):]
+                try:
+                    item_id = unquote(remainder, errors="strict")
+                except UnicodeDecodeError:
+                    item_id = None
+                environ[ITEM_ID_KEY] = item_id
+                environ["PATH_INFO"] = ITEM_PATH + (quote(remainder, safe="") or "")
+        return wsgi_app(environ, start_response)
+
+    return app
+
+
 def post_items(corpus: Corpus, body) -> dict:
     """``POST /v1/items``: validate the whole batch, then write it in one transaction (all or
     nothing); a ValidationError names every bad field."""
@@ -574,4 +618,4 @@ def _write_with_retry(corpus: Corpus, writes, paths, stats: CorpusStats, stop: t
 
 
 __all__ = ["CorpusConfig", "corpus_config_from_dict", "Item", "UpsertResult", "Corpus", "CorpusUnavailable",
-           "post_items", "run_corpus", "CorpusStats"]
+           "post_items", "item_paths", "ITEM_ID_KEY", "run_corpus", "CorpusStats"]
