@@ -482,7 +482,7 @@ def item_paths(wsgi_app):
     router sees a WSGI ``PATH_INFO`` that the server already percent-decoded, so an id holding "/"
     (sent as ``%2F``) would be split, merged or redirected; this takes the id from the path as the
     client sent it (gunicorn's ``RAW_URI``, else ``REQUEST_URI``), decodes it once (UTF-8, strict),
-    and hands the router a path without slashes. The route reads the id from
+    and hands the router (and the access log) the path as sent, its slashes encoded. The route reads the id from
     ``environ[ITEM_ID_KEY]`` (None when the bytes are not UTF-8: no stored id is)."""
     from urllib.parse import quote, unquote, urlsplit
 
@@ -497,7 +497,7 @@ def item_paths(wsgi_app):
                 except UnicodeDecodeError:
                     item_id = None
                 environ[ITEM_ID_KEY] = item_id
-                environ["PATH_INFO"] = ITEM_PATH + (quote(remainder, safe="") or "")
+                environ["PATH_INFO"] = ITEM_PATH + remainder.replace("/", "%2F")   # as sent, one segment
         return wsgi_app(environ, start_response)
 
     return app
