@@ -338,3 +338,22 @@ def test_items_topic_records_are_keyed_by_item_id(tmp_path):
         got = bus.consumer("c", ["items"]).poll(10, 0.1)
     assert [(r.topic, r.key) for r in got] == [("items", "k1")]
     assert parse_item(got[0].value).item_id == "k1"
+
+
+def test_http_answers_503_while_the_corpus_is_locked(tmp_path):
+    config = ServiceConfig(nearline=NearlineConfig(bus=BusConfig(url=f"embedded://{tmp_path / 'bus'}")),
+                           corpus=CorpusConfig(path=str(tmp_path / "c.db"), busy_timeout_s=0.05))
+    app = create_app(config)
+    client = app.test_client()
+    assert client.post("/v1/items", json={"items": [{"item_id": "a", "source": "human"}]}).status_code == 200
+    blocker = sqlite3.connect(config.corpus.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")   # another writer holds the lock past busy_timeout
+    try:
+        resp = client.post("/v1/items", json={"items": [{"item_id": "b", "source": "human"}]})
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+        assert resp.get_json()["error"]["code"] == "corpus_unavailable"
+        assert client.get("/v1/items/a").status_code == 200   # WAL: readers do not wait for the writer
+    finally:
+        blocker.execute("ROLLBACK")
+        app.extensions["stratarank"].close()
+    assert client.post("/v1/items", json={"items": [{"item_id": "b", "source": "human"}]}).status_code == 200
