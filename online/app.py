@@ -34,6 +34,7 @@ from strategy.schema import MAX_DEPTH
 from experiments.assignment import merge_assignments
 
 from .config import ServiceConfig
+from .corpus import ITEM_ID_KEY, Corpus, CorpusUnavailable, item_paths, post_items
 from .features import StoreUnavailable
 from .logs import REQUEST_ID, request_id_from
 from .metrics import CONTENT_TYPE, Metrics
@@ -420,6 +421,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     """
     config = config or ServiceConfig()
     app = Flask("stratarank")
+    app.wsgi_app = item_paths(app.wsgi_app)   # GET /v1/items/<item_id> takes any id, "/" included
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     near = config.nearline
     bus = near.bus.open() if bus is None else bus
@@ -437,6 +439,8 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     scorer.follower = follower
     scorer.metrics.watch(scorer.sample_gauges)
     app.extensions["stratarank"] = scorer
+    corpus = Corpus(config.corpus, risk=lambda: scorer.serving.risk)   # opened on first use, per process
+    app.extensions["stratarank.corpus"] = corpus
     limiter = None
     if config.rate_per_s:
         limiter = open_limiter(config.rate_storage, config.rate_per_s, config.rate_burst,
@@ -517,6 +521,31 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     def events_endpoint():
         guard_public()
         return jsonify({"accepted": scorer.events(json_body())}), 202
+
+    @app.post("/v1/items")
+    def items_endpoint():
+        guard_public()
+        try:
+            return jsonify(post_items(corpus, json_body()))
+        except CorpusUnavailable as exc:
+            log.error("corpus write failed: %s", exc)
+            raise ApiError(503, "corpus_unavailable", "the corpus cannot be written now; retry", "",
+                           headers={"Retry-After": "1"}) from None
+
+    @app.get("/v1/items/<item_id>")
+    def item_endpoint(item_id):
+        guard_public()
+        item_id = request.environ.get(ITEM_ID_KEY)
+        try:
+            item = corpus.get(item_id) if item_id else None
+        except CorpusUnavailable as exc:
+            log.error("corpus read failed: %s", exc)
+            raise ApiError(503, "corpus_unavailable", "the corpus cannot be read now; retry", "",
+                           headers={"Retry-After": "1"}) from None
+        if item is None:
+            shown = "(not UTF-8)" if item_id is None else f"'{item_id}'"
+            raise ApiError(404, "unknown_item", f"no item {shown} in the corpus (or it expired)", "item_id")
+        return jsonify(item.to_dict())
 
     @app.get("/healthz")
     def healthz():

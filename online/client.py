@@ -1,17 +1,20 @@
-"""A small typed Python client of the scorer's HTTP API (``/v1/rank``, ``/v1/events``, ``/readyz``).
+"""A small typed Python client of the scorer's HTTP API (``/v1/rank``, ``/v1/events``, ``/v1/items``,
+``/readyz``).
 
 One :class:`Client` holds one keep-alive connection, so it is not shared between threads: give each
 thread its own (they are cheap). Calls time out after ``timeout_s``; a dropped connection, a 429 or a
 502/503/504 is retried up to ``retries`` times, after the server's ``Retry-After`` (capped at
 ``max_wait_s``) or an exponential backoff. Retrying a ``/v1/rank`` or ``/v1/events`` call is safe:
 the joiner drops an impression logged twice under one ``request_id`` and an event posted twice under
-one ``event_id`` (both counted).
+one ``event_id`` (both counted); an item write applied twice leaves the item as once.
 
     from online.client import Client
 
     with Client("http://127.0.0.1:8000", api_key="k1") as scorer:
         slate = scorer.rank("u1", [{"item_id": "i1", "source": "human"}, ...], slate_size=10)
         scorer.events([{"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i1", "ts": ...}])
+        scorer.items([{"item_id": "i9", "source": "llm", "text": "...", "generator": {"model": "m", "prior_score": 0.7}}])
+        scorer.item("i9")   # the stored item, or None
 
 A 4xx or a 5xx that is not retried (or still fails) raises :class:`ApiError` with the body's
 ``{"error": {"code", "message", "path"}}``; :meth:`Client.call` returns ``(status, body)`` without
@@ -23,7 +26,7 @@ import http.client
 import json
 import time
 from typing import Any, TypedDict
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
@@ -48,6 +51,33 @@ class RankResponse(TypedDict):
     items: list[RankedItem]
     dropped: list[dict]         # {item_id, reason}
     degraded: bool
+
+
+class ItemsResponse(TypedDict):
+    """The body of a 200 from ``POST /v1/items``."""
+
+    accepted: int
+    created: int
+    updated: int
+    expired: int               # written already past expires_at: not stored
+    blocked: list[dict]        # {item_id, reason}: kept in the corpus, out of candidate reads
+
+
+class StoredItem(TypedDict, total=False):
+    """The body of a 200 from ``GET /v1/items/<item_id>`` (``online/openapi.py``'s ``STORED_ITEM``)."""
+
+    item_id: str
+    source: str
+    creator_id: str | None
+    topic: str | None
+    text: str | None
+    generator: dict | None     # {model, prompt_id, prior_score}
+    created_at: float
+    expires_at: float | None
+    updated_at: float
+    blocked: bool
+    blocked_reason: str | None  # blocked | risk:<rule>
+    seq: int
 
 
 class ApiError(Exception):
@@ -157,6 +187,21 @@ class Client:
         if not events:
             return 0
         return int(self._ok("POST", "/v1/events", {"events": events}, (202,))["accepted"])
+
+    def items(self, items: list[dict]) -> ItemsResponse:
+        """``POST /v1/items``: add or update corpus items, written all or nothing (see strategy/items.py
+        for the fields and how a write of a known ``item_id`` merges)."""
+        return self._ok("POST", "/v1/items", {"items": items}, (200,))
+
+    def item(self, item_id: str) -> StoredItem | None:
+        """``GET /v1/items/<item_id>``: the stored item (blocked ones too), or None when the corpus
+        does not hold it (unknown or expired)."""
+        status, answer = self.call("GET", "/v1/items/" + quote(item_id, safe=""))
+        if status == 404 and isinstance(answer.get("error"), dict) and answer["error"].get("code") == "unknown_item":
+            return None
+        if status != 200:
+            raise ApiError(status, answer)
+        return answer
 
     def ready(self) -> dict:
         """``GET /readyz`` (a 503 while the model is not ready is returned, not raised)."""

@@ -4,7 +4,8 @@ Relative paths are resolved from the working directory. Secrets never live in th
 ``auth.admin_token_env`` and ``auth.api_keys_env`` name environment variables.
 The ``bus``, ``store`` and ``nearline`` sections are validated by ``online.nearline``
 (``NearlineConfig``), which the scorer shares with the near-line consumer; ``joiner`` by
-``online.joiner`` (``JoinerConfig``, read by ``stratarank join``).
+``online.joiner`` (``JoinerConfig``, read by ``stratarank join``); ``corpus`` by ``online.corpus``
+(``CorpusConfig``: the item corpus of ``/v1/items`` and ``stratarank corpus``).
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from strategy.checks import as_bool, as_dict, as_list, as_number, as_str, check_
 from strategy.config import read_yaml
 from strategy.errors import Errors, ValidationError
 
+from .corpus import CorpusConfig, corpus_config_from_dict
 from .nearline import NearlineConfig
 from .ratelimit import check_storage_url
 
 SECTIONS = ("server", "strategies", "model", "risk", "auth", "rate_limit", "logging", "bus", "store", "nearline",
-            "experiments", "joiner")
+            "experiments", "joiner", "corpus")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
@@ -55,6 +57,7 @@ class ServiceConfig:
     access_log: bool = False               # one line per request (method, path, status, ms)
     nearline: NearlineConfig = field(default_factory=NearlineConfig)  # bus, store, near-line consumer
     experiments: dict = field(default_factory=dict)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # the item corpus (online/corpus.py)
 
 
 def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=None) -> ServiceConfig:
@@ -152,6 +155,7 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
             section["poll_s"] = as_number(errs, exp.get("poll_s", 1.0), "experiments.poll_s", lo=0, hi=3600)
             if "file" in section:
                 out["experiments"] = section
+    out["corpus"] = corpus_config_from_dict(errs, obj.get("corpus"), "corpus")
     try:
         out["nearline"] = NearlineConfig.from_dict({k: obj[k] for k in ("bus", "store", "nearline") if k in obj})
     except ValidationError as exc:

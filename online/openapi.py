@@ -13,6 +13,7 @@ from strategy.schema import (
     MAX_TEXT,
     SOURCE_RE,
 )
+from strategy.items import MAX_ITEMS, MAX_MODEL_LEN, MAX_TS, MAX_TTL_S, SOURCES
 
 ERROR = {
     "type": "object",
@@ -111,6 +112,48 @@ EVENTS_REQUEST = {"oneOf": [
      "properties": {"events": {"type": "array", "items": EVENT, "maxItems": MAX_EVENTS}}},
 ]}
 
+TIMESTAMP = {"oneOf": [{**NUMBER, "minimum": 0, "maximum": MAX_TS, "exclusiveMaximum": True},
+                       {"type": "string", "format": "date-time", "description": "ISO-8601 with a time zone"}]}
+
+ITEM = {
+    "type": "object",
+    "required": ["item_id", "source"],
+    "additionalProperties": False,
+    "description": "A write of an existing item_id merges: given fields replace, absent ones stay, null clears "
+                   "(strategy/items.py). llm items carry a generator, human items none.",
+    "properties": {
+        "item_id": ID,
+        "source": {"type": "string", "enum": list(SOURCES)},
+        "creator_id": _nullable(ID),
+        "topic": _nullable(ID),
+        "text": _nullable({"type": "string", "maxLength": MAX_TEXT}),
+        "generator": _nullable({"type": "object", "required": ["model", "prior_score"], "additionalProperties": False,
+                                "properties": {"model": {"type": "string", "minLength": 1, "maxLength": MAX_MODEL_LEN},
+                                               "prompt_id": _nullable(ID),
+                                               "prior_score": {**NUMBER, "minimum": 0, "maximum": 1}}}),
+        "created_at": _nullable(TIMESTAMP),
+        "expires_at": _nullable({**TIMESTAMP, "description": "after created_at; not with ttl_s"}),
+        "ttl_s": _nullable({**NUMBER, "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_TTL_S,
+                            "description": "expires_at = created_at + ttl_s"}),
+        "blocked": _nullable({"type": "boolean"}),
+    },
+}
+
+ITEMS_REQUEST = {"type": "object", "required": ["items"], "additionalProperties": False,
+                 "properties": {"items": {"type": "array", "items": ITEM, "minItems": 1, "maxItems": MAX_ITEMS}}}
+
+ITEMS_RESPONSE = {"type": "object", "required": ["accepted", "created", "updated", "expired", "blocked"], "properties": {
+    "accepted": {"type": "integer"}, "created": {"type": "integer"}, "updated": {"type": "integer"},
+    "expired": {"type": "integer", "description": "written already past expires_at: not stored"},
+    "blocked": {"type": "array", "items": {"type": "object", "properties": {
+        "item_id": {"type": "string"}, "reason": {"type": "string"}}}}}}
+
+STORED_ITEM = {"type": "object", "required": ["item_id", "source", "created_at", "blocked", "seq"], "properties": {
+    **{k: v for k, v in ITEM["properties"].items() if k not in ("ttl_s", "created_at", "expires_at")},
+    "created_at": NUMBER, "expires_at": _nullable(NUMBER), "updated_at": NUMBER, "blocked": {"type": "boolean"},
+    "blocked_reason": _nullable({"type": "string", "description": "blocked | risk:<rule>"}),
+    "seq": {"type": "integer", "description": "grows with every write to the corpus"}}}
+
 BODY_RULES = (
     "UTF-8 JSON as RFC 8259 defines it (a leading byte order mark is skipped): NaN, Infinity, a number past a "
     "double's range, a lone surrogate and a string that holds U+0000 are 400 invalid_json / invalid_string; a "
@@ -152,6 +195,19 @@ def openapi_document() -> dict:
                 "requestBody": _body(EVENTS_REQUEST),
                 "responses": {"202": {"description": "accepted", **_json({"type": "object", "properties": {
                     "accepted": {"type": "integer"}}})}, **_errors(400, 401, 413, 415, 429)}}},
+            "/v1/items": {"post": {
+                "summary": "Add or update corpus items (a batch, written all or nothing)",
+                "security": [{"apiKey": []}],
+                "requestBody": _body(ITEMS_REQUEST),
+                "responses": {"200": {"description": "written (durable)", **_json(ITEMS_RESPONSE)},
+                              **_errors(400, 401, 413, 415, 429, 503)}}},
+            "/v1/items/{item_id}": {"get": {
+                "summary": "One corpus item (blocked ones too; an expired one is gone)",
+                "security": [{"apiKey": []}],
+                "parameters": [{"name": "item_id", "in": "path", "required": True, "schema": ID,
+                                "description": "percent-encoded"}],
+                "responses": {"200": {"description": "the item", **_json(STORED_ITEM)},
+                              **_errors(401, 404, 429, 503)}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness: a model is loaded (the JSON body names the model, the worker "
                                            "pid and, with a memory store, its near-line thread's progress)",

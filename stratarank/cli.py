@@ -114,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rank)
 
     # each module registers its sub-commands; none imports torch, lightgbm or kafka at import time
-    from . import (benchmark_cmd, control_cmd, demo, experiments_cmd, join_cmd, nearline_cmd, serve_cmd, simulate,
-                   stream_cmd, train_cmd, tune_cmd)
+    from . import (benchmark_cmd, control_cmd, corpus_cmd, demo, experiments_cmd, join_cmd, nearline_cmd, serve_cmd,
+                   simulate, stream_cmd, train_cmd, tune_cmd)
 
-    for module in (simulate, train_cmd, stream_cmd, benchmark_cmd, serve_cmd, nearline_cmd, join_cmd, experiments_cmd,
-                   control_cmd, tune_cmd, demo):
+    for module in (simulate, train_cmd, stream_cmd, benchmark_cmd, serve_cmd, nearline_cmd, join_cmd, corpus_cmd,
+                   experiments_cmd, control_cmd, tune_cmd, demo):
         module.add_parser(sub)
     return parser
 

@@ -1,6 +1,6 @@
 """The interface both buses implement (:class:`EventBus`, :class:`Consumer`, :class:`Record`,
 :class:`Batch`) and the checks of what callers hand them: the bus URL and its options, topic and
-consumer names, and the records to publish (JSON objects, keyed by ``user_id``)."""
+consumer names, and the records to publish (JSON objects, keyed by ``user_id``, else ``item_id``)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from strategy.errors import FieldError, ValidationError, did_you_mean
 
 from .segments import _BODY, MAX_RECORD
 
-TOPICS = ("impressions", "events", "exposures")
+TOPICS = ("impressions", "events", "exposures", "items")   # items: corpus writes (online/corpus.py)
 FSYNC_POLICIES = ("always", "interval", "never")
 SCHEMES = ("embedded", "kafka")
 TOPIC_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -273,6 +273,8 @@ def encode_records(records) -> list[tuple[bytes, bytes]]:
             errs.append(FieldError(f"records[{i}]", f"not JSON-serialisable: {exc}", "type"))
             continue
         uid = rec.get("user_id")
+        if uid is None:   # an item write has no user: its id keys it, so one item's writes keep their order
+            uid = rec.get("item_id")
         key = b"" if uid is None else str(uid).encode()
         if len(key) > 0xFFFF or len(value) + len(key) + _BODY.size > MAX_RECORD:
             errs.append(FieldError(f"records[{i}]", f"record larger than {MAX_RECORD} bytes", "too_long"))

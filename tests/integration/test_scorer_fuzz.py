@@ -18,6 +18,7 @@ from werkzeug.serving import make_server
 
 from online.app import create_app
 from online.config import ServiceConfig
+from online.corpus import CorpusConfig
 from online.nearline import BusConfig, NearlineConfig
 from strategy.schema import MAX_DEPTH
 
@@ -90,6 +91,8 @@ def _from_schema(schema, depth, noisy):
     if "oneOf" in schema:
         return st.one_of([from_schema(s, depth, noisy) for s in schema["oneOf"]])
     kind = schema.get("type")
+    if "enum" in schema:
+        return st.sampled_from([*schema["enum"], "Human", "", "llm "])
     if kind == "object":
         props = schema.get("properties", {})
         if not props:
@@ -155,8 +158,9 @@ def hostile(valid):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     bus = BusConfig(url=f"embedded://{tmp_path_factory.mktemp('fuzz') / 'bus'}")
+    corpus = CorpusConfig(path=str(tmp_path_factory.mktemp("fuzz-corpus") / "corpus.db"))
     app = create_app(ServiceConfig(nearline=NearlineConfig(bus=bus), risk_file="conf/risk.yaml",
-                                   max_body_bytes=MAX_BODY))
+                                   max_body_bytes=MAX_BODY, corpus=corpus))
     doc = app.test_client().get("/openapi.json").get_json()
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -165,7 +169,7 @@ def server(tmp_path_factory):
     srv.shutdown()
 
 
-COUNT = {"requests": 0, "5xx": [], "statuses": Counter()}
+COUNT = {"requests": 0, "5xx": [], "statuses": Counter(), "items_written": 0}
 SENT: Counter = Counter()   # kind of Raw part -> times it went into a body
 
 
@@ -197,9 +201,14 @@ FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=list(Heal
 HOSTILE = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def test_fuzz_rank_and_events(server):
+FUZZED_POSTS = ("/v1/rank", "/v1/events", "/v1/items")
+
+
+def test_fuzz_rank_events_and_items(server):
     port, doc = server
-    body_of = {p: doc["paths"][p]["post"]["requestBody"] for p in ("/v1/rank", "/v1/events")}
+    posted = {p for p, ops in doc["paths"].items() if "requestBody" in ops.get("post", {})}
+    assert posted == set(FUZZED_POSTS), "a POST endpoint of the OpenAPI document is not fuzzed"
+    body_of = {p: doc["paths"][p]["post"]["requestBody"] for p in FUZZED_POSTS}
     schemas = {p: b["content"]["application/json"]["schema"] for p, b in body_of.items()}
     assert {b["x-max-depth"] for b in body_of.values()} == {MAX_DEPTH}
 
@@ -220,8 +229,25 @@ def test_fuzz_rank_and_events(server):
         if status == 202:
             assert isinstance(answer["accepted"], int)
 
+    @FUZZ
+    @given(bodies("/v1/items"))
+    def fuzz_items(body):
+        raw = encode(body)
+        status, answer = post(port, "/v1/items", raw)
+        if status == 200:
+            assert answer["accepted"] == answer["created"] + answer["updated"] + answer["expired"] >= 1
+            COUNT["items_written"] += answer["created"] + answer["updated"]
+            items = json.loads(raw)["items"]   # what the server read (a key given twice keeps its last value)
+            mortal = any(i.get("expires_at") is not None or i.get("ttl_s") is not None for i in items)
+            for item in items:   # every write that was stored is readable, by the id it was given
+                got_status, got = get_item(port, item["item_id"])
+                if not mortal:   # none of them can have expired since: all of them are stored
+                    assert got_status == 200 and got["item_id"] == item["item_id"], got
+                else:
+                    assert got_status == 200 or (got_status == 404 and got["error"]["code"] == "unknown_item"), got
+
     @HOSTILE
-    @given(st.sampled_from(["/v1/rank", "/v1/events"]).flatmap(
+    @given(st.sampled_from(list(FUZZED_POSTS)).flatmap(
         lambda path: st.tuples(st.just(path), hostile(from_schema(schemas[path])))))
     def fuzz_hostile(case):
         path, raw = case
@@ -231,8 +257,10 @@ def test_fuzz_rank_and_events(server):
 
     fuzz_rank()
     fuzz_events()
+    fuzz_items()
     fuzz_hostile()
-    assert COUNT["requests"] >= 650, COUNT["requests"]
+    assert COUNT["requests"] >= 900, COUNT["requests"]
+    assert COUNT["items_written"], "no generated /v1/items body was valid"
     assert COUNT["5xx"] == []
     reached = {"number", "surrogate", "not_utf8", "nul", "deep", "size", "binary", "mutated_replace"}
     assert reached <= set(SENT), SENT   # the generator really sent every hostile shape
@@ -240,7 +268,35 @@ def test_fuzz_rank_and_events(server):
     assert call(port, "GET", "/healthz") == (200, b'{"status":"ok"}\n')
 
 
-@pytest.mark.parametrize("path", ["/v1/rank", "/v1/events"])
+def get_item(port, item_id: str):
+    """GET /v1/items/<item_id> (its UTF-8 bytes percent-encoded, a lone surrogate's too: not UTF-8); any
+    4xx carries the error envelope."""
+    from urllib.parse import quote
+
+    status, body = call(port, "GET", "/v1/items/" + quote(item_id.encode("utf-8", "surrogatepass"), safe=""))
+    COUNT["requests"] += 1
+    assert status < 500, (item_id, body[:300])
+    answer = json.loads(body)
+    if status >= 400:
+        assert {k: type(v) for k, v in answer["error"].items() if k != "details"} == dict.fromkeys(
+            ("code", "message", "path"), str), answer
+    return status, answer
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.text(max_size=300) | st.sampled_from(["/", "a/b", "..", ".", "a%2F", "x?y#z", "é", "\ud800", "a/", "//x", "a//b", " ", "0\n", "\n", "a\r\nb"]))
+def test_fuzz_get_item(server, item_id):
+    port, doc = server
+    assert "/v1/items/{item_id}" in doc["paths"]
+    status, answer = get_item(port, item_id)
+    assert status in (200, 404), (status, answer)
+    if status == 200:
+        assert answer["item_id"] == item_id
+    elif item_id:   # any id reaches the corpus (not the router's own 404)
+        assert answer["error"]["code"] == "unknown_item", (item_id, answer)
+
+
+@pytest.mark.parametrize("path", list(FUZZED_POSTS))
 def test_limits_at_their_edges(server, path):
     """The boundaries a random draw may miss: nesting around orjson's 1024 levels and bodies at the size limit."""
     port, _ = server
