@@ -585,9 +585,15 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
             raise ApiError(422, "reload_failed", f"configuration invalid, still serving the previous one: {exc}", "",
                            details=[e.to_dict() for e in exc.errors]) from None
         scorer.swap(new)
+        rescreened = None
+        if Path(config.corpus.path).exists():   # stored items meet the reloaded risk rules (shared file: once)
+            try:
+                rescreened = corpus.rescreen()
+            except CorpusUnavailable as exc:
+                log.error("corpus not re-screened after the reload: %s", exc)
         if on_reload is not None:
             on_reload()
         return jsonify({"reloaded": True, "model_version": new.chain.version, "strategies": sorted(new.strategies),
-                        "load_errors": new.chain.load_errors})
+                        "load_errors": new.chain.load_errors, "corpus_rescreened": rescreened})
 
     return app

@@ -137,6 +137,24 @@ def test_admin_reload_needs_the_token_and_swaps(tmp_path, root):
     assert client.post("/v1/rank", json=body).get_json()["strategy"] == "feed_v2"  # still serving
 
 
+def test_admin_reload_screens_the_stored_items_with_the_new_risk_rules(tmp_path):
+    from online.corpus import CorpusConfig
+
+    risk = tmp_path / "risk.yaml"
+    risk.write_text("blocked_terms: [free money]\n")
+    app = make_app(risk_file=str(risk), admin_token="s3cret", corpus=CorpusConfig(path=str(tmp_path / "c.db")))
+    client = app.test_client()
+    items = [{"item_id": "a", "source": "human", "text": "a miracle cure for tired eyes"},
+             {"item_id": "b", "source": "human", "text": "free money now"}]
+    assert client.post("/v1/items", json={"items": items}).status_code == 200
+    assert [client.get(f"/v1/items/{i}").get_json()["blocked"] for i in "ab"] == [False, True]
+    risk.write_text("blocked_terms: [miracle cure]\n")
+    r = client.post("/admin/reload", headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200 and r.get_json()["corpus_rescreened"] == 2
+    got = [client.get(f"/v1/items/{i}").get_json() for i in "ab"]
+    assert [g["blocked"] for g in got] == [True, False] and got[0]["blocked_reason"].startswith("risk:")
+
+
 def test_admin_reload_disabled_without_a_token():
     assert make_app().test_client().post("/admin/reload").status_code == 403
 
