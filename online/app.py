@@ -441,6 +441,12 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     app.extensions["stratarank"] = scorer
     corpus = Corpus(config.corpus, risk=lambda: scorer.serving.risk)   # opened on first use, per process
     app.extensions["stratarank.corpus"] = corpus
+
+    def sample_corpus(metrics: Metrics) -> None:
+        if Path(config.corpus.path).exists():   # counting never creates the file
+            metrics.corpus_items.set(corpus.count(include_blocked=False))
+
+    scorer.metrics.watch(sample_corpus)
     limiter = None
     if config.rate_per_s:
         limiter = open_limiter(config.rate_storage, config.rate_per_s, config.rate_burst,
@@ -526,11 +532,15 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     def items_endpoint():
         guard_public()
         try:
-            return jsonify(post_items(corpus, json_body()))
+            result = post_items(corpus, json_body())
         except CorpusUnavailable as exc:
             log.error("corpus write failed: %s", exc)
             raise ApiError(503, "corpus_unavailable", "the corpus cannot be written now; retry", "",
                            headers={"Retry-After": "1"}) from None
+        for outcome in ("created", "updated", "expired"):
+            if result[outcome]:
+                scorer.metrics.items_written.labels(outcome).inc(result[outcome])
+        return jsonify(result)
 
     @app.get("/v1/items/<item_id>")
     def item_endpoint(item_id):

@@ -90,6 +90,16 @@ class Metrics:
         return Gauge("stratarank_bus_spool_backlog_bytes", "Bytes spooled for Kafka and not yet acknowledged by "
                      "the broker.", multiprocess_mode="livemax", registry=self.registry)
 
+    @cached_property
+    def corpus_items(self) -> Gauge:
+        return Gauge("stratarank_corpus_items", "Items in the corpus that can become candidates (neither blocked "
+                     "nor expired).", multiprocess_mode="livemax", registry=self.registry)
+
+    @cached_property
+    def items_written(self) -> Counter:
+        return Counter("stratarank_corpus_writes", "Item writes accepted by /v1/items, by outcome (created, "
+                       "updated, expired).", ["outcome"], registry=self.registry)
+
     # ------------------------------------------------------------ updates
 
     @property

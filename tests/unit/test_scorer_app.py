@@ -153,6 +153,9 @@ def test_admin_reload_screens_the_stored_items_with_the_new_risk_rules(tmp_path)
     assert r.status_code == 200 and r.get_json()["corpus_rescreened"] == 2
     got = [client.get(f"/v1/items/{i}").get_json() for i in "ab"]
     assert [g["blocked"] for g in got] == [True, False] and got[0]["blocked_reason"].startswith("risk:")
+    metrics = client.get("/metrics").data.decode()
+    assert 'stratarank_corpus_writes_total{outcome="created"} 2.0' in metrics
+    assert "stratarank_corpus_items 1.0" in metrics   # b only: a is blocked now
 
 
 def test_admin_reload_disabled_without_a_token():
