@@ -2,38 +2,36 @@
 
 Never imported by the project (it needs mlflow, which is not in requirements.lock). Two uses:
 
-- ``PEER_PYTHON bench/mlflow_peer_model.py LGBM_DIR OUT_DIR``: saves the registered
+- ``PEER_PYTHON bench/peer_mlflow_model.py LGBM_DIR OUT_DIR``: saves the registered
   ``ranking.lgbm.LGBMMultiObjective`` folder ``LGBM_DIR`` (its manifest.json + one LightGBM text file
   per objective) as an MLflow model in ``OUT_DIR`` ("models from code": this file is the model's
-  code, the booster text files its artifacts; nothing is pickled).
+  code, with bench/peer_lgbm.py as its code path; the booster text files are its artifacts;
+  nothing is pickled).
 - ``mlflow models serve`` loads this file from the saved model and calls :meth:`predict` per request.
 
 One booster per objective (LightGBM has no multi-output booster), so a single ``mlflow.lightgbm``
 flavor model could only score one objective: the pyfunc scores all of them, in the manifest's order,
-as ``LGBMMultiObjective.predict`` does.
+as ``LGBMMultiObjective.predict`` does (bench/peer_lgbm.py, shared with the LitServe peer).
 """
-import json
 import sys
+from pathlib import Path
 
 import lightgbm as lgb
 import mlflow
 import numpy as np
 import pandas as pd
+import peer_lgbm
 
 
 class MultiObjectiveLGBM(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        manifest = json.loads(open(context.artifacts["manifest"], encoding="utf-8").read())
+        manifest = peer_lgbm.read_manifest(context.artifacts["manifest"])
         self.columns = list(manifest["feature_columns"])
-        self.boosters = {name: lgb.Booster(model_file=context.artifacts[name]) for name in manifest["files"]}
+        self.boosters = peer_lgbm.load_boosters({name: context.artifacts[name] for name in manifest["files"]})
 
     def predict(self, context, model_input, params=None):
         x = pd.DataFrame(model_input)[self.columns].to_numpy(dtype=np.float64)
-        out = {}
-        for name, booster in self.boosters.items():
-            best = booster.best_iteration if booster.best_iteration and booster.best_iteration > 0 else None
-            out[name] = booster.predict(x, num_iteration=best)
-        return pd.DataFrame(out)
+        return pd.DataFrame(peer_lgbm.scores(self.boosters, x))
 
 
 mlflow.models.set_model(MultiObjectiveLGBM())
@@ -41,9 +39,10 @@ mlflow.models.set_model(MultiObjectiveLGBM())
 
 def save(lgbm_dir: str, out_dir: str) -> None:
     manifest_path = f"{lgbm_dir}/manifest.json"
-    manifest = json.loads(open(manifest_path, encoding="utf-8").read())
+    manifest = peer_lgbm.read_manifest(manifest_path)
     artifacts = {"manifest": manifest_path, **{k: f"{lgbm_dir}/{f}" for k, f in manifest["files"].items()}}
     mlflow.pyfunc.save_model(out_dir, python_model=__file__, artifacts=artifacts,
+                             code_paths=[str(Path(peer_lgbm.__file__).resolve())],
                              pip_requirements=[f"lightgbm=={lgb.__version__}", f"pandas=={pd.__version__}"])
 
 

@@ -12,15 +12,16 @@ of ``Scorer.rank`` (validation, real-time lookup, model-input rows, encode, forw
 rerank, impression log, JSON encode of the response) and the machine's load average (the
 machine may be shared: quote figures with it). Never fails on time.
 
-Against a peer (``--peers mlflow``, the default): the demo's LightGBM fallback served alone by
-``stratarank serve`` (``/v1/rank``: features, strategy, guardrails, re-rank, impression log) and by
-MLflow's model server (``mlflow models serve``: ``/invocations`` of the same requests' feature rows
-as ``dataframe_split`` JSON), the same number of workers, the same load generator and settings, one
-after the other: req/s, p50/p99 of both and their ratios. MLflow is installed by the bench into its
-own venv ``bench/.peers/mlflow/`` (bench/peer_mlflow.py); if it cannot be, the bench says why and
-goes on with Stratarank alone. ``--peers none`` skips it.
+Against peers (``--peers mlflow litserve``, the default): the demo's LightGBM fallback served alone
+by ``stratarank serve`` (``/v1/rank``: features, strategy, guardrails, re-rank, impression log) and
+by each peer: MLflow's model server (``mlflow models serve``: ``/invocations``) and LitServe (a
+``LitAPI`` on ``/predict``), both sent the same requests' feature rows as ``dataframe_split`` JSON;
+the same number of workers, the same load generator and settings, one server after the other:
+req/s, p50/p99 of each and Stratarank's ratios to each. Each peer is installed by the bench into
+its own venv ``bench/.peers/NAME/`` (bench/peers.py); one that cannot be is reported with the
+reason and the others go on. ``--peers none`` skips them.
 
-    .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15] [--peers none]
+    .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15] [--peers mlflow|litserve|none]
     .venv/bin/python bench/serve_bench.py --stages-only      # the stage breakdown alone (seconds)
 
 Without a registered model it first simulates a small world and trains one (about a minute).
@@ -328,60 +329,62 @@ def measure(port: int, bodies: list[bytes], args, path: str = "/v1/rank") -> dic
             "errors": errors + paced_err}
 
 
-def compare_with_mlflow(registry: Path, args, bodies: list[bytes], tmp: Path) -> list[str]:
-    """The report lines of Stratarank against MLflow's model server on the same LightGBM model.
+def compare_with_peers(registry: Path, args, bodies: list[bytes], tmp: Path, names: list[str]) -> list[str]:
+    """The report lines of Stratarank against the peers ``names`` (bench/peers.py) on the same LightGBM model.
 
-    The peer is installed (its own venv) and saved first, so no install runs while either server
-    is measured; then ``/v1/rank`` of the LightGBM model and MLflow's ``/invocations`` of the same
+    Every peer is installed (its own venv) and prepared first, so no install runs while a server is
+    measured; then ``/v1/rank`` of the LightGBM model and each peer's predict path of the same
     requests' feature rows, one server after the other, with the same load generator and settings.
-    A peer that cannot be installed, saved, started or that predicts otherwise than the booster is
-    reported with the reason, and Stratarank's figures stand alone."""
-    import peer_mlflow as peer
+    A peer that cannot be installed, prepared, started or that predicts otherwise than the booster
+    is reported with the reason, and the others' figures stand."""
+    import peers
     from online.predictor import load_ranker
     from ranking.artifacts import LGBM_DIR
     from ranking.registry import resolve
 
     name = ensure_lgbm(registry)
     ranker = load_ranker(str(registry), name)
-    frames = peer.feature_frames(bodies, ranker)
-    peer_bodies = [peer.invocation_body(frame) for frame in frames]
-    head = (f"peers           : the same LightGBM model ({name}@{ranker.version}: {len(ranker.objectives)} "
-            f"objectives, {len(ranker.model.feature_columns)} features), {args.workers} workers each, "
-            f"{args.candidates} rows per request, one server after the other")
-    try:
-        requirements = peer.ensure_venv()
-        peer.save_model(resolve(registry, name) / LGBM_DIR, tmp / "mlflow-model")
-        problem = None
-    except peer.PeerUnavailable as exc:
-        problem = f"MLflow peer not installed: {exc}"
+    lgbm_dir = resolve(registry, name) / LGBM_DIR
+    frames = peers.feature_frames(bodies, ranker)
+    peer_bodies = [peers.invocation_body(frame) for frame in frames]
+    lines = [f"peers           : the same LightGBM model ({name}@{ranker.version}: {len(ranker.objectives)} "
+             f"objectives, {len(ranker.model.feature_columns)} features), {args.workers} workers each, "
+             f"{args.candidates} rows per request, one server after the other"]
+    ready = []
+    for peer in map(peers.named, names):
+        try:
+            requirements = peer.ensure_venv()
+            peer.prepare(lgbm_dir, tmp)
+            ready.append((peer, requirements))
+        except peers.PeerUnavailable as exc:
+            lines.append(f"  {peer.name} peer not installed: {exc}")
     with stratarank_server(registry, name, args.workers, tmp) as port:
         ours = measure(port, bodies, args)
-    rows = [("stratarank /v1/rank", ours)]
-    lines = [head]
-    if problem is None:
+    rows = [("stratarank", "stratarank /v1/rank", ours)]
+    for peer, requirements in ready:
         port = free_port()
         try:
-            with server_process(peer.serve_command(tmp / "mlflow-model", port, args.workers), peer.peer_env(),
-                                port, "/ping", "mlflow models serve"):
-                diff = peer.check_predictions(port, peer_bodies[0], frames[0], ranker)
-                theirs = measure(port, peer_bodies, args, "/invocations")
-            rows.append(("mlflow /invocations", theirs))
-            lines.append(f"  {requirements[0]} in {peer.VENV.relative_to(ROOT)} (--env-manager local): predictions "
+            with server_process(peer.serve_command(lgbm_dir, tmp, port, args.workers), peer.env(),
+                                port, peer.ready_path, f"the {peer.name} peer"):
+                diff = peers.check_predictions(port, peer.predict_path, peer_bodies[0], frames[0], ranker)
+                rows.append((peer.name, peer.label, measure(port, peer_bodies, args, peer.predict_path)))
+            lines.append(f"  {requirements[0]} in {peer.venv.relative_to(ROOT)} ({peer.how}): predictions "
                          f"{'equal' if diff < 1e-9 else 'DIFFER FROM'} the booster's own (max |diff| {diff:.1e} "
                          f"on {len(frames[0])} rows)")
-        except (peer.PeerUnavailable, ServerNotReady) as exc:
-            problem = f"MLflow peer not measured: {exc}"
-    if problem:
-        lines.append(f"  {problem} -- Stratarank alone")
+        except (peers.PeerUnavailable, ServerNotReady) as exc:
+            lines.append(f"  {peer.name} peer not measured: {exc}")
+    if len(rows) == 1:
+        lines.append("  no peer measured -- Stratarank alone")
     lines.append(f"  {'':22s} {'closed loop, concurrency ' + str(args.concurrency):>28s}   "
                  f"{'open loop at ' + format(args.peer_rate, 'g') + ' req/s':>19s}")
-    lines.append(f"  {'server':22s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}   {'p50 ms':>9s} {'p99 ms':>9s}   errors")
-    for label, m in rows:
+    lines.append(f"  {'server':22s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}   {'p50 ms':>9s} {'p99 ms':>9s}"
+                 "   errors")
+    for _, label, m in rows:
         lines.append(f"  {label:22s} {m['rps']:8.1f} {m['p50']:9.1f} {m['p99']:9.1f}   {m['rate_p50']:9.1f} "
                      f"{m['rate_p99']:9.1f}   {m['errors']}")
-    if len(rows) == 2:
+    for peer_name, _, theirs in rows[1:]:
         r = {k: ours[k] / theirs[k] for k in ("rps", "p50", "p99", "rate_p50", "rate_p99")}
-        lines.append(f"  {'stratarank / mlflow':22s} {r['rps']:7.2f}x {r['p50']:8.2f}x {r['p99']:8.2f}x   "
+        lines.append(f"  {'stratarank / ' + peer_name:22s} {r['rps']:7.2f}x {r['p50']:8.2f}x {r['p99']:8.2f}x   "
                      f"{r['rate_p50']:8.2f}x {r['rate_p99']:8.2f}x   goal: req/s >= 1.5x, p99 < 1x")
     return lines
 
@@ -460,6 +463,8 @@ def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) ->
 
 
 def main() -> None:
+    from peers import NAMES as PEER_NAMES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--registry", default=str(ROOT / "runs/bench/registry"))
     ap.add_argument("--model", default="feed_mmoe")
@@ -470,11 +475,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rate", type=float, default=100.0, help="open-loop request rate for the latency SLO (req/s)")
     ap.add_argument("--stages-only", action="store_true", help="only the in-process per-stage timing (no server)")
-    ap.add_argument("--peers", choices=("mlflow", "none"), default="mlflow",
-                    help="also serve the LightGBM model with MLflow's model server and compare (none: skip)")
+    ap.add_argument("--peers", nargs="+", choices=(*PEER_NAMES, "none"), default=list(PEER_NAMES),
+                    help="also serve the LightGBM model with these model servers and compare (none: skip)")
     ap.add_argument("--peer-rate", type=float, default=30.0,
                     help="open-loop rate of the peer comparison (req/s; below both servers' LightGBM capacity)")
     args = ap.parse_args()
+    if "none" in args.peers and len(args.peers) > 1:
+        ap.error(f"--peers: none stands alone, got {' '.join(args.peers)}")
+    args.peers = list(dict.fromkeys(p for p in args.peers if p != "none"))
     load_before = os.getloadavg()   # the machine is shared: report what else was running
     registry = Path(args.registry)
     ensure_model(registry, args.model)
@@ -493,7 +501,7 @@ def main() -> None:
             seq, seq_err, _ = run_load(port, bodies, args.seconds / 3, 1)
             lat, errors, wall = run_load(port, bodies, args.seconds, args.concurrency)
             paced, paced_err, _ = run_load(port, bodies, args.seconds, 0, rate=args.rate)
-        peers = compare_with_mlflow(registry, args, bodies, Path(tmp)) if args.peers == "mlflow" else []
+        peers = compare_with_peers(registry, args, bodies, Path(tmp), args.peers) if args.peers else []
 
     predict_s, pandas_s, forward_s = bare_model_times(registry, args.model, bodies[0], 30)
     stages = stage_times(registry, args.model, bodies, 60)
