@@ -1,7 +1,9 @@
-"""The candidate fast path of ``parse_request`` accepts and builds exactly what the full checks do.
+"""The candidate fast paths of ``parse_request`` accept and build exactly what the full checks do.
 
-Every request is parsed twice, with the fast path and with it switched off: the same ``Request``,
-or the same errors (paths, messages, codes) in the same order.
+Every request is parsed three times: with both fast paths (the whole list at once,
+``_fast_candidates``, then candidate by candidate, ``_fast_candidate``), with the per-candidate one
+alone, and with both switched off: the same ``Request``, or the same errors (paths, messages,
+codes) in the same order.
 """
 import copy
 import itertools
@@ -9,6 +11,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from strategy import ValidationError, parse_request
 from strategy import schema
@@ -16,6 +20,10 @@ from strategy import schema
 GOOD = {"item_id": "i1", "source": "llm", "creator_id": "c1", "topic": "diy", "text": "hello world",
         "features": {"impressions": 0, "duration": 19.5, "creator_followers": 3792, "tags": ["a", 2], "s": "x"},
         "generator": {"model": "sim-llama-small", "prior_score": 0.941}}
+# what the whole-list path takes: no list feature (the bench's and the simulated world's candidates)
+PLAIN = {"item_id": "i2", "source": "retrieval", "creator_id": "c2", "topic": "gaming", "text": "a b",
+         "features": {"impressions": 3, "duration": 7.25, "creator_followers": 10, "s": "x"}}
+BARE = {"item_id": "i3", "source": "llm"}
 
 EDGES = {
     "item_id": [None, "", "x" * 256, "x" * 257, 0, -5, 2 ** 64 - 1, 2 ** 70, 10 ** 400, True, False, 1.0, -0.0,
@@ -54,22 +62,98 @@ def parse_both(body, monkeypatch):
 
     fast = run()
     with monkeypatch.context() as m:
+        m.setattr(schema, "_fast_candidates", lambda raw: None)
+        one_by_one = run()
         m.setattr(schema, "_fast_candidate", lambda obj: None)
         slow = run()
-    assert fast == slow
+    assert fast == one_by_one == slow
+    cands = body.get("candidates") if isinstance(body, dict) else None
+    if isinstance(cands, list) and cands:
+        batch = schema._fast_candidates(copy.deepcopy(cands))
+        if batch is not None:   # it vouches only for lists the per-candidate path takes whole
+            assert fast[0] == "ok" and batch == list(fast[1].candidates)
+            assert batch == [schema._fast_candidate(c) for c in cands]
     return fast
 
 
-def test_each_edge_value_parses_as_the_full_checks_do(monkeypatch):
+@pytest.mark.parametrize("base", [GOOD, PLAIN, BARE], ids=["good", "plain", "bare"])
+def test_each_edge_value_parses_as_the_full_checks_do(monkeypatch, base):
     seen = set()
     for key, values in EDGES.items():
         for value in values:
-            cand = dict(GOOD, **{key: value})
-            kind, _ = parse_both({"user_id": "u", "candidates": [GOOD, cand, GOOD]}, monkeypatch)
+            cand = dict(base, **{key: value})
+            kind, _ = parse_both({"user_id": "u", "candidates": [base, cand, base]}, monkeypatch)
             seen.add(kind)
-            without = {k: v for k, v in GOOD.items() if k != key}
+            without = {k: v for k, v in base.items() if k != key}
             parse_both({"user_id": "u", "candidates": [without]}, monkeypatch)
+            parse_both({"user_id": "u", "candidates": [cand] * 3}, monkeypatch)
     assert seen == {"ok", "error"}
+
+
+def test_the_whole_list_path_takes_common_candidates():
+    cands = [dict(PLAIN, item_id=f"i{i}") for i in range(5)] + [BARE, dict(BARE, generator=None, text=None)]
+    cands.append(dict(PLAIN, generator={"model": "m", "prior_score": 1}, features={}))
+    batch = schema._fast_candidates(cands)
+    assert batch is not None and batch == [schema._fast_candidate(c) for c in cands]
+    assert all(b.features is c["features"] for b, c in zip(batch, cands) if "features" in c)
+    assert batch[5].features == {} and batch[5].features is not batch[6].features
+    assert type(batch[-1].generator.prior_score) is float
+    assert schema._fast_candidates([GOOD]) is None                  # a list feature: one by one
+    assert schema._fast_candidates([PLAIN, dict(PLAIN, item_id=7)]) is None
+
+
+# JSON-like values for every field of a candidate, edge cases first
+FEATURE_VALUES = st.one_of(
+    st.integers(-(2 ** 64), 2 ** 64), st.sampled_from([2 ** 63, 2 ** 63 - 1, -(2 ** 63), -(2 ** 63) - 1, 10 ** 400]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e308, -1e308, 5e-324, -0.0]),
+    st.text(max_size=3), st.sampled_from(["s" * 1000, "s" * 1001]), st.booleans(), st.none(),
+    st.lists(st.one_of(st.integers(), st.text(max_size=2)), max_size=3))
+IDS = st.one_of(st.sampled_from(["", "x" * 256, "x" * 257, "c1", "diy", "\u00e9"]), st.text(max_size=4),
+                st.integers(), st.none(), st.booleans(), st.floats())
+GENERATORS = st.one_of(
+    st.none(), st.fixed_dictionaries({"model": st.one_of(st.text(max_size=3), st.sampled_from(["m" * 257]),
+                                                         st.integers()),
+                                      "prior_score": st.one_of(st.floats(), st.integers(-1, 2), st.booleans(),
+                                                               st.sampled_from([0.0, 1.0, -0.0, 1.0000001]))}),
+    st.sampled_from([{}, {"model": "m"}, {"model": "m", "prior_score": 0.5, "x": 1}, [], "g"]))
+FIELDS = {
+    "item_id": IDS, "source": st.one_of(st.sampled_from(["llm", "retrieval", "LLM", "a" * 33, "x\n"]), IDS),
+    "creator_id": IDS, "topic": IDS, "text": st.one_of(st.none(), st.text(max_size=5), st.integers()),
+    "features": st.one_of(st.dictionaries(st.sampled_from(["impressions", "duration", "k" * 129, "s"]),
+                                          FEATURE_VALUES, max_size=4), st.none(), st.lists(st.integers(), max_size=1)),
+    "generator": GENERATORS, "predictions": st.sampled_from([None, {}, {"click": 0.5}]),
+    "unknown": st.just(1),
+}
+
+
+@st.composite
+def candidate_lists(draw):
+    """Mostly common candidates with a few fields drawn from every kind of value."""
+    out = []
+    for _ in range(draw(st.integers(1, 6))):
+        cand = dict(draw(st.sampled_from([PLAIN, BARE, GOOD])))
+        for key in draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=3, unique=True)):
+            if draw(st.booleans()):
+                cand[key] = draw(FIELDS[key])
+            else:
+                cand.pop(key, None)
+        out.append(cand)
+    return out
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(candidate_lists())
+def test_any_candidates_parse_alike_on_every_path(monkeypatch, cands):
+    parse_both({"user_id": "u", "candidates": cands}, monkeypatch)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.dictionaries(st.sampled_from(["impressions", "duration", "s", "t"]), FEATURE_VALUES,
+                                max_size=4), min_size=1, max_size=6))
+def test_feature_values_parse_alike_on_every_path(monkeypatch, features):
+    """Numbers of every size next to each other (the whole-list path checks them all at once)."""
+    cands = [dict(PLAIN, item_id=f"i{i}", features=f) for i, f in enumerate(features)]
+    parse_both({"user_id": "u", "candidates": cands}, monkeypatch)
 
 
 def test_random_mixtures_parse_alike(monkeypatch):
