@@ -332,16 +332,7 @@ def _fast_candidate(obj) -> Candidate | None:
         generator = _new(Generator)
         _set_model(generator, model)
         _set_prior(generator, prior)
-    cand = _new(Candidate)
-    _set_item_id(cand, item_id)
-    _set_source(cand, source)
-    _set_creator(cand, creator)
-    _set_topic(cand, topic)
-    _set_text(cand, text)
-    _set_features(cand, features)
-    _set_generator(cand, generator)
-    _set_predictions(cand, None)
-    return cand
+    return _build_candidate(item_id, source, creator, topic, text, features, generator)
 
 
 _NO_FEATURES = object()

@@ -33,6 +33,18 @@ def call_full(port, method, path, body=None, headers=None):
     return resp.status, dict(resp.getheaders()), (json.loads(raw) if is_json else raw)
 
 
+def write_config(tmp_path, root, extra: str = ""):
+    """A service YAML in ``tmp_path``: the shipped strategy, an embedded bus and a memory store there,
+    plus ``extra`` YAML lines."""
+    config = tmp_path / "service.yaml"
+    config.write_text(
+        f"strategies: {{files: ['{root / 'conf/objectives/feed.yaml'}']}}\n"
+        f"bus: {{url: 'embedded://{tmp_path / 'bus'}'}}\n"
+        "store: {url: 'memory://'}\n"
+        f"model: {{registry: '{tmp_path / 'registry'}'}}\n" + extra)
+    return config
+
+
 def start_scorer(config, root, workers: int = 2, log_path=None, env=None):
     """`stratarank serve` with ``workers`` gunicorn workers on a free port; waits for /healthz.
     Its output goes to ``log_path`` when given (read it after), else to a pipe."""

@@ -11,21 +11,16 @@ from online.bus import open_bus
 from online.client import Client
 from online.corpus import Corpus, CorpusConfig, run_corpus
 from scorer_process import call, start_scorer, stop_scorer
+from scorer_process import write_config as service_config
 
 GEN = {"model": "gpt", "prior_score": 0.5}
 
 
-def write_config(tmp_path, root, extra: str = "") -> str:
-    config = tmp_path / "service.yaml"
-    config.write_text(
-        f"strategies: {{files: ['{root / 'conf/objectives/feed.yaml'}']}}\n"
-        f"bus: {{url: 'embedded://{tmp_path / 'bus'}'}}\n"
-        "store: {url: 'memory://'}\n"
-        f"model: {{registry: '{tmp_path / 'registry'}'}}\n"
-        f"risk: '{root / 'conf/risk.yaml'}'\n"
-        f"corpus: {{path: '{tmp_path / 'corpus.db'}'}}\n"
-        "logging: {format: json, access: true}\n" + extra)
-    return config
+def write_config(tmp_path, root, extra: str = ""):
+    """The shared test service config, with the shipped risk rules, a corpus file and JSON access logs."""
+    return service_config(tmp_path, root, f"risk: '{root / 'conf/risk.yaml'}'\n"
+                          f"corpus: {{path: '{tmp_path / 'corpus.db'}'}}\n"
+                          "logging: {format: json, access: true}\n" + extra)
 
 
 def access_pids(log_path, prefix: str) -> set:

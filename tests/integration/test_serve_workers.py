@@ -7,17 +7,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from scorer_process import call, call_full, start_scorer, stop_scorer
-
-
-def write_config(tmp_path, root, extra: str = "") -> str:
-    config = tmp_path / "service.yaml"
-    config.write_text(
-        f"strategies: {{files: ['{root / 'conf/objectives/feed.yaml'}']}}\n"
-        f"bus: {{url: 'embedded://{tmp_path / 'bus'}'}}\n"
-        "store: {url: 'memory://'}\n"
-        f"model: {{registry: '{tmp_path / 'registry'}'}}\n" + extra)
-    return config
+from scorer_process import call, call_full, start_scorer, stop_scorer, write_config
 
 
 def samples(text: str) -> dict:
