@@ -46,7 +46,8 @@ def write_config(tmp_path, root, extra: str = ""):
 
 
 def start_scorer(config, root, workers: int = 2, log_path=None, env=None):
-    """`stratarank serve` with ``workers`` gunicorn workers on a free port; waits for /healthz.
+    """`stratarank serve` with ``workers`` gunicorn workers on a free port; waits until /readyz has
+    answered from each of them.
     Its output goes to ``log_path`` when given (read it after), else to a pipe."""
     port = free_port()
     env = dict(os.environ, STRATARANK_ADMIN_TOKEN=TOKEN, **(env or {}))
@@ -54,10 +55,13 @@ def start_scorer(config, root, workers: int = 2, log_path=None, env=None):
     proc = subprocess.Popen([sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config),
                              "--port", str(port), "--workers", str(workers)], env=env, cwd=root,
                             stdout=out, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 90
+    pids = set()
     while time.time() < deadline and proc.poll() is None:
-        try:
-            if call(port, "GET", "/healthz")[0] == 200:
+        try:   # every worker up (one that is still importing torch would leave the others all the traffic)
+            body = call(port, "GET", "/readyz")[1]
+            pids.add(body["worker"] if isinstance(body, dict) else None)
+            if len(pids - {None}) >= workers:
                 return proc, port
         except OSError:
             time.sleep(0.2)
