@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .runtime import print_errors, progress, say, stop_on_signals
+from .runtime import add_consumer_arguments, print_errors, progress, say, stop_on_signals
 
 
 def cmd_corpus(args) -> int:
@@ -46,9 +46,6 @@ def add_parser(sub) -> None:
     p = sub.add_parser("corpus", help="consume the items bus topic into the item corpus (SQLite)")
     p.add_argument("--config", default="conf/service.yaml", metavar="FILE",
                    help="service YAML (its bus, corpus and risk sections)")
-    p.add_argument("--bus", metavar="URL", help="override bus.url: embedded://PATH or kafka://HOST:PORT")
+    add_consumer_arguments(p)
     p.add_argument("--path", metavar="FILE", help="override corpus.path")
-    p.add_argument("--max-idle", type=float, metavar="S",
-                   help="exit after S seconds without records (before the first one: at least 15 s)")
-    p.add_argument("--progress-interval", type=float, default=10.0, metavar="S", help="progress line on stderr every S s")
     p.set_defaults(func=cmd_corpus)

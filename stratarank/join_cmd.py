@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .runtime import print_errors, progress, say, stop_on_signals, with_bus_url
+from .runtime import add_consumer_arguments, print_errors, progress, say, stop_on_signals, with_bus_url
 
 
 def cmd_join(args) -> int:
@@ -37,11 +37,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("join", help="join served impressions with their feedback into training examples")
     p.add_argument("--config", default="conf/service.yaml", metavar="FILE",
                    help="service YAML (its bus and joiner sections; labels from joiner.objectives)")
-    p.add_argument("--bus", metavar="URL", help="override bus.url: embedded://PATH or kafka://HOST:PORT")
+    add_consumer_arguments(p)
     p.add_argument("--out", metavar="DIR", help="override joiner.out (Parquet examples and the checkpoint)")
-    p.add_argument("--max-idle", type=float, metavar="S",
-                   help="exit after S seconds without records (before the first one: at least 15 s)")
     p.add_argument("--drain", action="store_true",
                    help="at exit, emit every open impression as if its window had closed (the feedback is complete)")
-    p.add_argument("--progress-interval", type=float, default=10.0, metavar="S", help="progress line on stderr every S s")
     p.set_defaults(func=cmd_join)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .runtime import print_errors, progress, say, stop_on_signals
+from .runtime import add_consumer_arguments, print_errors, progress, say, stop_on_signals
 
 
 def cmd_nearline(args) -> int:
@@ -35,8 +35,6 @@ def cmd_nearline(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("nearline", help="run the near-line consumer: event bus -> real-time feature store")
     p.add_argument("--config", default="conf/service.yaml", metavar="FILE", help="service YAML (bus, store, nearline)")
-    p.add_argument("--bus", metavar="URL", help="override bus.url: embedded://PATH or kafka://HOST:PORT")
+    add_consumer_arguments(p, progress_default=None)
     p.add_argument("--store", metavar="URL", help="override store.url: memory://[PATH] or redis://HOST:PORT/DB")
-    p.add_argument("--max-idle", type=float, metavar="S", help="exit after S seconds without records (before the first one: at least 15 s)")
-    p.add_argument("--progress-interval", type=float, metavar="S", help="progress line on stderr every S seconds")
     p.set_defaults(func=cmd_nearline)

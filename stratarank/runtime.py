@@ -1,5 +1,6 @@
-"""What the long-running commands (``nearline``, ``join``, ``train-stream``) share: a stop event set by
-SIGTERM / SIGINT, progress and summary lines as JSON, and validation errors printed one per line."""
+"""What the long-running commands (``nearline``, ``join``, ``corpus``, ``train-stream``) share: a stop
+event set by SIGTERM / SIGINT, progress and summary lines as JSON, validation errors printed one per
+line, and the consumer flags (``--bus``, ``--max-idle``, ``--progress-interval``)."""
 from __future__ import annotations
 
 import json
@@ -42,3 +43,12 @@ def with_bus_url(cfg, url):
     from online.nearline import NearlineConfig
 
     return replace(cfg, bus=NearlineConfig(bus=cfg.bus).with_urls(bus_url=url).bus)
+
+
+def add_consumer_arguments(p, progress_default: float | None = 10.0) -> None:
+    """The flags of a command that consumes the bus: ``--bus``, ``--max-idle``, ``--progress-interval``."""
+    p.add_argument("--bus", metavar="URL", help="override bus.url: embedded://PATH or kafka://HOST:PORT")
+    p.add_argument("--max-idle", type=float, metavar="S",
+                   help="exit after S seconds without records (before the first one: at least 15 s)")
+    p.add_argument("--progress-interval", type=float, default=progress_default, metavar="S",
+                   help="progress line on stderr every S s")
