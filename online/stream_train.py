@@ -117,7 +117,7 @@ class StreamConfig:
             kw["topic"] = as_str(errs, obj["topic"], "topic", pattern=TOPIC_RE)
         if "consumer" in obj:
             kw["consumer"] = as_str(errs, obj["consumer"], "consumer", pattern=CONSUMER_RE)
-        for key, lo, hi, integer in (("publish_interval_s", 1, 86_400, False), ("checkpoint_interval_s", 1, 86_400, False),
+        for key, lo, hi, integer in (("publish_interval_s", 1, 86_400, False), ("checkpoint_interval_s", 0.1, 86_400, False),
                                      ("keep_versions", 1, 10_000, True)):
             if key in obj:
                 kw[key] = as_number(errs, obj[key], key, lo=lo, hi=hi, integer=integer)
