@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ranking.registry import list_models
 from ranking.features import hash_token
 from ranking.two_tower import (StreamingFrequency, TwoTowerEncoder, in_batch_softmax_loss, load_two_tower,
                                load_two_tower_config, load_two_tower_frames, register_two_tower,
@@ -108,7 +109,9 @@ def test_training_topic_affinity_is_the_recent_items_topic_shares():
     assert got == [{"music": pytest.approx(2 / 3), "travel": pytest.approx(1 / 3)}, {}, {}]   # zz: unknown topic
 
 
-def test_register_load_round_trip(trained, tmp_path):
+def test_register_load_round_trip_and_list_models(trained, tmp_path, capsys):
+    from stratarank.cli import main
+
     path = register_two_tower(tmp_path, "two_tower_small", trained)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["kind"] == "two_tower" and manifest["model"]["config"]["arch"] == "two_tower"
@@ -123,6 +126,12 @@ def test_register_load_round_trip(trained, tmp_path):
         np.testing.assert_array_equal(enc.encode_items(items), fresh.encode_items(items))
         np.testing.assert_array_equal(enc.encode_users(users), fresh.encode_users(users))
         np.testing.assert_array_equal(enc.encode_text("guitar song"), fresh.encode_text("guitar song"))
+    rows = list_models(tmp_path)
+    assert [(r["name"], r["version"], r["arch"], r["objectives"], r["current"]) for r in rows] == [
+        ("two_tower_small", "v1", "two_tower", ["click"], True)]
+    assert rows[0]["metrics"] == trained.metrics["held_out"]["two_tower"] and rows[0]["metric_split"] == "held_out"
+    assert main(["models", "list", "--registry", str(tmp_path)]) == 0
+    assert "two_tower_small" in capsys.readouterr().out
 
 
 def test_loss_subtracts_log_q_and_masks_accidental_hits():
