@@ -230,3 +230,24 @@ def test_rows_without_time_user_or_item_are_dropped_and_counted(world_logs, root
     train, held, desc = load_two_tower_frames(small_config(root, tmp_path))
     assert desc["dropped_rows"] == 3 and len(train) + len(held) == len(frame) - 3
 
+
+def test_train_retrieval_command(world_logs, tmp_path, capsys, root):
+    from stratarank.cli import main
+
+    data, _ = read_yaml(root / "conf" / "train" / "two_tower_small.yaml")
+    data["data"]["path"] = str(world_logs[1])
+    data["training"]["epochs"] = 1
+    data["eval"]["catalogue"] = "held_out"
+    config = tmp_path / "tt.yaml"
+    config.write_text(json.dumps(data))   # JSON is YAML
+    assert main(["train-retrieval", "--config", str(config), "--registry", str(tmp_path / "reg"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "two_tower  popularity" in out and "(the items of the held-out rows)" in out
+    assert "registered two_tower_small@v1" in out and (tmp_path / "reg" / "two_tower_small" / "v1").is_dir()
+    metrics = json.loads((tmp_path / "reg" / "two_tower_small" / "v1" / "metrics.json").read_text())
+    assert metrics["held_out"]["catalogue"] < 600 and set(metrics["held_out"]["two_tower"]) == {
+        "recall@10", "recall@50", "recall@100"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: tt\ndata: {path: x}\npositive: click\nmodel: {layers: [0]}\n")
+    assert main(["train-retrieval", "--config", str(bad)]) == 1
+    assert f"{bad}:4: model.layers[0]: 0 is out of range [1, 8192]" in capsys.readouterr().err
