@@ -141,7 +141,9 @@ def rollback(registry_dir: str | Path, name: str, to: str | None = None) -> str:
 def list_models(registry_dir: str | Path) -> list[dict]:
     """One dict per version: name, version, current, created, arch, objectives, headline metrics
     (``metrics``: objective -> test (else valid) AUC for binary, rmse for regression; ``metric_kinds``
-    says which) and ``serving``: its quantized serving variants (e.g. ``["int8"]``)."""
+    says which) and ``serving``: its quantized serving variants (e.g. ``["int8"]``). A two-tower
+    retrieval model (``kind: two_tower``) lists arch ``two_tower``, its positive labels as objectives
+    and its held-out recall (``recall@K`` -> value, split ``held_out``)."""
     root = Path(registry_dir)
     rows = []
     if not root.is_dir():
@@ -154,6 +156,14 @@ def list_models(registry_dir: str | Path) -> list[dict]:
                 manifest = json.loads((vdir / "manifest.json").read_text(encoding="utf-8"))
                 metrics = json.loads((vdir / "metrics.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):
+                continue
+            if manifest.get("kind") == "two_tower":
+                recall = metrics.get("held_out", {}).get("two_tower", {})
+                rows.append({"name": model_dir.name, "version": v, "current": v == cur,
+                             "created": manifest.get("created"), "arch": "two_tower",
+                             "objectives": list(manifest.get("positive", [])), "metric_split": "held_out",
+                             "metrics": recall, "metric_kinds": dict.fromkeys(recall, "recall"),
+                             "serving": [], "path": str(vdir)})
                 continue
             split = "test" if "test" in metrics else "valid"
             head = {k: (m.get("auc") if "auc" in m else m.get("rmse")) for k, m in metrics.get(split, {}).items()}

@@ -115,10 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # each module registers its sub-commands; none imports torch, lightgbm or kafka at import time
     from . import (benchmark_cmd, control_cmd, corpus_cmd, demo, experiments_cmd, join_cmd, nearline_cmd, serve_cmd,
-                   simulate, stream_cmd, train_cmd, tune_cmd)
+                   retrieval_cmd, simulate, stream_cmd, train_cmd, tune_cmd)
 
     for module in (simulate, train_cmd, stream_cmd, benchmark_cmd, serve_cmd, nearline_cmd, join_cmd, corpus_cmd,
-                   experiments_cmd, control_cmd, tune_cmd, demo):
+                   experiments_cmd, control_cmd, tune_cmd, demo, retrieval_cmd):
         module.add_parser(sub)
     return parser
 
