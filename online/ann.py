@@ -371,6 +371,38 @@ class AnnIndex:
         scores[labels < 0] = -np.inf
         return ids, scores
 
+    def vectors_of(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        """The vectors of those ``ids`` the index holds: ``(found ids, float32 (n_found, dim))``, in the
+        order given (unknown ids are left out)."""
+        with self._lock.reading():
+            gen = self._gen
+            found = [i for i in dict.fromkeys(ids) if i in gen.slot_of]
+            if not found:
+                return [], np.zeros((0, self.dim), np.float32)
+            slots = np.fromiter((gen.slot_of[i] for i in found), dtype=np.int64, count=len(found))
+            return found, gen.index.reconstruct_batch(slots)
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[str]:
+        """Up to ``n`` distinct live ids drawn uniformly (dead slots are redrawn a few times)."""
+        with self._lock.reading():
+            gen = self._gen
+            live = len(gen.slot_of)
+            if n <= 0 or not live:
+                return []
+            if n >= live:
+                return list(gen.slot_of)
+            out: dict[str, None] = {}
+            for _ in range(8):   # each round draws what is missing, scaled up by the dead share
+                want = n - len(out)
+                draws = rng.integers(0, gen.slots, size=min(gen.slots, math.ceil(want * gen.slots / live) + 4))
+                for s in draws.tolist():
+                    item = gen.slot_ids[s]
+                    if item is not None:
+                        out[item] = None
+                        if len(out) == n:
+                            return list(out)
+            return list(out)
+
     def _search_params(self, gen: _Generation, k: int):
         """faiss search parameters for ``gen`` and the live-slot selector they point to (or None)."""
         selector = None

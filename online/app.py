@@ -26,6 +26,8 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from strategy import ValidationError, load_strategy, parse_events, parse_request, rank
+from strategy.retrieval import DEFAULT_RETRIEVAL
+from strategy.schema import parse_feed, parse_retrieve
 from strategy.blend import blend
 from strategy.checks import nodes
 from strategy.errors import FieldError
@@ -42,6 +44,7 @@ from .nearline import NearlineThread
 from .openapi import openapi_document
 from .predictor import RankerChain, RequestRows
 from .ratelimit import client_key, open_limiter
+from .retrieval import Retriever, candidate_of, open_retriever
 from .risk import RiskRules, load_risk
 
 log = logging.getLogger("stratarank.scorer")
@@ -181,11 +184,13 @@ class Scorer:
         self._pointers = {ref: current_pointer(config.registry, ref) for ref in followed_refs(config, serving)}
         self._model_loading: threading.Thread | None = None
         self.follower = None  # the in-process near-line thread feeding a private memory store
+        self.retriever = None  # online.retrieval.Retriever over the corpus (POST /v1/feed, /v1/retrieve)
 
     def close(self) -> None:
         """Stop the near-line thread and flush and close the bus and store (worker shutdown)."""
-        if self.follower is not None:
-            self.follower.stop()
+        for part in (self.follower, self.retriever):
+            if part is not None:
+                part.stop()
         self.metrics.close()
         for part in (self.bus, self.store):
             if part is not None:
@@ -282,11 +287,88 @@ class Scorer:
         req = parse_request(body, max_candidates=self.config.max_candidates)
         assignments = serving.assigner.assign(req.user_id) if serving.assigner is not None else []
         strategy, chain = self._strategy_and_chain(serving, req, assignments)
-        request_id = req.stable_id()
-
         keep, dropped = serving.risk.screen(req.candidates)
         cands = [req.candidates[i] for i in keep]
         realtime = self._lookup(req.user_id, cands)
+        return self._rank_candidates(serving, req, strategy, chain, assignments, cands, dropped, realtime)
+
+    def feed(self, body) -> dict:
+        """``POST /v1/feed``: retrieve the candidates from the corpus (``online.retrieval``), then the
+        ``/v1/rank`` path; the answer adds ``retrieved_by`` per item and a ``retrieval`` summary."""
+        if self.retriever is None:
+            raise ApiError(503, "retrieval_unavailable", "this scorer has no corpus to retrieve from", "")
+        t0 = time.perf_counter()
+        self.follow_ramps()
+        self.follow_model()
+        serving = self.serving
+        req = parse_feed(body)
+        assignments = serving.assigner.assign(req.user_id) if serving.assigner is not None else []
+        strategy, chain = self._strategy_and_chain(serving, req, assignments)
+        rt = self._user_features(req.user_id)
+        user = user_context(req.user_id, rt)
+        try:
+            pool = self.retriever.retrieve(strategy.retrieval or DEFAULT_RETRIEVAL, user)
+        except CorpusUnavailable as exc:
+            log.error("corpus read failed: %s", exc)
+            raise ApiError(503, "corpus_unavailable", "the corpus cannot be read now; retry", "",
+                           headers={"Retry-After": "1"}) from None
+        now = time.time()
+        sources = {it.item_id: srcs for it, srcs in zip(pool.items, pool.sources)}
+        cands = tuple(candidate_of(it, now, srcs) for it, srcs in zip(pool.items, pool.sources))
+        req = replace(req, candidates=cands)
+        keep, dropped = serving.risk.screen(cands)
+        kept = [cands[i] for i in keep]
+        realtime = self._lookup(req.user_id, kept, rt)
+        t1 = time.perf_counter()
+        out = self._rank_candidates(serving, req, strategy, chain, assignments, kept, dropped, realtime)
+        t2 = time.perf_counter()
+        for item in out["items"]:
+            item["retrieved_by"] = sources[item["item_id"]]
+        summary = pool.summary()
+        summary["timings_ms"].update(retrieval=round((t1 - t0) * 1e3, 3), ranking=round((t2 - t1) * 1e3, 3))
+        summary["model_version"] = self.retriever.model_version
+        out["retrieval"] = summary
+        self.metrics.observe_feed(summary)
+        return out
+
+    def retrieve(self, body) -> dict:
+        """``POST /v1/retrieve``: corpus items nearest a user, a text or an item, with what the
+        near-line store counted of each (the prompt engine's memory of what an audience engages with)."""
+        query = parse_retrieve(body)
+        if self.retriever is None or not self.retriever.has_vectors:
+            raise ApiError(503, "retrieval_unavailable", "no two-tower model is loaded (retrieval.model)", "",
+                           headers={"Retry-After": "5"})
+        user = None if query.user_id is None else user_context(query.user_id, self._user_features(query.user_id))
+        try:
+            found = self.retriever.similar(user=user, text=query.text, item_id=query.item_id, k=query.k)
+        except CorpusUnavailable as exc:
+            log.error("corpus read failed: %s", exc)
+            raise ApiError(503, "corpus_unavailable", "the corpus cannot be read now; retry", "",
+                           headers={"Retry-After": "1"}) from None
+        if found is None:
+            raise ApiError(404, "unknown_item", f"item '{query.item_id}' is not in the retrieval index", "item_id")
+        items, scores = found
+        engagement = self._engagement([it.item_id for it in items], [it.creator_id for it in items])
+        return {"model_version": self.retriever.model_version,
+                "items": [{**it.to_dict(), "score": round(score, 6), "engagement": engagement[k]}
+                          for k, (it, score) in enumerate(zip(items, scores))]}
+
+    def _engagement(self, item_ids: list, creator_ids: list) -> list[dict]:
+        """Per item, the near-line store's raw totals of each counter (impressions, click, like, ...)."""
+        empty = [{} for _ in item_ids]
+        if self.store is None or not item_ids:
+            return empty
+        try:
+            rt = self.store.lookup("", item_ids, creator_ids)
+        except StoreUnavailable as exc:
+            self._store_unavailable(exc)
+            return empty
+        totals = rt.item_totals
+        return [{name: float(values[k]) for name, values in totals.items()} for k in range(len(item_ids))]
+
+    def _rank_candidates(self, serving: Serving, req, strategy, chain, assignments, cands, dropped, realtime) -> dict:
+        """Features -> model -> strategy -> response of the candidates that passed the risk rules."""
+        request_id = req.stable_id()
         prediction = chain.predict(
             strategy, cands, lambda: self._frame(req, cands, realtime), realtime.get("item_counters"))
         P = prediction.matrix
@@ -314,16 +396,25 @@ class Scorer:
 
     # -------------------------------------------------------------- helpers
 
-    def _lookup(self, user_id: str, cands) -> dict:
-        """The user's real-time features (empty without a store). The candidates' counters, which
-        only the prior fallback reads, are one batched lookup made when it asks for them
-        (``item_counters`` is a callable): a model-served request reads the user's history alone."""
-        if self.store is None or not cands:
-            return {}
+    def _user_features(self, user_id: str):
+        """The user's real-time features without any item's (None without a store or when it fails)."""
+        if self.store is None:
+            return None
         try:
-            rt = self.store.lookup(user_id, [], [])
+            return self.store.lookup(user_id, [], [])
         except StoreUnavailable as exc:  # rank without real-time features rather than fail the request
             self._store_unavailable(exc)
+            return None
+
+    def _lookup(self, user_id: str, cands, rt=None) -> dict:
+        """The user's real-time features (empty without a store; ``rt``: already looked up). The
+        candidates' counters, which only the prior fallback reads, are one batched lookup made when it
+        asks for them (``item_counters`` is a callable): a model-served request reads the user's
+        history alone."""
+        if self.store is None or not cands:
+            return {}
+        rt = self._user_features(user_id) if rt is None else rt
+        if rt is None:
             return {}
 
         def item_counters():
@@ -402,6 +493,12 @@ class Scorer:
                                            for e in experiments])
 
 
+def user_context(user_id: str, rt) -> dict:
+    """What the two-tower user tower reads, from the store's lookup ``rt`` (None: an unknown user)."""
+    return {"user_id": user_id, "recent_items": list(getattr(rt, "recent_items", None) or []),
+            "topic_affinity": dict(getattr(rt, "topic_affinity", None) or {})}
+
+
 def nearline_lag(progress: dict, now: float | None = None) -> float:
     """A near-line consumer's lag from what it last recorded in a shared store: 0 while it says
     it is caught up and said so recently, else the age of the newest record it applied."""
@@ -447,6 +544,13 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
             metrics.corpus_items.set(corpus.count(include_blocked=False))
 
     scorer.metrics.watch(sample_corpus)
+    scorer.retriever = open_retriever(config, corpus, store)
+
+    def sample_retrieval(metrics: Metrics) -> None:
+        if scorer.retriever.has_vectors:
+            metrics.retrieval_indexed.set(scorer.retriever.status()["indexed"])
+
+    scorer.metrics.watch(sample_retrieval)
     limiter = None
     if config.rate_per_s:
         limiter = open_limiter(config.rate_storage, config.rate_per_s, config.rate_burst,
@@ -556,6 +660,16 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
             shown = "(not UTF-8)" if item_id is None else f"'{item_id}'"
             raise ApiError(404, "unknown_item", f"no item {shown} in the corpus (or it expired)", "item_id")
         return jsonify(item.to_dict())
+
+    @app.post("/v1/feed")
+    def feed_endpoint():
+        guard_public()
+        return jsonify(scorer.feed(json_body()))
+
+    @app.post("/v1/retrieve")
+    def retrieve_endpoint():
+        guard_public()
+        return jsonify(scorer.retrieve(json_body()))
 
     @app.get("/healthz")
     def healthz():

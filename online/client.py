@@ -1,5 +1,5 @@
-"""A small typed Python client of the scorer's HTTP API (``/v1/rank``, ``/v1/events``, ``/v1/items``,
-``/readyz``).
+"""A small typed Python client of the scorer's HTTP API (``/v1/rank``, ``/v1/feed``, ``/v1/retrieve``,
+``/v1/events``, ``/v1/items``, ``/readyz``).
 
 One :class:`Client` holds one keep-alive connection, so it is not shared between threads: give each
 thread its own (they are cheap). Calls time out after ``timeout_s``; a dropped connection, a 429 or a
@@ -15,6 +15,8 @@ one ``event_id`` (both counted); an item write applied twice leaves the item as 
         scorer.events([{"event_id": "e1", "type": "click", "user_id": "u1", "item_id": "i1", "ts": ...}])
         scorer.items([{"item_id": "i9", "source": "llm", "text": "...", "generator": {"model": "m", "prior_score": 0.7}}])
         scorer.item("i9")   # the stored item, or None
+        feed = scorer.feed("u1", slate_size=10)          # retrieved from the corpus, then ranked
+        memory = scorer.retrieve(text="crispy garlic noodles", k=20)["items"]
 
 A 4xx or a 5xx that is not retried (or still fails) raises :class:`ApiError` with the body's
 ``{"error": {"code", "message", "path"}}``; :meth:`Client.call` returns ``(status, body)`` without
@@ -53,6 +55,14 @@ class RankResponse(TypedDict):
     degraded: bool
 
 
+class FeedResponse(RankResponse):
+    """The body of a 200 from ``/v1/feed``: a rank response whose items carry ``retrieved_by`` (the
+    sources that found each), plus ``retrieval`` ({candidates, found, credited, unavailable, timings_ms,
+    model_version})."""
+
+    retrieval: dict
+
+
 class ItemsResponse(TypedDict):
     """The body of a 200 from ``POST /v1/items``."""
 
@@ -78,6 +88,11 @@ class StoredItem(TypedDict, total=False):
     blocked: bool
     blocked_reason: str | None  # blocked | risk:<rule>
     seq: int
+
+
+def _given(**fields) -> dict:
+    """The optional body fields that were given (None means absent)."""
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 class ApiError(Exception):
@@ -175,12 +190,23 @@ class Client:
              slate_size: int | None = None, strategy: str | None = None,
              request_id: str | None = None) -> RankResponse:
         """``POST /v1/rank``: the ranked slate of ``candidates`` for ``user_id``."""
-        body: dict = {"user_id": user_id, "candidates": candidates}
-        for key, value in (("context", context), ("slate_size", slate_size), ("strategy", strategy),
-                           ("request_id", request_id)):
-            if value is not None:
-                body[key] = value
+        body = {"user_id": user_id, "candidates": candidates,
+                **_given(context=context, slate_size=slate_size, strategy=strategy, request_id=request_id)}
         return self._ok("POST", "/v1/rank", body, (200,))
+
+    def feed(self, user_id: str, *, context: dict | None = None, slate_size: int | None = None,
+             strategy: str | None = None, request_id: str | None = None) -> FeedResponse:
+        """``POST /v1/feed``: ``user_id``'s slate, its candidates retrieved from the corpus."""
+        body = {"user_id": user_id,
+                **_given(context=context, slate_size=slate_size, strategy=strategy, request_id=request_id)}
+        return self._ok("POST", "/v1/feed", body, (200,))
+
+    def retrieve(self, *, user_id: str | None = None, text: str | None = None, item_id: str | None = None,
+                 k: int = 20) -> dict:
+        """``POST /v1/retrieve``: ``{"model_version", "items"}``, the ``k`` corpus items nearest exactly one
+        of a user, a text or an item, each a stored item plus ``score`` and ``engagement`` (counter totals)."""
+        body = {**_given(user_id=user_id, text=text, item_id=item_id), "k": k}
+        return self._ok("POST", "/v1/retrieve", body, (200,))
 
     def events(self, events: list[dict]) -> int:
         """``POST /v1/events``: the number of events accepted."""

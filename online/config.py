@@ -5,7 +5,8 @@ Relative paths are resolved from the working directory. Secrets never live in th
 The ``bus``, ``store`` and ``nearline`` sections are validated by ``online.nearline``
 (``NearlineConfig``), which the scorer shares with the near-line consumer; ``joiner`` by
 ``online.joiner`` (``JoinerConfig``, read by ``stratarank join``); ``corpus`` by ``online.corpus``
-(``CorpusConfig``: the item corpus of ``/v1/items`` and ``stratarank corpus``).
+(``CorpusConfig``: the item corpus of ``/v1/items`` and ``stratarank corpus``); ``retrieval`` by
+``online.retrieval`` (``RetrievalConfig``: the two-tower model and index of ``/v1/feed``).
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from strategy.errors import Errors, ValidationError
 from .corpus import CorpusConfig, corpus_config_from_dict
 from .nearline import NearlineConfig
 from .ratelimit import check_storage_url
+from .retrieval import RetrievalConfig, retrieval_config_from_dict
 
 SECTIONS = ("server", "strategies", "model", "risk", "auth", "rate_limit", "logging", "bus", "store", "nearline",
-            "experiments", "joiner", "corpus")
+            "experiments", "joiner", "corpus", "retrieval")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
@@ -58,6 +60,7 @@ class ServiceConfig:
     nearline: NearlineConfig = field(default_factory=NearlineConfig)  # bus, store, near-line consumer
     experiments: dict = field(default_factory=dict)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)  # the item corpus (online/corpus.py)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # /v1/feed's sources (online/retrieval.py)
 
 
 def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=None) -> ServiceConfig:
@@ -156,6 +159,7 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
             if "file" in section:
                 out["experiments"] = section
     out["corpus"] = corpus_config_from_dict(errs, obj.get("corpus"), "corpus")
+    out["retrieval"] = retrieval_config_from_dict(errs, obj.get("retrieval"), "retrieval")
     try:
         out["nearline"] = NearlineConfig.from_dict({k: obj[k] for k in ("bus", "store", "nearline") if k in obj})
     except ValidationError as exc:

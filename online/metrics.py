@@ -100,7 +100,32 @@ class Metrics:
         return Counter("stratarank_corpus_writes", "Item writes accepted by /v1/items, by outcome (created, "
                        "updated, expired).", ["outcome"], registry=self.registry)
 
+    @cached_property
+    def feed_stage(self) -> Histogram:
+        return Histogram("stratarank_feed_stage_seconds", "Time of each stage of /v1/feed: retrieval (all of it), "
+                         "its parts (user_tower, each source, corpus) and ranking.", ["stage"],
+                         buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    @cached_property
+    def feed_candidates(self) -> Counter:
+        return Counter("stratarank_feed_candidates", "Candidates /v1/feed pooled, by the source that brought "
+                       "each in first.", ["source"], registry=self.registry)
+
+    @cached_property
+    def retrieval_indexed(self) -> Gauge:
+        return Gauge("stratarank_retrieval_indexed_items", "Items in the two-tower index of /v1/feed.",
+                     multiprocess_mode="livemax", registry=self.registry)
+
     # ------------------------------------------------------------ updates
+
+    def observe_feed(self, summary: dict) -> None:
+        """One /v1/feed answer's ``retrieval`` summary: its stage timings and per-source credits."""
+        for stage, ms in summary["timings_ms"].items():
+            if stage != "total":
+                self.feed_stage.labels(stage).observe(ms / 1e3)
+        for source, n in summary["credited"].items():
+            if n:
+                self.feed_candidates.labels(source).inc(n)
 
     @property
     def model_version(self) -> str | None:

@@ -9,6 +9,7 @@ from strategy.schema import (
     FEATURE_STR_MAX,
     MAX_DEPTH,
     MAX_EVENTS,
+    MAX_RETRIEVE,
     MAX_SLATE,
     MAX_TEXT,
     SOURCE_RE,
@@ -90,6 +91,51 @@ RANK_RESPONSE = {
     },
 }
 
+FEED_REQUEST = {
+    "type": "object",
+    "required": ["user_id"],
+    "additionalProperties": False,
+    "properties": {k: v for k, v in RANK_REQUEST["properties"].items() if k != "candidates"},
+    "description": "a /v1/rank body without candidates: the engine retrieves them (the strategy's retrieval: "
+                   "section, strategy/retrieval.py)",
+}
+
+SOURCE_COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
+
+FEED_RESPONSE = {
+    **RANK_RESPONSE,
+    "required": [*RANK_RESPONSE["required"], "retrieval"],
+    "properties": {
+        **RANK_RESPONSE["properties"],
+        "items": {"type": "array", "items": {**RANK_RESPONSE["properties"]["items"]["items"], "properties": {
+            **RANK_RESPONSE["properties"]["items"]["items"]["properties"],
+            "retrieved_by": {"type": "array", "items": {"type": "string"},
+                             "description": "every retrieval source that found the item"}}}},
+        "retrieval": {"type": "object", "required": ["candidates", "found", "credited", "unavailable", "timings_ms"],
+                      "properties": {
+            "candidates": {"type": "integer", "description": "the pool the ranker scored"},
+            "found": {**SOURCE_COUNTS, "description": "items each source returned"},
+            "credited": {**SOURCE_COUNTS, "description": "pool slots each source filled first"},
+            "unavailable": {"type": "object", "additionalProperties": {"type": "string"},
+                            "description": "sources that could not run, and why"},
+            "timings_ms": {"type": "object", "additionalProperties": NUMBER,
+                           "description": "retrieval, ranking, and retrieval's parts"},
+            "model_version": _nullable({"type": "string", "description": "the two-tower model"})}},
+    },
+}
+
+RETRIEVE_REQUEST = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "exactly one of user_id, text, item_id",
+    "properties": {
+        "user_id": _nullable(ID),
+        "text": _nullable({"type": "string", "minLength": 1, "maxLength": MAX_TEXT}),
+        "item_id": _nullable(ID),
+        "k": _nullable({"type": "integer", "minimum": 1, "maximum": MAX_RETRIEVE}),
+    },
+}
+
 EVENT = {
     "type": "object",
     "required": ["event_id", "ts", "type", "user_id", "item_id"],
@@ -154,6 +200,13 @@ STORED_ITEM = {"type": "object", "required": ["item_id", "source", "created_at",
     "blocked_reason": _nullable({"type": "string", "description": "blocked | risk:<rule>"}),
     "seq": {"type": "integer", "description": "grows with every write to the corpus"}}}
 
+RETRIEVE_RESPONSE = {"type": "object", "required": ["model_version", "items"], "properties": {
+    "model_version": {"type": "string"},
+    "items": {"type": "array", "items": {**STORED_ITEM, "properties": {
+        **STORED_ITEM["properties"], "score": NUMBER,
+        "engagement": {"type": "object", "additionalProperties": NUMBER,
+                       "description": "the near-line store's totals (impressions, click, like, ...)"}}}}}}
+
 BODY_RULES = (
     "UTF-8 JSON as RFC 8259 defines it (a leading byte order mark is skipped): NaN, Infinity, a number past a "
     "double's range, a lone surrogate and a string that holds U+0000 are 400 invalid_json / invalid_string; a "
@@ -189,6 +242,19 @@ def openapi_document() -> dict:
                 "requestBody": _body(RANK_REQUEST),
                 "responses": {"200": {"description": "the slate", **_json(RANK_RESPONSE)},
                               **_errors(400, 401, 404, 413, 415, 429)}}},
+            "/v1/feed": {"post": {
+                "summary": "Build a user's feed: retrieve candidates from the corpus, then rank them as /v1/rank",
+                "security": [{"apiKey": []}],
+                "requestBody": _body(FEED_REQUEST),
+                "responses": {"200": {"description": "the slate, with its retrieval", **_json(FEED_RESPONSE)},
+                              **_errors(400, 401, 404, 413, 415, 429, 503)}}},
+            "/v1/retrieve": {"post": {
+                "summary": "Corpus items nearest a user, a text or an item, with their engagement counters "
+                           "(an AIGC prompt engine's memory)",
+                "security": [{"apiKey": []}],
+                "requestBody": _body(RETRIEVE_REQUEST),
+                "responses": {"200": {"description": "the items, best first", **_json(RETRIEVE_RESPONSE)},
+                              **_errors(400, 401, 404, 413, 415, 429, 503)}}},
             "/v1/events": {"post": {
                 "summary": "Accept a batch of feedback events",
                 "security": [{"apiKey": []}],

@@ -17,6 +17,7 @@ import yaml
 
 from .checks import NAME_RE, as_dict, as_list, as_number, as_str, check_keys
 from .errors import Errors, FieldError, ValidationError, did_you_mean, join_path
+from .retrieval import DEFAULT_RETRIEVAL_SECTION, RetrievalPlan, retrieval_from_dict
 
 OBJECTIVE_TYPES = ("binary", "regression")
 TRANSFORMS = ("identity", "log1p")
@@ -24,7 +25,8 @@ FORMULAS = ("weighted_sum", "weighted_product")
 ACTIONS = ("drop", "demote")
 DIVERSITY_KEYS = ("topic", "creator_id", "source")
 DIVERSITY_METHODS = ("window", "mmr")
-TOP_KEYS = ("strategy", "objectives", "blend", "guardrails", "sources", "rerank", "exploration", "slate_size")
+TOP_KEYS = ("strategy", "objectives", "blend", "guardrails", "sources", "rerank", "exploration", "slate_size",
+            "retrieval")
 OBJECTIVE_KEYS = ("event", "type", "weight", "transform", "calibration")
 DEFAULT_SLATE = 20
 
@@ -103,6 +105,7 @@ class Strategy:
     diversity: Diversity | None = None
     epsilon: float = 0.0
     slate_size: int = DEFAULT_SLATE
+    retrieval: RetrievalPlan | None = None  # what POST /v1/feed retrieves (None: strategy.retrieval.DEFAULT_RETRIEVAL)
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -196,6 +199,8 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
             if parts[1] not in names:
                 errs.add(dotted, f"unknown objective '{parts[1]}'{did_you_mean(parts[1], names)}", "unknown_key")
                 continue
+        if parts[0] == "retrieval" and len(parts) > 1 and out.get("retrieval") is None:
+            out["retrieval"] = copy.deepcopy(DEFAULT_RETRIEVAL_SECTION)  # override one source, keep the others
         node = out
         for i, part in enumerate(parts[:-1]):
             key = int(part) if isinstance(node, list) and part.isdigit() else part
@@ -266,9 +271,11 @@ def strategy_from_dict(data, source: str = "<dict>", lines: dict[str, int] | Non
             check_keys(errs, e, "exploration", ("epsilon",))
             epsilon = as_number(errs, e.get("epsilon", 0.0), "exploration.epsilon", lo=0, hi=1, hi_open=True) or 0.0
 
+    retrieval = retrieval_from_dict(errs, obj["retrieval"]) if obj.get("retrieval") is not None else None
+
     errs.raise_if_any(source, lines)
     return Strategy(name, tuple(objectives), blend, tuple(guardrails), sources, diversity,
-                    float(epsilon), int(slate_size), copy.deepcopy(obj))
+                    float(epsilon), int(slate_size), retrieval, copy.deepcopy(obj))
 
 
 def _objectives(errs: Errors, value) -> list[Objective]:

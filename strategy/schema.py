@@ -35,6 +35,7 @@ MAX_TEXT = 20_000
 MAX_SLATE = 1_000
 DEFAULT_MAX_CANDIDATES = 2_000
 MAX_EVENTS = 10_000
+MAX_RETRIEVE = 1_000  # the most items one /v1/retrieve answers
 MAX_DEPTH = 8  # arrays and objects a body nests (the schema needs 5: body.candidates[i].features.x[j])
 
 
@@ -194,6 +195,8 @@ def _timestamp(errs: Errors, value, path: str) -> float | None:
 
 CANDIDATE_KEYS = ("item_id", "source", "creator_id", "topic", "text", "features", "generator", "predictions")
 REQUEST_KEYS = ("request_id", "user_id", "context", "slate_size", "strategy", "candidates")
+FEED_KEYS = ("request_id", "user_id", "context", "slate_size", "strategy")
+RETRIEVE_KEYS = ("user_id", "text", "item_id", "k")
 EVENT_KEYS = ("event_id", "ts", "type", "user_id", "item_id", "request_id", "value")
 
 
@@ -479,15 +482,7 @@ def parse_request(data, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> Request
     if obj is None:
         errs.raise_if_any()
     check_keys(errs, obj, "", REQUEST_KEYS, required=("user_id", "candidates"))
-    user_id = as_id(errs, obj["user_id"], "user_id") if "user_id" in obj else None
-    request_id = as_id(errs, obj["request_id"], "request_id") if obj.get("request_id") is not None else None
-    context = as_dict(errs, obj["context"], "context") if obj.get("context") is not None else {}
-    if context:
-        _nesting(errs, context, "context", MAX_DEPTH - 1)
-    slate_size = None
-    if obj.get("slate_size") is not None:
-        slate_size = as_number(errs, obj["slate_size"], "slate_size", lo=1, hi=MAX_SLATE, integer=True)
-    strategy = as_str(errs, obj["strategy"], "strategy", pattern=NAME_RE) if obj.get("strategy") is not None else None
+    user_id, request_id, context, slate_size, strategy = _request_fields(errs, obj)
     candidates: list[Candidate] = []
     if "candidates" in obj:
         raw = as_list(errs, obj["candidates"], "candidates", max_len=max_candidates)
@@ -506,6 +501,69 @@ def parse_request(data, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> Request
                         candidates.append(cand)
     errs.raise_if_any()
     return Request(user_id, tuple(candidates), request_id, context or {}, slate_size, strategy)
+
+
+def _request_fields(errs: Errors, obj: dict) -> tuple:
+    """``user_id``, ``request_id``, ``context``, ``slate_size``, ``strategy`` of a rank or feed body."""
+    user_id = as_id(errs, obj["user_id"], "user_id") if "user_id" in obj else None
+    request_id = as_id(errs, obj["request_id"], "request_id") if obj.get("request_id") is not None else None
+    context = as_dict(errs, obj["context"], "context") if obj.get("context") is not None else {}
+    if context:
+        _nesting(errs, context, "context", MAX_DEPTH - 1)
+    slate_size = None
+    if obj.get("slate_size") is not None:
+        slate_size = as_number(errs, obj["slate_size"], "slate_size", lo=1, hi=MAX_SLATE, integer=True)
+    strategy = as_str(errs, obj["strategy"], "strategy", pattern=NAME_RE) if obj.get("strategy") is not None else None
+    return user_id, request_id, context, slate_size, strategy
+
+
+def parse_feed(data) -> Request:
+    """Validate a ``/v1/feed`` body (a ``/v1/rank`` body without candidates: the engine retrieves
+    them); the :class:`Request` it returns has none yet."""
+    errs = Errors()
+    obj = as_dict(errs, data, "")
+    if obj is None:
+        errs.raise_if_any()
+    check_keys(errs, obj, "", FEED_KEYS, required=("user_id",))
+    user_id, request_id, context, slate_size, strategy = _request_fields(errs, obj)
+    errs.raise_if_any()
+    return Request(user_id, (), request_id, context or {}, slate_size, strategy)
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveQuery:
+    """A ``/v1/retrieve`` body: exactly one of ``user_id``, ``text``, ``item_id``, and ``k``."""
+
+    user_id: str | None = None
+    text: str | None = None
+    item_id: str | None = None
+    k: int = 20
+
+
+def parse_retrieve(data) -> RetrieveQuery:
+    """Validate a ``/v1/retrieve`` body; raises :class:`~strategy.errors.ValidationError`."""
+    errs = Errors()
+    obj = as_dict(errs, data, "")
+    if obj is None:
+        errs.raise_if_any()
+    check_keys(errs, obj, "", RETRIEVE_KEYS)
+    given = [key for key in ("user_id", "text", "item_id") if obj.get(key) is not None]
+    if len(given) != 1:
+        errs.add("", f"give exactly one of user_id, text, item_id (got {', '.join(given) or 'none'})",
+                 "required" if not given else "conflict")
+    fields: dict = {}
+    for key in ("user_id", "item_id"):
+        if obj.get(key) is not None:
+            fields[key] = as_id(errs, obj[key], key)
+    if obj.get("text") is not None:
+        text = as_str(errs, obj["text"], "text", max_len=MAX_TEXT)
+        if text is not None and not text.strip():
+            errs.add("text", "must hold at least one word", "required")
+        fields["text"] = text
+    if obj.get("k") is not None:
+        fields["k"] = as_number(errs, obj["k"], "k", lo=1, hi=MAX_RETRIEVE, integer=True)
+    errs.raise_if_any()
+    return RetrieveQuery(**fields)
 
 
 def parse_event(data, path: str = "", errs: Errors | None = None) -> FeedbackEvent | None:

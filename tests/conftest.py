@@ -40,3 +40,26 @@ def small_train_config(tmp_path):
         return df, tmp_path / "train.yaml"
 
     return write
+
+
+@pytest.fixture(scope="session")
+def two_tower(tmp_path_factory):
+    """A two-tower model trained on the small world's logs (conf/train/two_tower_small.yaml), registered:
+    ``{"registry", "name", "world", "logs"}``."""
+    from dataclasses import replace
+
+    import torch
+
+    from ranking.two_tower import load_two_tower_config, register_two_tower, train_two_tower
+    from world import World
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("two-tower")
+    world = World.from_yaml(ROOT / "conf" / "sim" / "small.yaml")
+    logs, _ = world.simulate_logs(progress=False)
+    logs.to_parquet(folder / "impressions.parquet")
+    cfg = load_two_tower_config(ROOT / "conf" / "train" / "two_tower_small.yaml")
+    cfg = replace(cfg, data=replace(cfg.data, loader="table", path=str(folder / "impressions.parquet")),
+                  registry=str(folder / "registry"))
+    register_two_tower(cfg.registry, cfg.name, train_two_tower(cfg, log=lambda *a: None, progress=False))
+    return {"registry": cfg.registry, "name": cfg.name, "world": world, "logs": logs}

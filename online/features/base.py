@@ -167,6 +167,11 @@ class FeatureStore:
                now: float | None = None) -> RealtimeFeatures:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def top_items(self, counter: str, n: int, now: float | None = None) -> list[tuple[str, float]] | None:
+        """The ``n`` items with the highest ``counter`` decayed to ``now``, ``[(item_id, value)]`` best
+        first (the trending candidate source); None where the backend cannot rank all its items."""
+        return None
+
     def snapshot(self) -> Path | None:
         """Persist the state (memory backend); a no-op where the backend is durable itself."""
         return None

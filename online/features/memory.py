@@ -166,6 +166,17 @@ class MemoryStore(FeatureStore):
         return RealtimeFeatures(user_id, now, recent_items, affinity, items_dec, cre_dec, items_tot, cre_tot,
                                 len(item_ids), len(creator_ids))
 
+    def top_items(self, counter, n, now=None) -> list[tuple[str, float]]:
+        now = time.time() if now is None else float(now)
+        with self._lock:   # a copy of one dict's items: a few ms for 100k items, done every few seconds
+            entries = list(self.item_decayed.get(counter, {}).items())
+        if not entries or n <= 0:
+            return []
+        packed = np.fromiter((c for _, c in entries), dtype=np.complex128, count=len(entries))
+        values = packed.real * np.exp2(-(now - packed.imag) / self._half)
+        best = np.argsort(-values, kind="stable")[: int(n)]
+        return [(entries[i][0], float(values[i])) for i in best.tolist()]
+
     # ---- persistence: version 2 writes each table by column (ids, totals, decayed values, times); a
     # version-1 snapshot (per entity [total, decayed, time] lists, the earlier layout) still restores
 

@@ -20,6 +20,7 @@ from online.app import create_app
 from online.config import ServiceConfig
 from online.corpus import CorpusConfig
 from online.nearline import BusConfig, NearlineConfig
+from online.retrieval import RetrievalConfig
 from strategy.schema import MAX_DEPTH
 
 MAX_BODY = 256 * 1024
@@ -156,11 +157,12 @@ def hostile(valid):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, two_tower):
     bus = BusConfig(url=f"embedded://{tmp_path_factory.mktemp('fuzz') / 'bus'}")
     corpus = CorpusConfig(path=str(tmp_path_factory.mktemp("fuzz-corpus") / "corpus.db"))
+    retrieval = RetrievalConfig(model=two_tower["name"], registry=two_tower["registry"], sync_interval_s=0.05)
     app = create_app(ServiceConfig(nearline=NearlineConfig(bus=bus), risk_file="conf/risk.yaml",
-                                   max_body_bytes=MAX_BODY, corpus=corpus))
+                                   max_body_bytes=MAX_BODY, corpus=corpus, retrieval=retrieval))
     doc = app.test_client().get("/openapi.json").get_json()
     srv = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -169,7 +171,8 @@ def server(tmp_path_factory):
     srv.shutdown()
 
 
-COUNT = {"requests": 0, "5xx": [], "statuses": Counter(), "items_written": 0}
+COUNT = {"requests": 0, "5xx": [], "statuses": Counter(), "items_written": 0, "feeds_with_items": 0,
+         "retrieved": 0}
 SENT: Counter = Counter()   # kind of Raw part -> times it went into a body
 
 
@@ -201,10 +204,10 @@ FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=list(Heal
 HOSTILE = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-FUZZED_POSTS = ("/v1/rank", "/v1/events", "/v1/items")
+FUZZED_POSTS = ("/v1/rank", "/v1/events", "/v1/items", "/v1/feed", "/v1/retrieve")
 
 
-def test_fuzz_rank_events_and_items(server):
+def test_fuzz_every_post_endpoint(server):
     port, doc = server
     posted = {p for p, ops in doc["paths"].items() if "requestBody" in ops.get("post", {})}
     assert posted == set(FUZZED_POSTS), "a POST endpoint of the OpenAPI document is not fuzzed"
@@ -246,6 +249,23 @@ def test_fuzz_rank_events_and_items(server):
                 else:
                     assert got_status == 200 or (got_status == 404 and got["error"]["code"] == "unknown_item"), got
 
+    @FUZZ
+    @given(bodies("/v1/feed"))
+    def fuzz_feed(body):   # after fuzz_items: the corpus holds what it wrote
+        status, answer = post(port, "/v1/feed", encode(body))
+        if status == 200:
+            assert all(item["retrieved_by"] for item in answer["items"])
+            COUNT["feeds_with_items"] += bool(answer["items"])
+
+    @FUZZ
+    @given(bodies("/v1/retrieve"))
+    def fuzz_retrieve(body):
+        status, answer = post(port, "/v1/retrieve", encode(body))
+        if status == 200:
+            COUNT["retrieved"] += len(answer["items"])
+        else:
+            assert status in (400, 404, 413, 415), (status, answer)
+
     @HOSTILE
     @given(st.sampled_from(list(FUZZED_POSTS)).flatmap(
         lambda path: st.tuples(st.just(path), hostile(from_schema(schemas[path])))))
@@ -258,9 +278,12 @@ def test_fuzz_rank_events_and_items(server):
     fuzz_rank()
     fuzz_events()
     fuzz_items()
+    fuzz_feed()
+    fuzz_retrieve()
     fuzz_hostile()
-    assert COUNT["requests"] >= 900, COUNT["requests"]
+    assert COUNT["requests"] >= 1400, COUNT["requests"]
     assert COUNT["items_written"], "no generated /v1/items body was valid"
+    assert COUNT["feeds_with_items"] and COUNT["retrieved"], "no feed or retrieve answered from the corpus"
     assert COUNT["5xx"] == []
     reached = {"number", "surrogate", "not_utf8", "nul", "deep", "size", "binary", "mutated_replace"}
     assert reached <= set(SENT), SENT   # the generator really sent every hostile shape

@@ -1,0 +1,168 @@
+"""Feed retrieval quality on the living world: recall of each candidate source and of their blend.
+
+The living world (``--world``, default conf/sim/living.yaml: ~100k items alive at a time, 10k users)
+is simulated for ``--impressions``; a two-tower model is trained on those logs
+(``--train-config``, default conf/train/two_tower_living.yaml, or ``--model`` from ``--registry``);
+at the end of the logs (time T) the corpus holds every item alive at T, the near-line store has
+applied every logged event, and the retriever (``online.retrieval.Retriever``) has indexed the corpus.
+
+For ``--users`` users who engaged at least once: the oracle is the ``--top`` items the world's truth
+ranks highest for the user at T (P(click) at the top position, over every alive item); recall@K is the
+share of them in a pool of K items (``--k``, default 500). Rows: each source alone (its count K), the
+blend (the default ``retrieval:`` section scaled to K), popularity (the alive items with the most logged
+clicks) and the world's own candidate generator (``World.candidates``: its topic-personalised draws).
+Goal: blend >= 0.5, above popularity and the world's generator. Never fails on a figure.
+
+    .venv/bin/python bench/feed_recall_bench.py [--impressions 300000] [--users 300] [--k 500]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from online.corpus import Corpus, CorpusConfig  # noqa: E402
+from online.features import MemoryStore  # noqa: E402
+from online.retrieval import RetrievalConfig, Retriever  # noqa: E402
+from strategy.items import MAX_ITEMS, parse_items  # noqa: E402
+from strategy.retrieval import DEFAULT_RETRIEVAL, SOURCE_NAMES, RetrievalPlan, RetrievalSource  # noqa: E402
+from world import World  # noqa: E402
+
+GOAL = 0.5
+
+
+def corpus_items(world: World, ts: float) -> list[dict]:
+    """The world's items alive at ``ts`` as ``POST /v1/items`` writes."""
+    cat = world.catalog()
+    alive = cat[(cat["born_ts"] <= ts) & (cat["expires_ts"] > ts)]
+    out = []
+    for row in alive.itertuples(index=False):
+        item = {"item_id": row.item_id, "source": "llm" if row.source == "llm" else "human",
+                "creator_id": row.creator_id, "topic": row.topic, "text": row.text,
+                "created_at": float(row.born_ts), "expires_at": float(row.expires_ts)}
+        if row.source == "llm":
+            item["generator"] = {"model": row.generator, "prior_score": float(row.prior_score)}
+        out.append(item)
+    return out
+
+
+def scaled(plan: RetrievalPlan, k: int) -> RetrievalPlan:
+    f = k / plan.max_candidates
+    return RetrievalPlan(tuple(replace(s, count=max(1, round(s.count * f))) for s in plan.sources), k)
+
+
+def train_model(args, imp, folder: Path) -> tuple[str, str]:
+    from ranking.two_tower import load_two_tower_config, register_two_tower, train_two_tower
+
+    logs = folder / "logs.parquet"
+    imp.to_parquet(logs)
+    cfg = load_two_tower_config(args.train_config)
+    cfg = replace(cfg, data=replace(cfg.data, loader="table", path=str(logs)), registry=str(folder / "registry"))
+    t = time.perf_counter()
+    trained = train_two_tower(cfg, progress=True)
+    register_two_tower(cfg.registry, cfg.name, trained)
+    print(f"two-tower trained in {time.perf_counter() - t:.0f} s", flush=True)
+    return cfg.registry, cfg.name
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", default=str(ROOT / "conf/sim/living.yaml"))
+    ap.add_argument("--impressions", type=int, default=300_000)
+    ap.add_argument("--train-config", default=str(ROOT / "conf/train/two_tower_living.yaml"))
+    ap.add_argument("--model", help="a registered two-tower model (with --registry) instead of training one")
+    ap.add_argument("--registry", default="registry")
+    ap.add_argument("--users", type=int, default=300)
+    ap.add_argument("--k", type=int, default=500)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from ranking.two_tower import load_two_tower
+
+    folder = Path(tempfile.mkdtemp(prefix="feed-recall-"))
+    world = World.from_yaml(args.world)
+    imp, ev = world.simulate_logs(args.impressions, progress=True)
+    T = float(imp["ts"].max())
+    registry, ref = (args.registry, args.model) if args.model else train_model(args, imp, folder)
+    encoder = load_two_tower(registry, ref)
+
+    clock = lambda: T  # noqa: E731 - the world's time, not the wall clock
+    corpus = Corpus(CorpusConfig(path=str(folder / "corpus.db"), synchronous="normal"), clock=clock)
+    writes = corpus_items(world, T)
+    for start in tqdm(range(0, len(writes), MAX_ITEMS), desc="corpus", unit="batch"):
+        corpus.upsert(parse_items({"items": writes[start:start + MAX_ITEMS]}))
+    store = MemoryStore()
+    events = ev.to_dict("records")
+    for start in range(0, len(events), 50_000):
+        store.apply(events[start:start + 50_000])
+    retriever = Retriever(RetrievalConfig(), corpus, encoder, store, clock=clock, seed=args.seed)
+    t = time.perf_counter()
+    retriever.sync()
+    print(f"indexed {retriever.status()['indexed']} items ({retriever.status()['kind']}) in "
+          f"{time.perf_counter() - t:.1f} s", flush=True)
+    retriever.refresh_trending(force=True)
+
+    alive_ids = np.array([w["item_id"] for w in writes], dtype=object)
+    alive_idx = world.item_index(alive_ids)
+    clicks = ev[ev["type"] == "click"]["item_id"].value_counts()
+    popular = [i for i in clicks.index if i in set(alive_ids)][: args.k]
+    engaged = sorted(set(ev["user_id"]))
+    rng = np.random.default_rng(args.seed)
+    users = list(rng.choice(engaged, size=min(args.users, len(engaged)), replace=False))
+
+    plans = {name: RetrievalPlan((RetrievalSource(name, args.k),), args.k) for name in SOURCE_NAMES}
+    plans["blend"] = scaled(DEFAULT_RETRIEVAL, args.k)
+    rows = {name: [] for name in [*plans, "popularity", "world generator"]}
+    sizes = {name: [] for name in rows}
+    latency = []
+    for user_id in tqdm(users, desc="users", unit="user"):
+        p = world.true_probs(np.full(len(alive_idx), user_id, dtype=object), alive_ids, np.ones(len(alive_idx)),
+                             ts=np.full(len(alive_idx), T))["click"]
+        oracle = set(alive_ids[np.argsort(-p, kind="stable")[: args.top]])
+        rt = store.lookup(user_id, [], [], now=T)
+        user = {"user_id": user_id, "recent_items": rt.recent_items, "topic_affinity": rt.topic_affinity}
+        for name, plan in plans.items():
+            t = time.perf_counter()
+            pool = retriever.retrieve(plan, user, now=T)
+            if name == "blend":
+                latency.append((time.perf_counter() - t) * 1e3)
+            got = {it.item_id for it in pool.items}
+            rows[name].append(len(got & oracle) / args.top)
+            sizes[name].append(len(got))
+        gen = {c["item_id"] for c in world.candidates(user_id, args.k, rng, ts=T)}
+        rows["world generator"].append(len(gen & oracle) / args.top)
+        sizes["world generator"].append(len(gen))
+        rows["popularity"].append(len(set(popular) & oracle) / args.top)
+        sizes["popularity"].append(len(popular))
+
+    print(f"\nliving world {Path(args.world).name}: {len(alive_ids):,} items alive at the end of {len(imp):,} "
+          f"impressions, {len(users)} users; oracle: each user's top {args.top} by true P(click)")
+    print(f"{'source':<18}{'recall@' + str(args.k):>12}{'± se':>8}{'pool':>8}")
+    for name, values in rows.items():
+        v = np.asarray(values)
+        print(f"{name:<18}{v.mean():>12.3f}{v.std(ddof=1) / np.sqrt(len(v)):>8.3f}{np.mean(sizes[name]):>8.0f}")
+    blend = float(np.mean(rows["blend"]))
+    print(f"blend {blend:.3f} (goal >= {GOAL}): {blend / max(np.mean(rows['popularity']), 1e-9):.2f}x popularity, "
+          f"{blend / max(np.mean(rows['world generator']), 1e-9):.2f}x the world's generator")
+    lat = np.asarray(latency)
+    print(f"blend retrieval per request: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms "
+          "(one thread, in process)")
+    corpus.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

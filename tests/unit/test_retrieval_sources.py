@@ -1,0 +1,215 @@
+"""Retrieval without a two-tower model: the strategy's retrieval: section, the pool's round robin, the
+sources that need no vectors (fresh, trending) over a real corpus and store, and POST /v1/feed."""
+import time
+
+import numpy as np
+import pytest
+
+from online.ann import AnnIndex
+from online.app import create_app
+from online.config import service_config_from_dict
+from online.corpus import Corpus, CorpusConfig
+from online.features import MemoryStore
+from online.retrieval import RetrievalConfig, Retriever, fill_pool, interleave
+from strategy import ValidationError, load_strategy, strategy_from_dict
+from strategy.items import parse_items
+from strategy.retrieval import DEFAULT_RETRIEVAL, RetrievalPlan, RetrievalSource, retrieval_from_dict
+from strategy.errors import Errors
+from strategy.schema import parse_feed, parse_retrieve
+
+BASE = {"strategy": "s", "objectives": {"click": {"event": "click", "type": "binary", "weight": 1}}}
+
+
+def plan(*sources, pool=None):
+    srcs = tuple(RetrievalSource(name, count, max_share) for name, count, max_share in sources)
+    return RetrievalPlan(srcs, pool or sum(s.count for s in srcs))
+
+
+# ---------------------------------------------------------------- the strategy section
+
+
+def test_a_retrieval_section_is_validated_with_file_lines(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("strategy: s\nobjectives:\n  click: {event: click, type: binary, weight: 1}\nretrieval:\n"
+                    "  max_candidates: 5000\n  sources:\n    ann: {count: 10, max_share: 0}\n    fressh: {count: 3}\n"
+                    "    fresh: {count: 2, llm_share: 2, seeds: 3}\n    trending: {counter: Click}\n")
+    with pytest.raises(ValidationError) as exc:
+        load_strategy(path)
+    got = {(e.path, e.line) for e in exc.value.errors}
+    assert got == {("retrieval.max_candidates", 5), ("retrieval.sources.ann.max_share", 7),
+                   ("retrieval.sources.fressh", 8), ("retrieval.sources.fresh.seeds", 9),
+                   ("retrieval.sources.fresh.llm_share", 9), ("retrieval.sources.trending.count", 10),
+                   ("retrieval.sources.trending.counter", 10)}
+    assert "did you mean 'fresh'" in str(exc.value)
+
+
+def test_counts_past_the_request_limit_need_max_candidates_and_all_zero_is_refused():
+    errs = Errors()
+    assert retrieval_from_dict(errs, {"sources": {"ann": {"count": 1500}, "fresh": {"count": 600}}}) is None
+    assert "set max_candidates" in errs.items[0].message
+    errs = Errors()
+    assert retrieval_from_dict(errs, {"sources": {"ann": {"count": 0}}}) is None
+    assert "every count is 0" in errs.items[0].message
+    ok = retrieval_from_dict(Errors(), {"max_candidates": 300, "sources": {"ann": {"count": 1500},
+                                                                          "fresh": {"count": 600}}})
+    assert ok.max_candidates == 300 and [s.name for s in ok.sources] == ["ann", "fresh"]
+
+
+def test_an_override_of_one_source_keeps_the_default_others():
+    s = strategy_from_dict(BASE)
+    assert s.retrieval is None
+    v = s.with_overrides({"retrieval.sources.fresh.count": 150})
+    assert v.retrieval.source("fresh").count == 150
+    assert [x.name for x in v.retrieval.sources] == [x.name for x in DEFAULT_RETRIEVAL.sources]
+    assert v.retrieval.source("ann") == DEFAULT_RETRIEVAL.source("ann")
+    with pytest.raises(ValidationError, match="retrieval.sources.fresh.count"):
+        s.with_overrides({"retrieval.sources.fresh.count": -1})
+
+
+# ---------------------------------------------------------------- the pool
+
+
+def test_the_pool_takes_one_item_per_source_in_turn_and_credits_every_finder():
+    lists = {"ann": ["a1", "a2", "x", "a3"], "fresh": ["x", "f1", "f2"], "explore": ["e1", "a1"]}
+    ids, sources, credited = fill_pool(plan(("ann", 4, 1), ("fresh", 3, 1), ("explore", 2, 1), pool=6), lists)
+    assert ids == ["a1", "x", "e1", "a2", "f1", "a3"]   # ann, fresh, explore, ann, fresh, ann (explore ran out)
+    assert dict(zip(ids, sources))["a1"] == ["ann", "explore"]
+    assert dict(zip(ids, sources))["x"] == ["fresh", "ann"]      # first finder first, then in plan order
+    assert credited == {"ann": 3, "fresh": 2, "explore": 1}
+
+
+def test_max_share_caps_what_a_source_brings_in_and_the_others_fill_the_pool():
+    lists = {"fresh": [f"f{i}" for i in range(50)], "ann": [f"a{i}" for i in range(50)]}
+    ids, _, credited = fill_pool(plan(("fresh", 50, 0.2), ("ann", 50, 1), pool=20), lists)
+    assert len(ids) == 20 and credited == {"fresh": 4, "ann": 16}
+
+
+def test_interleave_takes_ranks_across_rows_once_each():
+    assert interleave([["a", "b", "c"], ["b", "d"], []]) == ["a", "b", "d", "c"]
+
+
+# ---------------------------------------------------------------- parts the sources read
+
+
+def test_index_vectors_of_and_a_uniform_sample_skip_removed_items():
+    index = AnnIndex(4, kind="flat", compact_fraction=None)
+    vecs = np.eye(4, dtype=np.float32)
+    index.add(["a", "b", "c", "d"], vecs)
+    index.remove(["b"])
+    found, got = index.vectors_of(["d", "b", "zz", "a"])
+    assert found == ["d", "a"] and np.array_equal(got, vecs[[3, 0]])
+    rng = np.random.default_rng(0)
+    draws = [tuple(sorted(index.sample(2, rng))) for _ in range(300)]
+    assert all(len(set(d)) == 2 and "b" not in d for d in draws)
+    counts = {i: sum(i in d for d in draws) for i in "acd"}
+    assert min(counts.values()) > 150   # each live item in about 2/3 of the draws
+    assert sorted(index.sample(10, rng)) == ["a", "c", "d"]
+
+
+def test_top_items_rank_by_the_counter_decayed_to_now():
+    store = MemoryStore()
+    now = time.time()
+    old = [{"event_id": f"o{k}", "type": "click", "user_id": "u", "item_id": "old", "ts": now - 10 * 3600}
+           for k in range(20)]   # 20 clicks ten half-lives ago: worth 0.02 now
+    new = [{"event_id": f"n{k}", "type": "click", "user_id": "u", "item_id": "new", "ts": now - 60} for k in range(2)]
+    store.apply(old + new + [{"event_id": "l", "type": "like", "user_id": "u", "item_id": "liked", "ts": now}])
+    top = store.top_items("click", 5, now=now)
+    assert [i for i, _ in top] == ["new", "old"]
+    assert top[1][1] == pytest.approx(20 * 2 ** -10, rel=1e-6)
+    assert store.top_items("like", 5, now=now)[0][0] == "liked" and store.top_items("share", 5) == []
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+@pytest.mark.parametrize("body, path", [
+    ({"user_id": "u", "candidates": []}, "candidates"), ({}, "user_id"), ({"user_id": 7}, "user_id"),
+    ({"user_id": "u", "slate_size": 0}, "slate_size"), ([], "")])
+def test_feed_bodies_are_validated(body, path):
+    with pytest.raises(ValidationError) as exc:
+        parse_feed(body)
+    assert exc.value.errors[0].path == path
+
+
+@pytest.mark.parametrize("body, code", [
+    ({}, "required"), ({"user_id": "u", "text": "t"}, "conflict"), ({"text": "  "}, "required"),
+    ({"item_id": "i", "k": 0}, "range"), ({"item_id": "i", "k": 1.5}, "type"), ({"text": "x", "q": 1}, "unknown_key")])
+def test_retrieve_bodies_name_exactly_one_query(body, code):
+    with pytest.raises(ValidationError) as exc:
+        parse_retrieve(body)
+    assert exc.value.errors[0].code == code
+    assert parse_retrieve({"text": "garlic", "k": 5}).k == 5
+
+
+# ---------------------------------------------------------------- sources over a real corpus
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    c = Corpus(CorpusConfig(path=str(tmp_path / "corpus.db")))
+    yield c
+    c.close()
+
+
+def write(corpus, now, n=30, **extra):
+    items = [{"item_id": f"i{k}", "source": "llm" if k % 3 == 0 else "human", "topic": f"t{k % 4}",
+              "creator_id": f"c{k % 5}", "text": f"word{k % 7} hello", "created_at": now - k * 600,
+              **({"generator": {"model": "g", "prior_score": 0.6}} if k % 3 == 0 else {}), **extra}
+             for k in range(n)]
+    corpus.upsert(parse_items({"items": items}))
+
+
+def test_fresh_takes_young_items_llm_first_and_never_blocked_expired_or_recent(corpus):
+    now = time.time()
+    write(corpus, now)   # i0 .. i29, one every 10 minutes back; llm: i0, i3, ...
+    corpus.upsert(parse_items({"items": [{"item_id": "i3", "source": "llm", "blocked": True},
+                                         {"item_id": "i6", "source": "llm", "expires_at": now + 0.5}]}))
+    r = Retriever(RetrievalConfig(), corpus)
+    fresh = RetrievalPlan((RetrievalSource("fresh", 6, llm_share=0.5, max_age_h=2.0),), 6)
+    user = {"user_id": "u", "recent_items": ["i1"], "topic_affinity": {}}
+    pool = r.retrieve(fresh, user, now=now)
+    ids = [it.item_id for it in pool.items]
+    assert ids == ["i0", "i6", "i9", "i2", "i4", "i5"]   # 3 llm (i3 blocked), then 3 human (i1 engaged), newest first
+    assert all(created >= now - 7200 for created in (it.created_at for it in pool.items))
+    later = r.retrieve(fresh, user, now=now + 1)
+    assert "i6" not in [it.item_id for it in later.items]   # expired
+    assert pool.unavailable == {} and pool.found == {"fresh": 6}
+
+
+def test_trending_comes_from_the_store_and_items_outside_the_corpus_drop_out(corpus):
+    now = time.time()
+    write(corpus, now, n=10)
+    store = MemoryStore()
+    events = [{"event_id": f"e{k}-{item}", "type": "click", "user_id": f"u{k}", "item_id": item, "ts": now - 30}
+              for item, clicks in (("i7", 5), ("gone", 9), ("i2", 3), ("i4", 1)) for k in range(clicks)]
+    store.apply(events)
+    r = Retriever(RetrievalConfig(), corpus, store=store)
+    pool = r.retrieve(RetrievalPlan((RetrievalSource("trending", 3),), 3), {"user_id": "u0", "recent_items": ["i4"]},
+                      now=now)
+    assert [it.item_id for it in pool.items] == ["i7", "i2"]   # "gone" is not in the corpus, i4 was engaged
+    assert pool.found == {"trending": 3}
+    assert set(r.retrieve(DEFAULT_RETRIEVAL, {"user_id": "u"}, now=now).unavailable) == {"ann", "similar", "explore"}
+
+
+def test_feed_without_a_model_serves_fresh_items_through_the_rank_path(tmp_path):
+    cfg = service_config_from_dict({"corpus": {"path": str(tmp_path / "c.db")},
+                                    "bus": {"url": f"embedded://{tmp_path / 'bus'}"}})
+    app = create_app(cfg)
+    try:
+        client = app.test_client()
+        now = time.time()
+        write(app.extensions["stratarank.corpus"], now)
+        answer = client.post("/v1/feed", json={"user_id": "u1", "slate_size": 5}).get_json()
+        assert len(answer["items"]) == 5 and all(i["retrieved_by"] == ["fresh"] for i in answer["items"])
+        assert answer["retrieval"]["credited"] == {"fresh": 30}
+        assert set(answer["retrieval"]["unavailable"]) == {"ann", "similar", "explore"}
+        assert {"retrieval", "ranking", "fresh", "corpus"} <= set(answer["retrieval"]["timings_ms"])
+        assert any(i["source"] == "llm" for i in answer["items"])   # feed.yaml's llm min_slots 1
+        metrics = client.get("/metrics").get_data(as_text=True)
+        assert 'stratarank_feed_candidates_total{source="fresh"} 30.0' in metrics
+        assert 'stratarank_feed_stage_seconds_count{stage="ranking"} 1.0' in metrics
+        assert client.post("/v1/feed", json={"user_id": "u1", "strategy": "nope"}).status_code == 404
+        missing = client.post("/v1/retrieve", json={"text": "hello"})
+        assert missing.status_code == 503 and missing.get_json()["error"]["code"] == "retrieval_unavailable"
+    finally:
+        app.extensions["stratarank"].close()
