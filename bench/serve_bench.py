@@ -8,9 +8,11 @@ request (median latency of sequential requests) to the bare model call for the s
 measured in this process: the ranker's predict on the scorer's request rows (serving encode +
 forward; ``LoadedModel.predict`` on the same rows as a DataFrame, the pandas encode, for
 reference) and the forward alone on a pre-encoded batch. Then the in-process time of each stage
-of ``Scorer.rank`` (validation, real-time lookup, model-input rows, encode, forward, blend +
-rerank, impression log, JSON encode of the response) and the machine's load average (the
-machine may be shared: quote figures with it). Never fails on time.
+of one ``POST /v1/rank`` through the app's test client (JSON decode, validation, real-time lookup,
+model-input rows, encode, forward, blend + rerank, impression log, the response's JSON encode,
+the rest), the scorer's own overhead (the request minus the model's encode + forward, medians
+over ``--repeats`` requests) and the machine's load average (the machine may be shared: quote
+figures with it). Never fails on time.
 
 Against peers (``--peers mlflow litserve``, the default): the demo's LightGBM fallback served alone
 by ``stratarank serve`` (``/v1/rank``: features, strategy, guardrails, re-rank, impression log) and
@@ -22,7 +24,7 @@ its own venv ``bench/.peers/NAME/`` (bench/peers.py); one that cannot be is repo
 reason and the others go on. ``--peers none`` skips them.
 
     .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15] [--peers mlflow|litserve|none]
-    .venv/bin/python bench/serve_bench.py --stages-only      # the stage breakdown alone (seconds)
+    .venv/bin/python bench/serve_bench.py --stages-only [--repeats 100]   # stages + overhead alone (seconds)
 
 Without a registered model it first simulates a small world and trains one (about a minute).
 """
@@ -389,24 +391,26 @@ def compare_with_peers(registry: Path, args, bodies: list[bytes], tmp: Path, nam
     return lines
 
 
-STAGES = ("validation", "lookup", "frame", "encode", "forward", "blend+rerank", "log", "json")
+STAGES = ("decode", "validation", "lookup", "frame", "encode", "forward", "blend+rerank", "log", "response")
 
 
 def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) -> dict[str, float]:
-    """Median in-process seconds per stage of ``Scorer.rank`` + the JSON encode of its response.
+    """Median in-process seconds per stage of one ``POST /v1/rank`` through the app's test client.
 
-    Runs the real ``Scorer.rank`` (embedded bus, memory store, one torch thread) with timers
-    wrapped around its parts: validation (``parse_request``), real-time lookup, model-input rows
-    (``Scorer._frame``), encode (the ranker's predict minus the forward), the forward
-    (``module.forward``), blend + guardrails + rerank (``strategy.rank`` and ``blend``), the
-    impression log and ``json.dumps`` of the response; ``other`` is the rest, ``total`` the sum.
-    One untimed pass over ``bodies`` first: steady state, as in a server that has seen these
-    items (the encoder's text-token cache warm).
+    Runs the real Flask app (``create_app``: embedded bus, memory store, one torch thread) with
+    timers wrapped around its parts: the JSON decode of the body (``decode_json``), validation
+    (``parse_request``), real-time lookup, model-input rows (``Scorer._frame``), encode (the ranker's
+    predict minus the forward), the forward (``module.forward``), blend + guardrails + rerank
+    (``strategy.rank`` and ``blend``), the impression log and the response (its JSON encode);
+    ``other`` is the rest (Flask and werkzeug, assignment, risk rules, metrics), ``total`` the whole
+    request and ``overhead`` the request minus encode + forward: the scorer's own time (each a median
+    over requests). One untimed pass over ``bodies`` first: steady state, as in a server that has
+    seen these items (the encoder's text-token cache warm).
     """
     import torch
 
     import online.app as app_mod
-    from online.app import Scorer, build_serving
+    from online.app import build_serving, create_app
     from online.config import service_config_from_dict
 
     torch.set_num_threads(1)
@@ -421,45 +425,60 @@ def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) ->
                 acc[stage] = acc.get(stage, 0.0) + time.perf_counter() - t0
         return wrapper
 
+    # the response encode: the rank path's own helper where there is one, else Flask's jsonify
+    response_fn = "json_response" if hasattr(app_mod, "json_response") else "jsonify"
     with tempfile.TemporaryDirectory() as tmp:
         config = service_config_from_dict(service_config(registry, name, Path(tmp)))
         serving = build_serving(config)
-        scorer = Scorer(config, serving, config.nearline.bus.open(), config.nearline.store.open())
+        app = create_app(config, serving=serving, bus=config.nearline.bus.open(), store=config.nearline.store.open())
+        scorer = app.extensions["stratarank"]
+        client = app.test_client()
         ranker = serving.chain.models[0]
         module = ranker.loaded.module
-        saved = {k: getattr(app_mod, k) for k in ("parse_request", "rank", "blend")}
+        saved = {k: getattr(app_mod, k) for k in ("decode_json", "parse_request", "rank", "blend", response_fn)}
         try:
+            app_mod.decode_json = timed("decode", saved["decode_json"])
             app_mod.parse_request = timed("validation", saved["parse_request"])
             app_mod.rank = timed("blend+rerank", saved["rank"])
             app_mod.blend = timed("blend+rerank", saved["blend"])
+            setattr(app_mod, response_fn, timed("response", saved[response_fn]))
             scorer._lookup = timed("lookup", scorer._lookup)
             scorer._frame = timed("frame", scorer._frame)
             scorer._log_impressions = timed("log", scorer._log_impressions)
             ranker.predict = timed("encode", ranker.predict)       # forward subtracted below
             module.forward = timed("forward", module.forward)
-            per: dict[str, list[float]] = {s: [] for s in STAGES + ("other", "total")}
+            per: dict[str, list[float]] = {s: [] for s in STAGES + ("other", "total", "overhead")}
             warm = len(bodies)
             for r in range(repeats + warm):
-                body = json.loads(bodies[r % len(bodies)])
+                body = bodies[r % len(bodies)]
                 acc.clear()
                 t0 = time.perf_counter()
-                out = scorer.rank(body)
-                t1 = time.perf_counter()
-                json.dumps(out)
-                t2 = time.perf_counter()
+                resp = client.post("/v1/rank", data=body, content_type="application/json")
+                total = time.perf_counter() - t0
+                if resp.status_code != 200:
+                    raise RuntimeError(f"/v1/rank answered {resp.status_code}: {resp.get_data(as_text=True)[:300]}")
                 if r < warm:
                     continue   # warm-up
                 acc["encode"] = acc.get("encode", 0.0) - acc.get("forward", 0.0)
-                acc["json"] = t2 - t1
                 for s in STAGES:
                     per[s].append(acc.get(s, 0.0))
-                per["total"].append(t2 - t0)
-                per["other"].append(t2 - t0 - sum(acc.get(s, 0.0) for s in STAGES))
+                per["total"].append(total)
+                per["other"].append(total - sum(acc.get(s, 0.0) for s in STAGES))
+                per["overhead"].append(total - acc.get("encode", 0.0) - acc.get("forward", 0.0))
         finally:
             for k, v in saved.items():
                 setattr(app_mod, k, v)
             scorer.close()
     return {s: statistics.median(v) for s, v in per.items()}
+
+
+def stage_lines(stages: dict[str, float], candidates: int, repeats: int) -> list[str]:
+    """The stage breakdown and the overhead line of :func:`stage_times`."""
+    return [f"in-process stages (median ms per POST /v1/rank through the test client, {candidates} candidates, "
+            f"{repeats} requests, 1 thread): " + "  ".join(f"{s} {stages[s] * 1e3:.2f}"
+                                                         for s in STAGES + ("other", "total")),
+            f"overhead        : {stages['overhead'] * 1e3:6.2f} ms per request (in-process request minus the model's "
+            f"encode + forward, median over {repeats} requests at {candidates} candidates)   goal <= 3 ms"]
 
 
 def main() -> None:
@@ -475,6 +494,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rate", type=float, default=100.0, help="open-loop request rate for the latency SLO (req/s)")
     ap.add_argument("--stages-only", action="store_true", help="only the in-process per-stage timing (no server)")
+    ap.add_argument("--repeats", type=int, default=100, help="requests timed in-process (stages and overhead)")
     ap.add_argument("--peers", nargs="+", choices=(*PEER_NAMES, "none"), default=list(PEER_NAMES),
                     help="also serve the LightGBM model with these model servers and compare (none: skip)")
     ap.add_argument("--peer-rate", type=float, default=30.0,
@@ -488,9 +508,8 @@ def main() -> None:
     ensure_model(registry, args.model)
     bodies = make_bodies(50, args.candidates, args.llm_share)
     if args.stages_only:
-        stages = stage_times(registry, args.model, bodies, 100)
-        print("in-process stages (median ms per request, Scorer.rank + json.dumps, 1 thread): "
-              + "  ".join(f"{s} {stages[s] * 1e3:.2f}" for s in STAGES + ("other", "total")))
+        for line in stage_lines(stage_times(registry, args.model, bodies, args.repeats), args.candidates, args.repeats):
+            print(line)
         print(f"load average    : before {' '.join(f'{x:.2f}' for x in load_before)}, after "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min; {os.cpu_count()} CPUs)")
         return
@@ -504,7 +523,7 @@ def main() -> None:
         peers = compare_with_peers(registry, args, bodies, Path(tmp), args.peers) if args.peers else []
 
     predict_s, pandas_s, forward_s = bare_model_times(registry, args.model, bodies[0], 30)
-    stages = stage_times(registry, args.model, bodies, 60)
+    stages = stage_times(registry, args.model, bodies, args.repeats)
     lat_ms = np.array(lat) * 1e3
     server_s = statistics.median(seq)
     print(f"requests: {args.candidates} candidates ({args.llm_share:.0%} LLM), {args.workers} gunicorn workers, "
@@ -522,8 +541,8 @@ def main() -> None:
           f"{forward_s * 1e3:6.1f} ms   (pandas encode + forward {pandas_s * 1e3:6.1f} ms)")
     print(f"ratio server / predict: {server_s / predict_s:5.2f}   server / forward: {server_s / forward_s:5.2f}"
           f"   goal <= 1.5")
-    print("in-process stages (median ms per request, Scorer.rank + json.dumps, 1 thread): "
-          + "  ".join(f"{s} {stages[s] * 1e3:.2f}" for s in STAGES + ("other", "total")))
+    for line in stage_lines(stages, args.candidates, args.repeats):
+        print(line)
     for line in peers:
         print(line)
     print(f"load average    : before {' '.join(f'{x:.2f}' for x in load_before)}, after "

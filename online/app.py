@@ -93,6 +93,36 @@ def decode_json(raw: bytes):
     return data
 
 
+_RESPONSE_OPTIONS = (orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_SUBCLASS
+                     | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME)
+
+
+def _not_plain_json(value):
+    raise TypeError(f"{type(value).__name__} is not a plain JSON value")
+
+
+def json_response(body, status: int = 200) -> Response:
+    """``jsonify(body)`` (with ``status``) encoded by orjson: the same JSON once parsed, the same
+    status and ``Content-Type: application/json``, keys sorted and a trailing newline as Flask
+    writes them (floats in their shortest round-trip form, UTF-8 instead of ``\\u`` escapes).
+
+    Whatever orjson would write otherwise than Flask goes through ``jsonify`` itself: a value that is
+    not a plain dict, list, tuple, str, int, float, bool or None (subclasses, numpy scalars, dates,
+    dataclasses), an integer beyond 64 bits, a key that is not a str, a lone surrogate, and any
+    output holding ``null`` (orjson writes NaN and Infinity as ``null``, Flask as ``NaN``). An Enum,
+    which orjson writes as its value and Flask cannot write, never reaches it: the rank path's
+    responses hold plain values only."""
+    try:
+        data = orjson.dumps(body, default=_not_plain_json, option=_RESPONSE_OPTIONS)
+    except TypeError:
+        data = None
+    if data is None or b"null" in data:
+        response = jsonify(body)
+        response.status_code = status
+        return response
+    return Response(data, status=status, mimetype="application/json")
+
+
 def _invalid_json(raw: bytes, exc: orjson.JSONDecodeError) -> ApiError:
     """orjson's complaint about a body, reworded where its own words would mislead a client."""
     if exc.msg.startswith("depth limit exceeded"):
@@ -625,7 +655,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     @app.post("/v1/rank")
     def rank_endpoint():
         guard_public()
-        return jsonify(scorer.rank(json_body()))
+        return json_response(scorer.rank(json_body()))
 
     @app.post("/v1/events")
     def events_endpoint():

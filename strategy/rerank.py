@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import compress, count, repeat
+from operator import attrgetter, is_not
 
 import numpy as np
 
@@ -127,14 +130,17 @@ def rank(
     request_id = request.stable_id()
     result = RankResult(request_id, strategy.name)
 
-    keep, seen = [], set()
-    for i, cand in enumerate(cands):
-        if cand.item_id in seen:
-            result.dropped.append(DroppedItem(cand.item_id, "duplicate"))
-        else:
-            seen.add(cand.item_id)
-            keep.append(i)
-    kept = [cands[i] for i in keep]
+    ids = list(map(_ITEM_ID, cands))
+    first = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1)))   # item_id -> its first position
+    if len(first) == len(ids):   # no duplicate: every candidate is kept
+        keep, kept = np.arange(len(ids)), list(cands)
+    else:
+        firsts = np.zeros(len(ids), dtype=bool)
+        firsts[list(first.values())] = True
+        keep = np.flatnonzero(firsts)
+        result.dropped += [DroppedItem(ids[i], "duplicate") for i in np.flatnonzero(~firsts).tolist()]
+        kept = list(map(cands.__getitem__, keep.tolist()))
+    srcs = list(map(_SOURCE, kept))
     n = len(kept)
     if n == 0:
         return result
@@ -142,7 +148,7 @@ def rank(
 
     calibrated = calibrate(strategy, P[keep])
     scores = blend_utilities(strategy, utilities(strategy, calibrated))
-    _apply_priors(strategy, kept, scores, reasons)
+    priors = _apply_priors(strategy, kept, srcs, scores)
 
     alive = np.ones(n, dtype=bool)
     demoted = np.zeros(n, dtype=bool)
@@ -155,11 +161,14 @@ def rank(
         if g.min is not None:
             bad |= col < g.min
         bad &= alive
-        for j in np.flatnonzero(bad):
+        if bad.any():
             if g.action == "drop":
-                result.dropped.append(DroppedItem(kept[j].item_id, f"guardrail:{g.describe()}"))
+                why = f"guardrail:{g.describe()}"
+                result.dropped += [DroppedItem(kept[j].item_id, why) for j in np.flatnonzero(bad).tolist()]
             else:
-                reasons.setdefault(j, []).append(f"guardrail:demote({g.describe()})")
+                why = f"guardrail:demote({g.describe()})"
+                for j in np.flatnonzero(bad).tolist():
+                    reasons.setdefault(j, []).append(why)
         if g.action == "drop":
             alive &= ~bad
         else:
@@ -170,37 +179,189 @@ def rank(
     if strategy.epsilon > 0:
         seed = hashlib.sha256(f"{strategy.name}|{request_id}".encode()).digest()[:8]
         rng = np.random.default_rng(int.from_bytes(seed, "little"))
-    picks, props, leftover = _fill_slate(strategy, kept, scores, demoted, alive, size, reasons, rng)
+    picks, props, leftover = _fill_slate(strategy, kept, srcs, scores, demoted, alive, size, reasons, rng)
 
-    for rank_pos, (j, prop) in enumerate(zip(picks, props), start=1):
-        cand = kept[j]
-        result.items.append(RankedItem(
-            cand.item_id, rank_pos, float(scores[j]), cand.source,
-            {name: float(calibrated[j, k]) for k, name in enumerate(names)},
-            reasons.get(j) or ["score"], float(prop),
-        ))
+    if picks:
+        picked_scores = scores[picks].tolist()
+        picked_preds = calibrated[picks].tolist()
+        for rank_pos, (j, prop, score, row) in enumerate(zip(picks, props, picked_scores, picked_preds), start=1):
+            cand = kept[j]
+            why = reasons.get(j)
+            if j in priors:   # the prior came first (rule 3), before the guardrails' and the slate's reasons
+                why = [priors[j]] + (why or [])
+            result.items.append(RankedItem(cand.item_id, rank_pos, score, cand.source, dict(zip(names, row)),
+                                           why or ["score"], float(prop)))
     for j, why in leftover:
         result.dropped.append(DroppedItem(kept[j].item_id, why))
     return result
 
 
-def _apply_priors(strategy: Strategy, kept, scores: np.ndarray, reasons: dict) -> None:
-    """Shrink generator-scored candidates towards their prior quantile (rule 3), in place."""
-    idx, priors, weights, seen = [], [], [], []
-    for j, cand in enumerate(kept):
-        rule = strategy.sources.get(cand.source)
-        if rule is not None and rule.prior_weight > 0 and cand.generator is not None:
-            idx.append(j)
-            priors.append(cand.generator.prior_score)
-            weights.append(rule.prior_weight)
-            seen.append(cand.impressions)
+_ITEM_ID, _SOURCE, _GENERATOR, _IMPRESSIONS = (attrgetter("item_id"), attrgetter("source"), attrgetter("generator"),
+                                               attrgetter("impressions"))
+
+
+def _apply_priors(strategy: Strategy, kept, srcs: list, scores: np.ndarray) -> dict:
+    """Shrink generator-scored candidates towards their prior quantile (rule 3), in place; returns
+    ``{j: reason}`` of the candidates it moved (``srcs``: their sources)."""
+    weight = {name: rule.prior_weight for name, rule in strategy.sources.items() if rule.prior_weight > 0}
+    if not weight:
+        return {}
+    gens = list(map(_GENERATOR, kept))
+    idx = [j for j in compress(range(len(gens)), map(is_not, gens, repeat(None))) if srcs[j] in weight]
     if not idx:
-        return
+        return {}
+    priors = [gens[j].prior_score for j in idx]
+    weights = [weight[srcs[j]] for j in idx]
+    seen = list(map(_IMPRESSIONS, map(kept.__getitem__, idx)))
     k, nobs = np.array(weights), np.maximum(np.array(seen), 0.0)
     q = np.quantile(scores, np.array(priors))
     scores[idx] = (k * q + nobs * scores[idx]) / (k + nobs)
-    for j, kk, nn in zip(idx, k, nobs):
-        reasons.setdefault(j, []).append(f"llm_prior(k={kk:g},n={nn:g})")
+    return _PriorReasons(idx, k, nobs)
+
+
+class _PriorReasons(dict):
+    """``{j: "llm_prior(k=..,n=..)"}`` of the candidates rule 3 moved, each text made when first read
+    (only the slate's items are)."""
+
+    def __init__(self, idx, k, nobs):
+        super().__init__(zip(idx, range(len(idx))))
+        self._k, self._n = k, nobs
+
+    def __getitem__(self, j):
+        i = dict.__getitem__(self, j)
+        return f"llm_prior(k={self._k[i]:g},n={self._n[i]:g})"
+
+
+def _fill_slate(strategy, kept, kept_srcs, scores, demoted, alive, size, reasons, rng):
+    """Slot-by-slot greedy fill under quotas, diversity and exploration (rule 5).
+
+    Works on candidates permuted into preference order (non-demoted first, then by score), so the
+    best eligible candidate of a slot is the first eligible one in that order. ``method: mmr`` goes
+    through :func:`_fill_slate_mmr`; the rest walks the remaining candidates in order and stops at
+    the first eligible one, keeping per-source and per-key counts so that how many candidates are
+    eligible (the exploration's draw and propensity) needs no pass over them.
+    """
+    cand_idx = np.flatnonzero(alive)
+    order = cand_idx[np.lexsort((cand_idx, -scores[cand_idx], demoted[cand_idx]))]
+    m = len(order)
+    S = min(size, m)
+    if S == 0:
+        return [], [], []
+    div = strategy.diversity
+    if div is not None and div.method == "mmr":
+        return _fill_slate_mmr(strategy, kept, scores, demoted, order, S, reasons, rng)
+    order = order.tolist()
+    chosen = list(map(kept.__getitem__, order))
+    srcs = list(map(kept_srcs.__getitem__, order))
+    src_names = sorted(set(srcs))
+    src_code = {s: c for c, s in enumerate(src_names)}
+    src = list(map(src_code.__getitem__, srcs))
+    n_src = len(src_names)
+    left = [srcs.count(s) for s in src_names]   # remaining candidates per source
+    caps, need = [S] * n_src, [0] * n_src
+    for s, c in src_code.items():
+        rule = strategy.sources.get(s)
+        if rule is not None:
+            caps[c] = math.floor(rule.max_share * S + 1e-9)
+            need[c] = min(rule.min_slots, left[c], caps[c])
+    counts = [0] * n_src
+
+    window = div is not None   # method: window (mmr went its own way above)
+    if window:
+        key = _key_codes(list(map(attrgetter(div.key), chosen)))
+        key_count = [0] * (max(key) + 1)
+        per_window, span = div.max_per_window, div.window
+        left_by = Counter(zip(src, key))   # (source, key) -> remaining candidates
+        full: set = set()   # keys at max_per_window in the current window
+        history = []
+
+    remaining = list(range(m))   # positions in preference order not yet in the slate
+    picks, props = [], []
+    eps = strategy.epsilon
+    for t in range(S):
+        open_src = [counts[c] < caps[c] for c in range(n_src)]
+        short = [max(need[c] - counts[c], 0) for c in range(n_src)]
+        reserved = sum(short) >= S - t
+        if reserved:
+            open_src = [o and sh > 0 for o, sh in zip(open_src, short)]
+        eligible = sum(left[c] for c in range(n_src) if open_src[c])   # quota-eligible
+        if not eligible:
+            break
+        relaxed = False
+        blocked = False   # some quota-eligible candidates are not diversity-eligible
+        if window and full:
+            fits = eligible - sum(left_by.get((c, k), 0) for c in range(n_src) if open_src[c] for k in full)
+            if fits:
+                blocked = fits != eligible
+                eligible = fits
+            else:
+                relaxed = True
+
+        # the greedy pick: the first eligible candidate; what it passes over, in order
+        ahead = []
+        for i, p in enumerate(remaining):
+            if open_src[src[p]] and not (blocked and key[p] in full):
+                break
+            ahead.append(p)
+        greedy, at = p, i
+
+        pick, prop, explore = greedy, 1.0, False
+        if rng is not None:
+            explore = rng.random() < eps
+            if explore:
+                rem = np.array(remaining)
+                fits = np.array(open_src)[np.array(src)[rem]]
+                if blocked:
+                    fits &= ~np.isin(np.array(key)[rem], list(full))
+                at = int(np.flatnonzero(fits)[rng.integers(eligible)])
+                pick = remaining[at]
+                _note(reasons, order[pick], "exploration")
+            prop = (1 - eps) * (pick == greedy) + eps / eligible
+        if not explore:
+            for q in ahead:
+                if not open_src[src[q]]:
+                    _note(reasons, order[q], f"quota:{src_names[src[q]]}.{'min_slots_reserved' if reserved else 'max_share'}")
+                else:
+                    _note(reasons, order[q], f"diversity:{div.key}")
+        if relaxed:
+            _note(reasons, order[pick], f"diversity:relaxed({div.key})")
+        if reserved and any(not open_src[src[q]] for q in remaining[:at]):
+            _note(reasons, order[pick], f"quota:min_slots({src_names[src[pick]]})")
+
+        del remaining[at]
+        picks.append(order[pick])
+        props.append(prop)
+        c = src[pick]
+        counts[c] += 1
+        left[c] -= 1
+        if window:
+            k = key[pick]
+            left_by[(c, k)] -= 1
+            key_count[k] += 1
+            if key_count[k] >= per_window:
+                full.add(k)
+            history.append(k)
+            if len(history) >= span:
+                k = history[-span]
+                key_count[k] -= 1
+                if key_count[k] < per_window:
+                    full.discard(k)
+
+    leftover = []
+    if len(picks) < S:
+        for p in remaining:
+            leftover.append((order[p], f"quota:{src_names[src[p]]}.max_share"))
+    return picks, props, leftover
+
+
+def _key_codes(values: list) -> list[int]:
+    """Integer codes of hashable values, each ``None`` a code of its own (as :func:`_codes`)."""
+    table = {v: c for c, v in enumerate(dict.fromkeys(values))}
+    if None not in table:
+        return list(map(table.__getitem__, values))
+    del table[None]   # missing keys never collide with each other nor with real keys
+    fresh = count(len(table) + 1)
+    return [table[v] if v is not None else next(fresh) for v in values]
 
 
 def _codes(values) -> np.ndarray:
@@ -215,18 +376,9 @@ def _codes(values) -> np.ndarray:
     return out
 
 
-def _fill_slate(strategy, kept, scores, demoted, alive, size, reasons, rng):
-    """Slot-by-slot greedy fill under quotas, diversity and exploration (rule 5).
-
-    Works on arrays permuted into preference order (non-demoted first, then by score), so the
-    best eligible candidate of a slot is the first True of a boolean mask.
-    """
-    cand_idx = np.flatnonzero(alive)
-    order = cand_idx[np.lexsort((cand_idx, -scores[cand_idx], demoted[cand_idx]))]
+def _fill_slate_mmr(strategy, kept, scores, demoted, order, S, reasons, rng):
+    """:func:`_fill_slate` under ``method: mmr``: the whole remaining list scored per slot, on arrays."""
     m = len(order)
-    S = min(size, m)
-    if S == 0:
-        return [], [], []
     src_names = sorted({kept[j].source for j in order})
     src_code = {s: c for c, s in enumerate(src_names)}
     src = np.array([src_code[kept[j].source] for j in order], dtype=np.int64)
@@ -241,17 +393,14 @@ def _fill_slate(strategy, kept, scores, demoted, alive, size, reasons, rng):
     counts = np.zeros(len(src_names), dtype=np.int64)
 
     div = strategy.diversity
-    key = None
-    if div is not None:
-        key = _codes([getattr(kept[j], div.key) for j in order])
-        key_count = np.zeros(int(key.max()) + 1, dtype=np.int64)
-        if div.method == "mmr":
-            s = scores[order]
-            span = float(s.max() - s.min()) or 1.0
-            relevance = (s - s.min()) / span - 2.0 * demoted[order]
+    key = _codes([getattr(kept[j], div.key) for j in order])
+    key_count = np.zeros(int(key.max()) + 1, dtype=np.int64)
+    s = scores[order]
+    span = float(s.max() - s.min()) or 1.0
+    relevance = (s - s.min()) / span - 2.0 * demoted[order]
 
     remaining = np.ones(m, dtype=bool)
-    picks, props, history = [], [], []
+    picks, props = [], []
     eps = strategy.epsilon
     for t in range(S):
         open_src = counts < caps
@@ -262,19 +411,9 @@ def _fill_slate(strategy, kept, scores, demoted, alive, size, reasons, rng):
         quota_ok = remaining & open_src[src]
         if not quota_ok.any():
             break
-        relaxed = False
-        if key is not None and div.method == "window":
-            ok = quota_ok & (key_count[key] < div.max_per_window)
-            if not ok.any():
-                ok, relaxed = quota_ok, True
-            greedy = int(np.argmax(ok))
-        elif key is not None:  # mmr: relevance minus similarity to what the slate already holds
-            ok = quota_ok
-            mmr = div.mmr_lambda * relevance - (1 - div.mmr_lambda) * (key_count[key] > 0)
-            greedy = int(np.argmax(np.where(ok, mmr, -np.inf)))
-        else:
-            ok = quota_ok
-            greedy = int(np.argmax(ok))
+        ok = quota_ok   # relevance minus similarity to what the slate already holds
+        mmr = div.mmr_lambda * relevance - (1 - div.mmr_lambda) * (key_count[key] > 0)
+        greedy = int(np.argmax(np.where(ok, mmr, -np.inf)))
 
         pick, prop, explore = greedy, 1.0, False
         if rng is not None:
@@ -286,8 +425,6 @@ def _fill_slate(strategy, kept, scores, demoted, alive, size, reasons, rng):
             prop = (1 - eps) * (pick == greedy) + eps / len(eligible)
         if not explore:
             _explain_skips(reasons, order, remaining, quota_ok, ok, pick, src, src_names, reserved, div)
-        if relaxed:
-            _note(reasons, order[pick], f"diversity:relaxed({div.key})")
         if reserved and (remaining[:pick] & ~open_src[src[:pick]]).any():
             _note(reasons, order[pick], f"quota:min_slots({src_names[src[pick]]})")
 
@@ -295,11 +432,7 @@ def _fill_slate(strategy, kept, scores, demoted, alive, size, reasons, rng):
         picks.append(int(order[pick]))
         props.append(prop)
         counts[src[pick]] += 1
-        if key is not None:
-            key_count[key[pick]] += 1
-            history.append(int(key[pick]))
-            if div.method == "window" and len(history) >= div.window:
-                key_count[history[-div.window]] -= 1
+        key_count[key[pick]] += 1
 
     leftover = []
     if len(picks) < S:
