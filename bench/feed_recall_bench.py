@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     for start in tqdm(range(0, len(writes), MAX_ITEMS), desc="corpus", unit="batch"):
         corpus.upsert(parse_items({"items": writes[start:start + MAX_ITEMS]}))
     store = MemoryStore()
-    events = ev.to_dict("records")
+    events = [{k: v for k, v in rec.items() if v == v} for rec in ev.to_dict("records")]   # NaN value: absent
     for start in range(0, len(events), 50_000):
         store.apply(events[start:start + 50_000])
     retriever = Retriever(RetrievalConfig(), corpus, encoder, store, clock=clock, seed=args.seed)

@@ -694,7 +694,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     @app.post("/v1/feed")
     def feed_endpoint():
         guard_public()
-        return jsonify(scorer.feed(json_body()))
+        return json_response(scorer.feed(json_body()))
 
     @app.post("/v1/retrieve")
     def retrieve_endpoint():
