@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     alive_ids = np.array([w["item_id"] for w in writes], dtype=object)
     alive_idx = world.item_index(alive_ids)
     clicks = ev[ev["type"] == "click"]["item_id"].value_counts()
-    popular = [i for i in clicks.index if i in set(alive_ids)][: args.k]
+    alive = set(alive_ids)
+    popular = [i for i in clicks.index if i in alive][: args.k]
     engaged = sorted(set(ev["user_id"]))
     rng = np.random.default_rng(args.seed)
     users = list(rng.choice(engaged, size=min(args.users, len(engaged)), replace=False))
