@@ -348,7 +348,7 @@ class Retriever:
         self._trending_at = time.monotonic()
         lists = {}
         for counter in sorted(self._counters):
-            top = self.store.top_items(counter, TRENDING_DEPTH)
+            top = self.store.top_items(counter, TRENDING_DEPTH, now=self.clock())
             if top is not None:
                 lists[counter] = [item_id for item_id, value in top if value > 0]
         self._trending_lists = lists
