@@ -315,7 +315,7 @@ class Scorer:
         request_id = req.stable_id()
 
         keep, dropped = serving.risk.screen(req.candidates)
-        cands = [req.candidates[i] for i in keep]
+        cands = list(req.candidates) if len(keep) == len(req.candidates) else [req.candidates[i] for i in keep]
         realtime = self._lookup(req.user_id, cands)
         prediction = chain.predict(
             strategy, cands, lambda: self._frame(req, cands, realtime), realtime.get("item_counters"))
