@@ -318,7 +318,7 @@ class Scorer:
         assignments = serving.assigner.assign(req.user_id) if serving.assigner is not None else []
         strategy, chain = self._strategy_and_chain(serving, req, assignments)
         keep, dropped = serving.risk.screen(req.candidates)
-        cands = [req.candidates[i] for i in keep]
+        cands = list(req.candidates) if len(keep) == len(req.candidates) else [req.candidates[i] for i in keep]
         realtime = self._lookup(req.user_id, cands)
         return self._rank_candidates(serving, req, strategy, chain, assignments, cands, dropped, realtime)
 

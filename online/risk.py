@@ -30,8 +30,15 @@ class RiskRules:
     patterns: tuple[re.Pattern, ...] = ()
     max_per_creator: int | None = None
 
+    @property
+    def screens(self) -> bool:
+        """Whether any creator or text rule is configured (else :meth:`screen` keeps every candidate)."""
+        return bool(self.blocked_creators) or self.term_regex is not None or bool(self.patterns)
+
     def screen(self, candidates) -> tuple[list[int], list[tuple[str, str]]]:
         """Indices of candidates that pass the text/creator rules, and ``(item_id, reason)`` drops."""
+        if not self.screens:   # no rule: nothing to look at
+            return list(range(len(candidates))), []
         keep, dropped = [], []
         for i, cand in enumerate(candidates):
             reason = self._reason(cand)

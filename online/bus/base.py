@@ -257,10 +257,52 @@ def _check_consumer_name(name) -> str:
     return name
 
 
+_PLAIN = orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _not_plain(value):
+    raise TypeError(f"{type(value).__name__} is not a plain JSON value")
+
+
+def _plain_values(records) -> list[bytes] | None:
+    """The records' JSON values by orjson, when they say what the stdlib encoder of
+    :func:`encode_records` says: every record a dict that orjson writes (plain values only: no
+    subclass, date, dataclass or numpy scalar; integers within 64 bits, str keys, no lone surrogate)
+    and that reads back equal to itself, which a NaN or an infinity (written ``null``) does not.
+    None otherwise: then the stdlib encodes them and names each bad record."""
+    if set(map(type, records)) != {dict}:
+        return None
+    dumps = orjson.dumps
+    try:
+        values = [dumps(rec, _not_plain, _PLAIN) for rec in records]
+    except TypeError:
+        return None
+    if orjson.loads(b"[" + b",".join(values) + b"]") != list(records):
+        return None
+    return values
+
+
 def encode_records(records) -> list[tuple[bytes, bytes]]:
-    """``[(key, json value)]``; every unserialisable record is reported by its index."""
+    """``[(key, json value)]``; every unserialisable record is reported by its index.
+
+    Values are compact UTF-8 JSON. orjson writes them where it says what the stdlib encoder says
+    (:func:`_plain_values`: the same JSON once read, its floats in orjson's shortest round-trip
+    spelling), the stdlib encoder everything else, with its errors."""
     if not isinstance(records, (list, tuple)):
         raise _bad("records", f"expected a list of objects, got {type(records).__name__}", "type")
+    values = _plain_values(records) if records else None
+    if values is not None:
+        out = []
+        for rec, value in zip(records, values):
+            uid = rec.get("user_id")
+            if uid is None:
+                uid = rec.get("item_id")
+            key = b"" if uid is None else str(uid).encode()
+            if len(key) > 0xFFFF or len(value) + len(key) + _BODY.size > MAX_RECORD:
+                break   # the full path reports it (and any other)
+            out.append((key, value))
+        else:
+            return out
     out, errs = [], []
     dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
     for i, rec in enumerate(records):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .base import (DEFAULT_RETENTION_S, DEFAULT_SEGMENT_BYTES, TOPIC_RE, Consumer, EventBus, Record, _bad,
                    _check_consumer_name, _check_topic, _decode_values, _normalise_position, encode_records)
-from .segments import fsync_dir, _frame, _seg_path, _segments, _TopicReader, _TopicWriter
+from .segments import fsync_dir, _frames, _seg_path, _segments, _TopicReader, _TopicWriter
 
 log = logging.getLogger("stratarank.bus")
 
@@ -88,7 +88,7 @@ class EmbeddedBus(EventBus):
 
     def publish_encoded(self, topic: str, encoded: list[tuple[bytes, bytes]], ts: float | None = None) -> None:
         now = time.time() if ts is None else ts
-        data = b"".join([_frame(now, k, v) for k, v in encoded])
+        data = _frames(now, encoded)
         with self._cond:
             if self._closed:
                 raise RuntimeError("bus is closed")

@@ -27,6 +27,25 @@ def _frame(ts: float, key: bytes, value: bytes) -> bytes:
     return _HEAD.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
 
+def _frames(ts: float, encoded) -> bytes:
+    """``b"".join(_frame(ts, key, value) for key, value in encoded)``, the same bytes made cheaper: the
+    body's head (time, key length, key) packed and its CRC taken once per distinct key (a request's
+    records share their user's), then one join of all the pieces."""
+    parts = []
+    append, pack_head, crc32 = parts.append, _HEAD.pack, zlib.crc32
+    prefixes: dict = {}
+    for key, value in encoded:
+        got = prefixes.get(key)
+        if got is None:
+            prefix = _BODY.pack(ts, len(key)) + key
+            got = prefixes[key] = (prefix, len(prefix), crc32(prefix))
+        prefix, size, crc = got
+        append(pack_head(MAGIC, size + len(value), crc32(value, crc)))
+        append(prefix)
+        append(value)
+    return b"".join(parts)
+
+
 def _parse(buf, start: int, end: int, base: int = 0, limit: int = -1):
     """Parse frames of ``buf[start:end]``. Yields ``(base + pos, base + next, ts, key, value)`` and
     stops at the first frame that is incomplete or invalid, or after ``limit`` frames (``'end'``);
