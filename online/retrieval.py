@@ -20,7 +20,9 @@ Freshness: a background thread follows :meth:`online.corpus.Corpus.changes_since
 their ``expires_at`` passes, so an item written to the corpus is retrievable about
 ``sync_interval_s`` plus an encode later. When the two-tower model's registry pointer moves, a second
 thread builds a new index with the new item tower, catches up with the corpus and swaps encoder and
-index as one (queries and item vectors always come from the same model).
+index as one (queries and item vectors always come from the same model). A model that scores
+freshness (``ranking.two_tower``: item vectors carry ``2^((born - t0) / h)`` for the index's reference
+time ``t0``) is re-based the same way, on a new ``t0``, every few learnt half-lives.
 
 Configuration, ``retrieval:`` in ``conf/service.yaml``::
 
@@ -134,8 +136,10 @@ class Pool:
 
 def item_payload(item: Item) -> dict:
     """What the two-tower item tower reads of a corpus item."""
+    gen = item.generator
     return {"item_id": item.item_id, "source": item.source, "creator_id": item.creator_id, "topic": item.topic,
-            "text": item.text, "generator": item.generator.model if item.generator is not None else None}
+            "text": item.text, "generator": gen.model if gen is not None else None,
+            "prior_score": gen.prior_score if gen is not None else None, "created_at": item.created_at}
 
 
 def candidate_of(item: Item, now: float, sources: Sequence[str] = ()) -> Candidate:
@@ -197,8 +201,9 @@ def fill_pool(plan: RetrievalPlan, lists: dict[str, list[str]]) -> tuple[list[st
 class _State:
     """One encoder and the index of its item vectors, with the corpus change they are synced to."""
 
-    def __init__(self, encoder, index: AnnIndex | None) -> None:
+    def __init__(self, encoder, index: AnnIndex | None, reference_ts: float) -> None:
         self.encoder, self.index = encoder, index
+        self.reference_ts = reference_ts                # t0 of the item vectors (freshness models)
         self.seq = 0
         self.expiry: list[tuple[float, str]] = []   # heap of (expires_at, item_id)
         self.expires_at: dict[str, float] = {}      # the live expiry of each indexed item
@@ -226,7 +231,7 @@ class Retriever:
                  pointer=None, clock=time.time, seed: int = 0) -> None:
         self.config, self.corpus, self.store = config, corpus, store
         self.clock = clock
-        self._state = _State(encoder, self._new_index(encoder))
+        self._state = _State(encoder, self._new_index(encoder), clock())
         self._load_encoder, self._pointer = load_encoder, pointer
         self._followed = pointer() if pointer is not None and encoder is not None else None  # loaded version
         self._sync_lock = threading.Lock()   # one writer of the live state at a time (sync, swap)
@@ -284,6 +289,7 @@ class Retriever:
                 if self.config.follow_current and self._pointer is not None and time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + self.config.poll_s
                     self.follow_model()
+                self.rebase()
                 self.error = None
             except Exception as exc:  # noqa: BLE001 - a corpus or store hiccup: log, keep the index, retry
                 if self.error is None or str(exc) != str(self.error):
@@ -317,7 +323,7 @@ class Retriever:
         if state.index is not None:
             if live:
                 state.index.add([it.item_id for it in live],
-                                state.encoder.encode_items([item_payload(it) for it in live]))
+                                state.encoder.encode_items([item_payload(it) for it in live], state.reference_ts))
             if dead:
                 state.index.remove(dead)
         for item_id in dead:
@@ -356,16 +362,34 @@ class Retriever:
     def follow_model(self) -> bool:
         """Start a background rebuild when the model's registry pointer moved; True when one started."""
         pointer = self._pointer()
-        if pointer == self._followed or (self._rebuilding is not None and self._rebuilding.is_alive()):
+        if pointer == self._followed or self._busy():
             return False
         self._followed = pointer
-        self._rebuilding = threading.Thread(target=self._rebuild, name="retrieval-rebuild", daemon=True)
-        self._rebuilding.start()
+        self._start_rebuild(self._load_encoder)
         return True
 
-    def _rebuild(self) -> None:
+    def rebase(self) -> bool:
+        """Start re-encoding the corpus on a new reference time when the serving model's freshness
+        factors have grown past :meth:`TwoTowerEncoder.rebase_due`; True when one started."""
+        state = self._state
+        rebase_due = getattr(state.encoder, "rebase_due", None)
+        if rebase_due is None or self._busy() or not rebase_due(state.reference_ts, self.clock()):
+            return False
+        encoder = state.encoder
+        self._start_rebuild(lambda: encoder)
+        return True
+
+    def _busy(self) -> bool:
+        return self._rebuilding is not None and self._rebuilding.is_alive()
+
+    def _start_rebuild(self, load) -> None:
+        self._rebuilding = threading.Thread(target=self._rebuild, args=(load,), name="retrieval-rebuild",
+                                            daemon=True)
+        self._rebuilding.start()
+
+    def _rebuild(self, load) -> None:
         try:
-            encoder = self._load_encoder()
+            encoder = load()
             self.swap_encoder(encoder)
         except Exception as exc:  # noqa: BLE001 - the serving model and index stay
             log.error("retrieval: the new two-tower version did not load or index, still serving %s: %s",
@@ -375,7 +399,7 @@ class Retriever:
     def swap_encoder(self, encoder) -> None:
         """Index the whole corpus with ``encoder`` into a new index, catch up, and swap both in at once
         (searches meanwhile use the old pair)."""
-        state = _State(encoder, self._new_index(encoder))
+        state = _State(encoder, self._new_index(encoder), self.clock())
         self._sync(state)                    # the bulk, while the live state keeps syncing
         with self._sync_lock:
             self._sync(state)                # what changed meanwhile
@@ -396,7 +420,7 @@ class Retriever:
         query = None
         needs_query = any(s.count and s.name in ("ann", "fresh") for s in plan.sources)
         if state.index is not None and needs_query:
-            query = state.encoder.encode_users([user])
+            query = state.encoder.encode_users([user], now, state.reference_ts)
             timings["user_tower"] = (time.perf_counter() - t0) * 1e3
         lists: dict[str, list[str]] = {}
         for src in plan.sources:
@@ -439,7 +463,8 @@ class Retriever:
         if not seeds:
             return []
         per_seed = math.ceil(src.count / len(seeds))
-        rows = self._search(state, vectors, per_seed + 1, exclude)
+        rows = self._search(state, state.encoder.item_queries(vectors, now, state.reference_ts), per_seed + 1,
+                            exclude)
         return interleave(rows)[: src.count]
 
     def _fresh(self, state, src, query, user, exclude, now):
@@ -493,14 +518,16 @@ class Retriever:
         if state.index is None:
             raise LookupError("no two-tower model loaded")
         exclude: set = set()
+        now = self.clock() if now is None else now
         if user is not None:
-            query = state.encoder.encode_users([user])
+            query = state.encoder.encode_users([user], now, state.reference_ts)
         elif text is not None:
-            query = state.encoder.encode_text(text)[None, :]
+            query = state.encoder.encode_text(text, now, state.reference_ts)[None, :]
         else:
-            found, query = state.index.vectors_of([item_id])
+            found, vectors = state.index.vectors_of([item_id])
             if not found:
                 return None
+            query = state.encoder.item_queries(vectors, now, state.reference_ts)
             exclude = {item_id}
         ids, scores = state.index.search(query, k + len(exclude))
         pairs = [(i, float(s)) for i, s in zip(ids[0], scores[0].tolist()) if i not in exclude]

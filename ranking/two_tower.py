@@ -26,6 +26,11 @@ Config format::
       logq: count                        # count | stream | none (the sampling-bias correction)
       logq_alpha: 0.05                   # stream: the gap estimate's learning rate
       logq_buckets: 1048576              # stream: rows of its hashed arrays
+      item_bias: false                   # true: a learnt logit per item (its quality) beside the cosine
+      prior_score: false                 # true: the item tower reads the generator's prior_score
+      freshness_half_life_hours: null    # a number: a learnt freshness term w * 2^(-age / h), h learnt
+                                         # from this start (the data needs an age_hours column)
+      impression_loss: 0                 # weight of a pointwise loss on every impression (see below)
     training: {epochs: 8, batch_size: 256, lr: 0.003, embedding_lr: 0.05, weight_decay: 0.0, seed: 0, threads: 1}
     eval:
       k: [50, 100]                       # recall@K on the held-out split
@@ -39,7 +44,8 @@ in a bag, i.e. a (weighted) mean):
 - user tower: ``user_id``, ``recent_items`` (the item-id table, mean of the user's recent items) and
   ``user_topics`` (the topic table, weighted by the user's topic affinity) -> MLP -> ``output_dim``;
 - item tower: ``item_id``, ``text`` (hashed tokens, mean), ``topic``, ``creator``, ``generator`` (the LLM's
-  model name) and an ``is_llm`` input (source ``llm`` or a generator) -> MLP -> ``output_dim``.
+  model name) and dense inputs: ``is_llm`` (source ``llm`` or a generator) and, with ``prior_score: true``,
+  the generator's ``prior_score`` and whether there is one -> MLP -> ``output_dim`` (+ 1 with a bias).
 
 Every value is hashed (``ranking.features.hash_token``, crc32: stable across processes) into its table's
 ``buckets`` rows; row 0 is never used, a missing value is an empty bag (zeros). The id tables (items,
@@ -63,6 +69,23 @@ between its occurrences, ``q = 1 / gap``): it needs no pass over the data and fo
 distribution, which a streaming trainer needs; ``none`` leaves the logits as they are (ablation).
 Accidental hits (another row of the batch with the same item) are masked out of each row's negatives.
 
+Item quality and freshness (``item_bias``, ``freshness_half_life_hours``): the logit of (user, item) at
+time t is ``cos(u, v) / temperature + b(item) + w * 2^(-age(item, t) / h)`` (``w`` and ``h`` learnt; an
+in-batch negative born after the row's time is masked: it was not there). Both extras survive
+inner-product search exactly: ``2^(-(t - born) / h) = 2^(-(t - t0) / h) * 2^((born - t0) / h)`` splits
+into a query-side factor of the time and an item-side factor of the birth, for any reference time
+``t0``. Item vectors are then ``[v, b, 2^((born - t0) / h)]`` and queries ``[u / temperature, 1,
+w * 2^(-(t - t0) / h)]`` (``TwoTowerEncoder.dim`` = ``output_dim`` + 2), so one inner product is the
+model's whole logit; an index re-bases ``t0`` (re-encodes) before the item factors grow large
+(:meth:`TwoTowerEncoder.rebase_due`). Without the extras vectors are the unit ``v`` and ``u``.
+
+Exposure (``impression_loss``): the softmax over positives learns ``log p(item | user)``, which in
+logged data is the item's exposure times its click rate; under a random or a generator's policy the
+exposure is chance (how long an item was alive, how often it was drawn), not quality. A weight above 0
+adds a logistic loss on every training impression, clicked or not: ``sigmoid(logit(user, item, t) +
+position bias)`` against the click, which pins the logit to the click rate itself (the position biases
+are training-only; the logged position is ``position``, 1-based).
+
 Evaluation: each held-out positive is a query (the user as served then); recall@K is the share of them
 whose item is among the K items of highest inner product over the catalogue of the frame (every distinct
 item of train and held-out rows; exact search), next to popularity (the items by training positives);
@@ -83,7 +106,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from strategy.checks import NAME_RE, as_dict, as_list, as_number, as_str, check_keys
+from strategy.checks import NAME_RE, as_bool, as_dict, as_list, as_number, as_str, check_keys
 from strategy.config import read_yaml
 from strategy.errors import Errors, FieldError, ValidationError
 
@@ -95,8 +118,11 @@ DATA_KEYS = ("loader", "path", "time_column", "valid_fraction", "from_hour", "to
 LOADERS = ("table", "sim", "served")
 LOGQ = ("count", "stream", "none")
 MODEL_KEYS = ("embedding_dim", "buckets", "layers", "output_dim", "temperature", "item_id_dropout", "topic_dropout",
-              "max_recent",
-              "max_tokens", "logq", "logq_alpha", "logq_buckets")
+              "max_recent", "max_tokens", "logq", "logq_alpha", "logq_buckets", "item_bias", "prior_score",
+              "freshness_half_life_hours", "impression_loss")
+POSITION_COLUMN = "position"
+MAX_POSITION = 64          # the impression loss's position biases: 1..64 (later positions share the last)
+REBASE_HALF_LIVES = 4.0    # re-base an index's t0 once the newest item's factor could pass 2^4
 TRAINING_KEYS = ("epochs", "batch_size", "lr", "embedding_lr", "weight_decay", "seed", "threads")
 EVAL_KEYS = ("k", "catalogue")
 CATALOGUES = ("frame", "held_out")
@@ -115,7 +141,8 @@ USER_FEATURES = ("user_id", "recent_items", "user_topics")
 ITEM_FEATURES = ("item_id", "text", "topic", "creator", "generator")
 # the frame's columns each item / user input comes from
 ITEM_COLUMNS = {"item_id": "item_id", "source": "source", "creator_id": "creator_id", "topic": "topic",
-                "text": "text", "generator": "generator"}
+                "text": "text", "generator": "generator", "prior_score": "prior_score"}
+AGE_COLUMN = "age_hours"   # the item's age at the row's time: what freshness learns from
 USER_COLUMNS = {"user_id": "user_id", "recent_items": "user_recent_items"}
 
 
@@ -150,6 +177,16 @@ class TowerConfig:
     logq: str = "count"
     logq_alpha: float = 0.05
     logq_buckets: int = 1 << 20
+    item_bias: bool = False
+    prior_score: bool = False
+    freshness_half_life_hours: float | None = None
+    impression_loss: float = 0.0
+
+    @property
+    def extras(self) -> int:
+        """Columns the served vectors carry beside the ``output_dim`` of the towers (bias, freshness)."""
+        return int(self.item_bias or self.freshness_half_life_hours is not None) + int(
+            self.freshness_half_life_hours is not None)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -227,11 +264,19 @@ def _model_from(errs: Errors, value) -> TowerConfig:
         "temperature": (0, 10, False, True), "item_id_dropout": (0, 0.95, False, False),
         "topic_dropout": (0, 0.95, False, False),
         "max_recent": (1, 1000, True, False), "max_tokens": (1, 1000, True, False),
-        "logq_alpha": (0, 1, False, True), "logq_buckets": (1, 1 << 30, True, False)})
+        "logq_alpha": (0, 1, False, True), "logq_buckets": (1, 1 << 30, True, False),
+        "impression_loss": (0, 1000, False, False)})
     if "layers" in obj:
         kw["layers"] = _layers(errs, obj["layers"], "model.layers")
     if "logq" in obj:
         kw["logq"] = as_str(errs, obj["logq"], "model.logq", choices=LOGQ)
+    for key in ("item_bias", "prior_score"):
+        if obj.get(key) is not None:
+            kw[key] = as_bool(errs, obj[key], f"model.{key}")
+    if obj.get("freshness_half_life_hours") is not None:
+        kw["freshness_half_life_hours"] = as_number(errs, obj["freshness_half_life_hours"],
+                                                    "model.freshness_half_life_hours", lo=0.01, hi=100_000,
+                                                    lo_open=False)
     if "buckets" in obj:
         b = as_dict(errs, obj["buckets"], "model.buckets") or {}
         names = tuple(HashBuckets.__dataclass_fields__)
@@ -444,21 +489,44 @@ def generator_name(value) -> str | None:
     return None if _missing(value) or not isinstance(value, str) else value
 
 
+def dense_width(cfg: TowerConfig) -> int:
+    """Dense inputs of the item tower: ``is_llm``, then ``prior_score`` and ``has_prior`` when configured."""
+    return 3 if cfg.prior_score else 1
+
+
+def _prior(value) -> float:
+    """A generator's prior score in [0, 1] (a number, or a dict with ``prior_score``), else NaN."""
+    if isinstance(value, Mapping):
+        value = value.get("prior_score")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return math.nan
+    return min(1.0, max(0.0, float(value)))
+
+
 def item_parts(cfg: TowerConfig, cols: Mapping[str, Sequence], n: int) -> tuple[dict, np.ndarray]:
     """The item tower's features of ``n`` items from columns (``item_id``, ``source``, ``creator_id``,
-    ``topic``, ``text``, ``generator``; an absent column is missing for every item) -> (Jagged parts,
-    is_llm float32 (n,))."""
+    ``topic``, ``text``, ``generator``, ``prior_score``; an absent column is missing for every item) ->
+    (Jagged parts, dense float32 (n, :func:`dense_width`))."""
     b = cfg.buckets
     none = [None] * n
-    generators = [generator_name(g) for g in cols.get("generator", none)]
+    raw = cols.get("generator", none)
+    generators = [generator_name(g) for g in raw]
     source = cols.get("source", none)
     is_llm = np.array([s == "llm" or g is not None for s, g in zip(source, generators)], dtype=np.float32)
+    dense = is_llm[:, None]
+    if cfg.prior_score:
+        given = cols.get("prior_score", none)
+        prior = np.array([_prior(p) for p in given], dtype=np.float32)
+        from_generator = np.isnan(prior)
+        prior[from_generator] = [_prior(g) for g, f in zip(raw, from_generator) if f]
+        has = ~np.isnan(prior)
+        dense = np.stack([is_llm, np.where(has, prior, 0.0), has], axis=1).astype(np.float32)
     parts = {"item_id": _single(cols.get("item_id", none), b.item_id),
              "text": _text_bag(cols.get("text", none), b.text, cfg.max_tokens),
              "topic": _single(cols.get("topic", none), b.topic),
              "creator": _single(cols.get("creator_id", none), b.creator),
              "generator": _single(generators, b.generator)}
-    return parts, is_llm
+    return parts, np.ascontiguousarray(dense, dtype=np.float32)
 
 
 def user_parts(cfg: TowerConfig, cols: Mapping[str, Sequence], n: int) -> dict:
@@ -503,8 +571,9 @@ class TwoTowerModel(nn.Module):
     """A weighted ``EmbeddingBagCollection`` (the item-id table shared by ``item_id`` and ``recent_items``,
     the topic table by ``topic`` and ``user_topics``) and two MLP towers.
 
-    ``forward(kjt, is_llm)`` -> (user vectors (N, output_dim), item vectors (N, output_dim)), both rows
-    L2-normalised; ``users(kjt)`` / ``items(kjt, is_llm)`` compute one side.
+    ``forward(kjt, dense)`` -> (user vectors (N, output_dim), item vectors (N, output_dim), item biases
+    (N,)): vectors L2-normalised, biases 0 without ``item_bias``; ``users(kjt)`` / ``items(kjt, dense)``
+    compute one side. With ``freshness_half_life_hours``, :meth:`freshness` is the learnt age term.
     """
 
     def __init__(self, cfg: TowerConfig, device=None):
@@ -528,41 +597,67 @@ class TwoTowerModel(nn.Module):
             return nn.Sequential(mlp(in_dim, layers), nn.Linear(layers[-1] if layers else in_dim, cfg.output_dim))
 
         self.user_tower = tower(len(USER_FEATURES) * d)
-        self.item_tower = tower(len(ITEM_FEATURES) * d + 1)
+        self.item_tower = tower(len(ITEM_FEATURES) * d + dense_width(cfg))
+        if cfg.item_bias:   # one more output: the item's logit beside the cosine
+            last = self.item_tower[-1]
+            self.item_tower[-1] = nn.Linear(last.in_features, cfg.output_dim + 1)
+        if cfg.impression_loss > 0:
+            self.position_bias = nn.Parameter(torch.full((MAX_POSITION + 1,), -2.0))
+        if cfg.freshness_half_life_hours is not None:
+            self.fresh_weight = nn.Parameter(torch.tensor(0.5))
+            self.log_half_life = nn.Parameter(torch.tensor(math.log(cfg.freshness_half_life_hours)))
 
     def _users(self, pooled: dict) -> torch.Tensor:
         x = torch.cat([pooled[f] for f in USER_FEATURES], dim=1)
         return nn.functional.normalize(self.user_tower(x), dim=1)
 
-    def _items(self, pooled: dict, is_llm: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([pooled[f] for f in ITEM_FEATURES] + [is_llm.reshape(-1, 1)], dim=1)
-        return nn.functional.normalize(self.item_tower(x), dim=1)
+    def _items(self, pooled: dict, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([pooled[f] for f in ITEM_FEATURES] + [dense.reshape(len(dense), -1)], dim=1)
+        out = self.item_tower(x)
+        d = self.config.output_dim
+        bias = out[:, d] if self.config.item_bias else out.new_zeros(len(out))
+        return nn.functional.normalize(out[:, :d], dim=1), bias
 
     def users(self, kjt) -> torch.Tensor:
         return self._users(self.ebc(kjt).to_dict())
 
-    def items(self, kjt, is_llm: torch.Tensor) -> torch.Tensor:
-        return self._items(self.ebc(kjt).to_dict(), is_llm)
+    def items(self, kjt, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._items(self.ebc(kjt).to_dict(), dense)
 
-    def forward(self, kjt, is_llm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, kjt, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pooled = self.ebc(kjt).to_dict()
-        return self._users(pooled), self._items(pooled, is_llm)
+        return (self._users(pooled), *self._items(pooled, dense))
+
+    @property
+    def half_life_hours(self) -> float | None:
+        return None if self.config.freshness_half_life_hours is None else float(self.log_half_life.detach().exp())
+
+    def freshness(self, age_hours: torch.Tensor) -> torch.Tensor:
+        """``w * 2^(-max(age, 0) / h)``, the learnt logit of an item's age (hours)."""
+        return self.fresh_weight * torch.exp2(-age_hours.clamp(min=0.0) / self.log_half_life.exp())
 
 
 # ---------------------------------------------------------------- loss and the sampling-bias correction
 
 
 def in_batch_softmax_loss(users: torch.Tensor, items: torch.Tensor, item_keys: torch.Tensor,
-                          log_q: torch.Tensor, temperature: float) -> torch.Tensor:
+                          log_q: torch.Tensor, temperature: float, extra: torch.Tensor | None = None,
+                          absent: torch.Tensor | None = None) -> torch.Tensor:
     """Mean in-batch softmax cross-entropy of B positive pairs (row i's positive is item i).
 
     ``users``, ``items``: (B, D); ``item_keys`` (B,) int ids of the items (rows with the same item are
     accidental hits: masked out of each other's negatives); ``log_q`` (B,) log sampling probability of
-    each item, subtracted from its column's logits (Yi et al. 2019: ``s(x, y) / T - log q(y)``).
+    each item, subtracted from its column's logits (Yi et al. 2019: ``s(x, y) / T - log q(y)``);
+    ``extra`` (B, B) logits added (item bias, freshness at each row's time); ``absent`` (B, B) bool:
+    items that did not exist at the row's time, masked out.
     """
     logits = users @ items.T / temperature - log_q[None, :]
+    if extra is not None:
+        logits = logits + extra
     same = item_keys[:, None] == item_keys[None, :]
     same.fill_diagonal_(False)
+    if absent is not None:
+        same |= absent & ~torch.eye(len(same), dtype=torch.bool)
     logits = logits.masked_fill(same, float("-inf"))
     return nn.functional.cross_entropy(logits, torch.arange(len(users)))
 
@@ -595,6 +690,16 @@ class StreamingFrequency:
         return -np.log(np.maximum(self.gap[uniq], 1e-6))[inverse]
 
 
+def impression_loss(model: TwoTowerModel, imp: "Impressions", idx: np.ndarray) -> torch.Tensor:
+    """Mean logistic loss of impressions ``idx``: the served logit plus the position's bias, against
+    the click (see ``impression_loss`` in the module docstring)."""
+    users, items, bias = model(imp.rows.select(idx).kjt(), torch.from_numpy(imp.dense[idx]))
+    logit = (users * items).sum(1) / model.config.temperature + bias + model.position_bias[imp.position[idx]]
+    if imp.ts is not None:
+        logit = logit + model.freshness(torch.from_numpy((imp.ts[idx] - imp.born[idx]) / 3600.0).float())
+    return nn.functional.binary_cross_entropy_with_logits(logit, torch.from_numpy(imp.label[idx]))
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -603,17 +708,34 @@ class TwoTowerData:
     """The encoded rows of one training run (see :func:`prepare_two_tower`)."""
 
     train: Jagged              # training positives, both towers' features
-    train_is_llm: np.ndarray   # (N,)
+    train_dense: np.ndarray    # (N, dense_width) the item tower's dense inputs
     train_item: np.ndarray     # (N,) catalogue index of each positive's item
     train_item_ids: np.ndarray  # (N,) its item id (the streaming estimator hashes it)
     queries: Jagged            # held-out positives, user features
     query_item: np.ndarray     # (Q,) catalogue index of each query's item
     catalogue: pd.DataFrame    # every distinct item of the frame, its last row's content
     items: Jagged              # the catalogue's item features
-    items_is_llm: np.ndarray
+    items_dense: np.ndarray
     train_counts: np.ndarray   # (C,) training positives per catalogue item
     held_items: np.ndarray     # (C,) bool: the item was served in a held-out row
     description: dict
+    train_ts: np.ndarray | None = None      # (N,) each positive's time; with the birth times below when
+    train_born: np.ndarray | None = None    # (N,) the model learns freshness (from the age_hours column)
+    query_ts: np.ndarray | None = None      # (Q,)
+    items_born: np.ndarray | None = None    # (C,)
+    impressions: "Impressions | None" = None   # every training row, for the impression loss
+
+
+@dataclass
+class Impressions:
+    """Every training row (clicked or not) encoded for the impression loss."""
+
+    rows: Jagged               # both towers' features
+    dense: np.ndarray          # (M, dense_width)
+    label: np.ndarray          # (M,) float32: 1 for a positive
+    position: np.ndarray       # (M,) int64 in 1..MAX_POSITION
+    ts: np.ndarray | None      # (M,) with freshness
+    born: np.ndarray | None    # (M,)
 
 
 def load_two_tower_frames(cfg: TwoTowerConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -684,19 +806,46 @@ def prepare_two_tower(cfg: TwoTowerConfig, train: pd.DataFrame, held: pd.DataFra
                                                             item_topic, m.max_recent)
         return user_parts(m, cols, len(rows))
 
-    iparts, is_llm = item_parts(m, _columns(pos, ITEM_COLUMNS), len(pos))
+    iparts, dense = item_parts(m, _columns(pos, ITEM_COLUMNS), len(pos))
     train_item = index.get_indexer(pos["item_id"])
-    cparts, c_llm = item_parts(m, _columns(catalogue, ITEM_COLUMNS), len(catalogue))
+    cparts, c_dense = item_parts(m, _columns(catalogue, ITEM_COLUMNS), len(catalogue))
     counts = np.bincount(train_item, minlength=len(catalogue))
     query_item = index.get_indexer(queries["item_id"])
     desc = {"train_positives": len(pos), "held_out_positives": len(queries), "catalogue": len(catalogue),
             "users": int(frame["user_id"].nunique())}
     log(f"two-tower data: {len(pos):,} training positives of {len(train):,} rows, {len(queries):,} held-out "
         f"positives of {len(held):,}, catalogue {len(catalogue):,} items")
-    return TwoTowerData(Jagged(len(pos), {**users_of(pos), **iparts}), is_llm, train_item,
+    times = {}
+    if m.freshness_half_life_hours is not None:
+        tcol = cfg.data.time_column
+        if AGE_COLUMN not in frame.columns:
+            raise ValidationError([cfg.error("model.freshness_half_life_hours", f"learning freshness needs an "
+                                             f"'{AGE_COLUMN}' column (the item's age at the row's time, hours) "
+                                             f"in the data ({cfg.data.path})", "unknown_column")])
+        born = (pd.to_numeric(frame[tcol], errors="coerce")
+                - pd.to_numeric(frame[AGE_COLUMN], errors="coerce") * 3600.0).to_numpy(np.float64)
+        born = np.where(np.isfinite(born), born, pd.to_numeric(frame[tcol]).to_numpy(np.float64))  # unknown: age 0
+        first_born = pd.Series(born).groupby(frame["item_id"].to_numpy()).min()   # an item's birth, once
+        times = {"train_ts": pos[tcol].to_numpy(np.float64), "query_ts": queries[tcol].to_numpy(np.float64),
+                 "train_born": first_born.reindex(pos["item_id"]).to_numpy(np.float64),
+                 "items_born": first_born.reindex(catalogue["item_id"]).to_numpy(np.float64)}
+    impressions = None
+    if m.impression_loss > 0:
+        allparts, all_dense = item_parts(m, _columns(train, ITEM_COLUMNS), len(train))
+        position = (pd.to_numeric(train[POSITION_COLUMN], errors="coerce").fillna(1).to_numpy()
+                    if POSITION_COLUMN in train.columns else np.ones(len(train)))
+        impressions = Impressions(
+            Jagged(len(train), {**users_of(train), **allparts}), all_dense,
+            positive_mask(train, cfg.positive).astype(np.float32),
+            np.clip(position, 1, MAX_POSITION).astype(np.int64),
+            train[cfg.data.time_column].to_numpy(np.float64) if times else None,
+            first_born.reindex(train["item_id"]).to_numpy(np.float64) if times else None)
+        log(f"two-tower data: the impression loss reads all {len(train):,} training rows")
+    return TwoTowerData(Jagged(len(pos), {**users_of(pos), **iparts}), dense, train_item,
                         pos["item_id"].astype(str).to_numpy(), Jagged(len(queries), users_of(queries)), query_item,
-                        catalogue, Jagged(len(catalogue), cparts), c_llm, counts,
-                        catalogue["item_id"].isin(set(held["item_id"])).to_numpy(), desc)
+                        catalogue, Jagged(len(catalogue), cparts), c_dense, counts,
+                        catalogue["item_id"].isin(set(held["item_id"])).to_numpy(), desc, **times,
+                        impressions=impressions)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -712,10 +861,49 @@ def recall_from_scores(scores: np.ndarray, target: np.ndarray, ks: Sequence[int]
 
 
 @torch.inference_mode()
-def encode_jagged_items(model: TwoTowerModel, items: Jagged, is_llm: np.ndarray, batch: int = 16_384) -> np.ndarray:
-    out = [model.items(items.select(np.arange(s, min(len(items), s + batch))).kjt(),
-                       torch.from_numpy(is_llm[s:s + batch])).numpy() for s in range(0, len(items), batch)]
-    return np.concatenate(out) if out else np.zeros((0, model.config.output_dim), np.float32)
+def encode_jagged_items(model: TwoTowerModel, items: Jagged, dense: np.ndarray,
+                        batch: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+    """(unit vectors (n, output_dim), biases (n,)) of the item tower."""
+    vecs, biases = [np.zeros((0, model.config.output_dim), np.float32)], [np.zeros(0, np.float32)]
+    for s in range(0, len(items), batch):
+        v, b = model.items(items.select(np.arange(s, min(len(items), s + batch))).kjt(),
+                           torch.from_numpy(dense[s:s + batch]))
+        vecs.append(v.numpy())
+        biases.append(b.numpy())
+    return np.concatenate(vecs), np.concatenate(biases)
+
+
+def served_items(model: TwoTowerModel, vectors: np.ndarray, bias: np.ndarray, born: np.ndarray | None,
+                 reference_ts: float | None) -> np.ndarray:
+    """The vectors an index holds: ``[v, b, 2^((born - t0) / h)]`` (see the module docstring), or ``v``
+    without the extras. ``born``: epoch seconds (NaN: no freshness term); ``reference_ts``: ``t0``."""
+    cfg = model.config
+    if not cfg.extras:
+        return vectors
+    cols = [vectors, bias[:, None]]
+    if cfg.freshness_half_life_hours is not None:
+        if reference_ts is None:
+            raise ValueError("this model scores freshness: pass reference_ts (the index's t0, epoch seconds)")
+        rel = (np.asarray(born, dtype=np.float64) - reference_ts) / 3600.0 / model.half_life_hours
+        cols.append(np.nan_to_num(np.exp2(np.minimum(rel, 64.0)), nan=0.0)[:, None])
+    return np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.float32)
+
+
+def served_queries(model: TwoTowerModel, vectors: np.ndarray, now, reference_ts: float | None) -> np.ndarray:
+    """The queries of user (or item, for item-to-item) vectors ``(n, output_dim)`` at ``now`` (scalar or
+    (n,)): ``[u / temperature, 1, w * 2^(-(now - t0) / h)]``, so that the inner product with
+    :func:`served_items` is the model's logit; ``u`` as it is without the extras."""
+    cfg = model.config
+    if not cfg.extras:
+        return vectors
+    n = len(vectors)
+    cols = [vectors / cfg.temperature, np.ones((n, 1), np.float32)]
+    if cfg.freshness_half_life_hours is not None:
+        if reference_ts is None or now is None:
+            raise ValueError("this model scores freshness: pass now and reference_ts (epoch seconds)")
+        rel = (np.broadcast_to(np.asarray(now, dtype=np.float64), (n,)) - reference_ts) / 3600.0
+        cols.append((float(model.fresh_weight.detach()) * np.exp2(-rel / model.half_life_hours))[:, None])
+    return np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.float32)
 
 
 @torch.inference_mode()
@@ -734,10 +922,21 @@ def evaluate_two_tower(model: TwoTowerModel, data: TwoTowerData, ks: Sequence[in
     keep = data.held_items if catalogue == "held_out" else np.ones(len(data.items), dtype=bool)
     cols = np.flatnonzero(keep)
     target = np.cumsum(keep)[data.query_item] - 1          # each query's item among the searched columns
-    item_vecs = encode_jagged_items(model, data.items.select(cols), data.items_is_llm[cols])
-    user_vecs = encode_jagged_users(model, data.queries)
+    fresh = model.config.freshness_half_life_hours is not None
+    t0 = float(data.query_ts.max()) if fresh and len(data.query_ts) else None
+    born = data.items_born[cols] if fresh else None
+    item_vecs = served_items(model, *encode_jagged_items(model, data.items.select(cols), data.items_dense[cols]),
+                             born, t0)
+    user_vecs = served_queries(model, encode_jagged_users(model, data.queries), data.query_ts if fresh else None, t0)
+
+    def scores(s: int, e: int) -> np.ndarray:
+        out = user_vecs[s:e] @ item_vecs.T
+        if fresh:   # an item born after the query's time was not there to retrieve
+            out[born[None, :] > data.query_ts[s:e, None]] = -np.inf
+        return out
+
     chunk = max(1, 20_000_000 // max(len(item_vecs), 1))   # about 80 MB of scores at a time
-    hits = np.concatenate([recall_from_scores(user_vecs[s:s + chunk] @ item_vecs.T, target[s:s + chunk], ks)
+    hits = np.concatenate([recall_from_scores(scores(s, s + chunk), target[s:s + chunk], ks)
                            for s in range(0, len(user_vecs), chunk)], axis=1)
     # popularity ranks the catalogue the same way for every query: a hit depends on the target's count only
     order = np.sort(data.train_counts[cols].astype(np.float64))
@@ -817,6 +1016,9 @@ def train_two_tower(cfg: TwoTowerConfig, log=print, progress: bool = True) -> Tr
         rng = np.random.default_rng([tc.seed, epoch])
         perm = rng.permutation(n)
         batches = [perm[s:s + bs] for s in range(0, n - 1, bs) if len(perm[s:s + bs]) > 1]
+        imp = data.impressions
+        if imp is not None:   # the impressions in as many batches, alongside
+            imp_batches = np.array_split(rng.permutation(len(imp.label)), len(batches))
         bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", unit="batch", disable=not progress, file=sys.stderr,
                    mininterval=0.5, leave=False)
         total, te = 0.0, time.perf_counter()
@@ -831,9 +1033,17 @@ def train_two_tower(cfg: TwoTowerConfig, log=print, progress: bool = True) -> Tr
                 log_q = log_q_count[data.train_item[idx]]
             else:
                 log_q = np.zeros(len(idx))
-            users, items = model(batch.kjt(), torch.from_numpy(data.train_is_llm[idx]))
+            users, items, bias = model(batch.kjt(), torch.from_numpy(data.train_dense[idx]))
+            extra, absent = bias[None, :], None
+            if m.freshness_half_life_hours is not None:   # each item's age at each row's time
+                age = torch.from_numpy((data.train_ts[idx, None] - data.train_born[None, idx]) / 3600.0)
+                extra = extra + model.freshness(age.float())
+                absent = age < 0
             loss = in_batch_softmax_loss(users, items, torch.from_numpy(data.train_item[idx]),
-                                         torch.from_numpy(log_q.astype(np.float32)), m.temperature)
+                                         torch.from_numpy(log_q.astype(np.float32)), m.temperature,
+                                         extra if m.extras else None, absent)
+            if imp is not None:
+                loss = loss + m.impression_loss * impression_loss(model, imp, imp_batches[b - 1])
             optimizer.zero_grad(set_to_none=True)
             with torch.sparse.check_sparse_tensor_invariants(enable=False):   # the tables' sparse gradients
                 loss.backward()
@@ -845,12 +1055,18 @@ def train_two_tower(cfg: TwoTowerConfig, log=print, progress: bool = True) -> Tr
         bar.close()
         seconds = time.perf_counter() - te
         history.append({"epoch": epoch, "train_loss": total / max(1, len(batches)), "seconds": round(seconds, 3)})
-        log(f"epoch {epoch}: in-batch softmax loss {history[-1]['train_loss']:.4f}, {n / max(seconds, 1e-9):,.0f} "
+        what = "in-batch softmax + impression loss" if data.impressions is not None else "in-batch softmax loss"
+        log(f"epoch {epoch}: {what} {history[-1]['train_loss']:.4f}, {n / max(seconds, 1e-9):,.0f} "
             f"positives/s")
     train_seconds = sum(h["seconds"] for h in history)
     held_out = evaluate_two_tower(model, data, cfg.k, cfg.catalogue)
     metrics = {"held_out": held_out, "history": history, "train_seconds": round(train_seconds, 2),
                "wall_seconds": round(time.perf_counter() - t0, 2)}
+    if m.freshness_half_life_hours is not None:
+        metrics["freshness"] = {"weight": round(float(model.fresh_weight.detach()), 4),
+                                "half_life_hours": round(model.half_life_hours, 3)}
+        log(f"freshness learnt: logit {metrics['freshness']['weight']:+.3f} for a new item, halving every "
+            f"{metrics['freshness']['half_life_hours']:.1f} h")
     return TrainedTwoTower(cfg, model, metrics, desc)
 
 
@@ -882,35 +1098,66 @@ def register_two_tower(registry_dir: str | Path, name: str, trained: TrainedTwoT
 
 
 class TwoTowerEncoder:
-    """A registered two-tower model serving vectors (float32, rows L2-normalised: inner product = cosine).
+    """A registered two-tower model serving vectors (float32): an index holds :meth:`encode_items`, a
+    search sends :meth:`encode_users` (or :meth:`item_queries`), and their inner product is the model's
+    score: the cosine for a plain model, the whole logit (cosine / temperature + item bias + freshness)
+    for one with ``item_bias`` or ``freshness_half_life_hours`` (see the module docstring).
 
-    ``dim``: the vectors' dimension; ``version``: e.g. ``"two_tower_small@v1"``.
+    ``dim``: the vectors' dimension (``output_dim`` + the extras); ``version``: e.g. ``"two_tower_small@v1"``;
+    ``needs_time``: vectors depend on the index's reference time ``t0`` (``reference_ts``).
     """
 
     def __init__(self, model: TwoTowerModel, name: str, version: str, path: Path | None = None):
         self.model = model.eval()
         self.config: TowerConfig = model.config
-        self.dim = self.config.output_dim
+        self.dim = self.config.output_dim + self.config.extras
+        self.needs_time = self.config.freshness_half_life_hours is not None
         self.name, self.version, self.path = name, f"{name}@{version}", path
 
-    def encode_items(self, items: Sequence[Mapping]) -> np.ndarray:
-        """(n, dim) item-tower vectors of ``items``: mappings with ``item_id``, ``source`` (``"llm"`` or
-        another), ``creator_id``, ``topic``, ``text``, ``generator`` (None, a model name, or a dict with
-        ``model``); any key may be missing or None (an unknown or missing id: the content's vector)."""
+    def encode_items(self, items: Sequence[Mapping], reference_ts: float | None = None) -> np.ndarray:
+        """(n, dim) index vectors of ``items``: mappings with ``item_id``, ``source`` (``"llm"`` or another),
+        ``creator_id``, ``topic``, ``text``, ``generator`` (None, a model name, or a dict with ``model``
+        and ``prior_score``), ``prior_score`` and ``created_at`` (epoch seconds: the freshness term; an
+        item without one gets none); any key may be missing or None (an unknown or missing id: the
+        content's vector). ``reference_ts``: the index's ``t0``, required when ``needs_time``."""
         cols = {key: [it.get(key) for it in items] for key in ITEM_COLUMNS}
-        parts, is_llm = item_parts(self.config, cols, len(items))
-        return encode_jagged_items(self.model, Jagged(len(items), parts), is_llm)
+        parts, dense = item_parts(self.config, cols, len(items))
+        vectors, bias = encode_jagged_items(self.model, Jagged(len(items), parts), dense)
+        born = None
+        if self.needs_time:
+            born = np.array([_epoch(it.get("created_at")) for it in items], dtype=np.float64)
+        return served_items(self.model, vectors, bias, born, reference_ts)
 
-    def encode_users(self, users: Sequence[Mapping]) -> np.ndarray:
-        """(n, dim) user-tower vectors of ``users``: mappings with ``user_id``, ``recent_items`` (item ids,
+    def encode_users(self, users: Sequence[Mapping], now: float | None = None,
+                     reference_ts: float | None = None) -> np.ndarray:
+        """(n, dim) queries of ``users`` at ``now``: mappings with ``user_id``, ``recent_items`` (item ids,
         most recent first) and ``topic_affinity`` (topic -> weight, e.g. the near-line store's; normalised
-        here, non-positive weights ignored); any key may be missing or None."""
+        here, non-positive weights ignored); any key may be missing or None. ``now`` and ``reference_ts``
+        (epoch seconds) are required when ``needs_time``."""
         cols = {key: [u.get(key) for u in users] for key in ("user_id", "recent_items", "topic_affinity")}
-        return encode_jagged_users(self.model, Jagged(len(users), user_parts(self.config, cols, len(users))))
+        u = encode_jagged_users(self.model, Jagged(len(users), user_parts(self.config, cols, len(users))))
+        return served_queries(self.model, u, now, reference_ts)
 
-    def encode_text(self, text: str) -> np.ndarray:
-        """(dim,) the item-tower vector of an item with only ``text`` (retrieval by text)."""
-        return self.encode_items([{"text": text}])[0]
+    def item_queries(self, vectors: np.ndarray, now: float | None = None,
+                     reference_ts: float | None = None) -> np.ndarray:
+        """Queries from index vectors ``(n, dim)`` (items like these, for item-to-item and text search):
+        their unit part is searched as a user's would be."""
+        return served_queries(self.model, np.asarray(vectors, np.float32)[:, : self.config.output_dim], now,
+                              reference_ts)
+
+    def encode_text(self, text: str, now: float | None = None, reference_ts: float | None = None) -> np.ndarray:
+        """(dim,) the query of an item with only ``text`` (retrieval by text)."""
+        return self.item_queries(self.encode_items([{"text": text}], reference_ts), now, reference_ts)[0]
+
+    def rebase_due(self, reference_ts: float, now: float) -> bool:
+        """Whether an index built at ``reference_ts`` should be re-encoded at a later ``t0``: a new item's
+        freshness factor ``2^((born - t0) / h)`` grows with the time since ``t0``; past 2^4 the vectors'
+        scales spread too far for a graph index."""
+        return self.needs_time and (now - reference_ts) / 3600.0 > REBASE_HALF_LIVES * self.model.half_life_hours
+
+
+def _epoch(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def load_two_tower(registry_dir: str | Path, ref: str) -> TwoTowerEncoder:
