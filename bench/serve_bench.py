@@ -25,6 +25,15 @@ reason and the others go on. ``--peers none`` skips them.
 
     .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15] [--peers mlflow|litserve|none]
     .venv/bin/python bench/serve_bench.py --stages-only [--repeats 100]   # stages + overhead alone (seconds)
+    .venv/bin/python bench/serve_bench.py --feed [--feed-rate 50]         # POST /v1/feed over the living world
+
+``--feed``: ``POST /v1/feed`` instead (retrieval from the engine's own corpus, then ``/v1/rank``'s
+path). The living world (conf/sim/living.yaml) is simulated for ``--feed-impressions``; a two-tower
+model (conf/train/two_tower_living.yaml) is trained on those logs; the items alive at the logs' end
+(~100k) go into the scorer's corpus and the logged feedback events through ``POST /v1/events``, all
+times moved to now (the scorer runs on the wall clock). Once every worker has indexed the corpus,
+the same closed and open loops (``--feed-rate``, default the goal's 50 req/s) run on requests of
+users with a history, and the answers' own stage timings (retrieval sources, ranking) are reported.
 
 Without a registered model it first simulates a small world and trains one (about a minute).
 """
@@ -302,10 +311,11 @@ def server_process(cmd: list[str], env: dict, port: int, ready_path: str, what: 
 
 
 @contextlib.contextmanager
-def stratarank_server(registry: Path, model: str, workers: int, tmp: Path):
-    """``stratarank serve`` of ``model`` alone with ``workers`` gunicorn workers; yields its port."""
+def stratarank_server(registry: Path, model: str, workers: int, tmp: Path, sections: dict | None = None):
+    """``stratarank serve`` of ``model`` alone with ``workers`` gunicorn workers (``sections``: more
+    service config sections); yields its port."""
     config = tmp / f"{model}.yaml"
-    config.write_text(json.dumps(service_config(registry, model, tmp / model)))
+    config.write_text(json.dumps({**service_config(registry, model, tmp / model), **(sections or {})}))
     port = free_port()
     cmd = [sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config), "--port", str(port),
            "--workers", str(workers)]
@@ -314,6 +324,123 @@ def stratarank_server(registry: Path, model: str, workers: int, tmp: Path):
             yield port
     except ServerNotReady as exc:
         raise SystemExit(f"{exc} (is a model registered?)") from None
+
+
+def feed_world(registry: Path, tmp: Path, impressions: int, n_users: int) -> tuple[dict, list[bytes], int]:
+    """(the ``retrieval`` and ``corpus`` service sections, ``/v1/feed`` bodies, items in the corpus) of
+    the living world at the end of ``impressions`` logged impressions, moved to now."""
+    from feed_recall_bench import corpus_items, train_model
+
+    from online.corpus import Corpus, CorpusConfig
+    from strategy.items import MAX_ITEMS, parse_items
+    from world import World
+
+    world = World.from_yaml(ROOT / "conf/sim/living.yaml")
+    imp, ev = world.simulate_logs(impressions, progress=False)
+    end = float(imp["ts"].max())
+    shift = time.time() - end
+    folder = tmp / "feed"
+    folder.mkdir()
+    args = argparse.Namespace(train_config=str(ROOT / "conf/train/two_tower_living.yaml"))
+    tt_registry, tt_name = train_model(args, imp, folder)
+    writes = corpus_items(world, end)
+    for w in writes:
+        w["created_at"] += shift
+        w["expires_at"] += shift
+    corpus = Corpus(CorpusConfig(path=str(folder / "corpus.db"), synchronous="normal"))
+    for start in range(0, len(writes), MAX_ITEMS):
+        corpus.upsert(parse_items({"items": writes[start:start + MAX_ITEMS]}))
+    corpus.close()
+    events = [{k: (v + shift if k == "ts" else v) for k, v in rec.items() if v == v}
+              for rec in ev[ev["type"] != "impression"].to_dict("records")]
+    users = sorted(set(ev["user_id"]))
+    rng = np.random.default_rng(0)
+    bodies = [json.dumps({"user_id": u}).encode() for u in rng.choice(users, size=min(n_users, len(users)),
+                                                                    replace=False)]
+    sections = {"retrieval": {"model": tt_name, "registry": tt_registry},
+                "corpus": {"path": str(folder / "corpus.db"), "synchronous": "normal"},
+                "_events": events}
+    return sections, bodies, len(writes)
+
+
+def post_events(port: int, events: list[dict], batch: int = 5000) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for start in range(0, len(events), batch):
+        conn.request("POST", "/v1/events", body=json.dumps({"events": events[start:start + batch]}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status >= 300:
+            raise SystemExit(f"POST /v1/events answered {resp.status}: {body[:300]!r}")
+    conn.close()
+
+
+def wait_indexed(port: int, items: int, workers: int, seconds: float = 600.0) -> float:
+    """Seconds until ``/readyz`` shows each of ``workers`` workers' retrieval index holding at least 99%
+    of ``items`` (items expiring meanwhile leave it) and not growing any more."""
+    t0 = time.perf_counter()
+    seen: dict[int, list[int]] = {}
+    while time.perf_counter() - t0 < seconds:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/readyz")
+        body = json.loads(conn.getresponse().read() or b"{}")
+        conn.close()
+        status = body.get("retrieval") or {}
+        if status.get("error"):
+            raise SystemExit(f"worker {body.get('worker')}: retrieval failed: {status['error']}")
+        history = seen.setdefault(body.get("worker"), [])
+        history.append(status.get("indexed", 0))
+        if len(seen) >= workers and all(len(h) >= 2 and h[-1] >= 0.99 * items and h[-1] == h[-2]
+                                        for h in seen.values()):
+            return time.perf_counter() - t0
+        time.sleep(0.5)
+    raise SystemExit(f"the workers did not index {items} items in {seconds:.0f} s: "
+                     f"{ {w: h[-1] for w, h in seen.items()} }")
+
+
+def feed_stage_medians(port: int, bodies: list[bytes]) -> dict[str, float]:
+    """Median of each ``timings_ms`` stage the ``/v1/feed`` answers report, over one pass of ``bodies``."""
+    stages: dict[str, list[float]] = {}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for body in bodies:
+        conn.request("POST", "/v1/feed", body=body, headers={"Content-Type": "application/json"})
+        answer = json.loads(conn.getresponse().read())
+        for stage, ms in answer["retrieval"]["timings_ms"].items():
+            stages.setdefault(stage, []).append(ms)
+        for source, n in answer["retrieval"]["found"].items():
+            stages.setdefault(f"found {source}", []).append(n)
+    conn.close()
+    return {k: statistics.median(v) for k, v in stages.items()}
+
+
+def run_feed(registry: Path, args) -> None:
+    """``--feed``: the scorer's ``/v1/feed`` under load over the living world's corpus."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        sections, bodies, n_items = feed_world(registry, tmp, args.feed_impressions, 200)
+        events = sections.pop("_events")
+        print(f"living world: {n_items:,} items in the corpus, {len(events):,} feedback events, "
+              f"{len(bodies)} users (set up in {time.perf_counter() - t:.0f} s)", flush=True)
+        with stratarank_server(registry, args.model, args.workers, tmp, sections) as port:
+            post_events(port, events)
+            indexed_s = wait_indexed(port, n_items, args.workers)
+            print(f"every worker indexed the corpus {indexed_s:.0f} s after the events were posted", flush=True)
+            load_before = os.getloadavg()
+            stages = feed_stage_medians(port, bodies)
+            feed_args = argparse.Namespace(**{**vars(args), "peer_rate": args.feed_rate})
+            result = measure(port, bodies, feed_args, path="/v1/feed")
+    print(f"/v1/feed: {n_items:,} items, {args.workers} gunicorn workers, the default retrieval section "
+          f"(400 candidates), load from another process")
+    print(f"closed loop     : {result['rps']:8.1f} req/s   p50 {result['p50']:6.1f} ms   p99 {result['p99']:6.1f} ms"
+          f"   (concurrency {args.concurrency})")
+    print(f"open loop       : p50 {result['rate_p50']:6.1f} ms   p99 {result['rate_p99']:6.1f} ms at "
+          f"{args.feed_rate:g} req/s (errors {result['errors']})   goal p99 <= 40 ms at 50 req/s")
+    print("answers' stages : " + ", ".join(f"{k} {v:.2f} ms" for k, v in stages.items() if not k.startswith("found"))
+          + " (medians, one request at a time)")
+    print("found per source: " + ", ".join(f"{k[6:]} {v:.0f}" for k, v in stages.items() if k.startswith("found")))
+    print(f"load average    : before {' '.join(f'{x:.2f}' for x in load_before)}, after "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min; {os.cpu_count()} CPUs)")
 
 
 def percentile_ms(latencies: list[float], q: float) -> float:
@@ -499,13 +626,26 @@ def main() -> None:
                     help="also serve the LightGBM model with these model servers and compare (none: skip)")
     ap.add_argument("--peer-rate", type=float, default=30.0,
                     help="open-loop rate of the peer comparison (req/s; below both servers' LightGBM capacity)")
+    ap.add_argument("--feed", action="store_true", help="POST /v1/feed over the living world's corpus instead")
+    ap.add_argument("--feed-rate", type=float, default=50.0, help="--feed: the open-loop rate (req/s)")
+    ap.add_argument("--feed-impressions", type=int, default=300_000,
+                    help="--feed: impressions of the living world simulated (the corpus: the items alive at the end)")
     args = ap.parse_args()
+    for name in ("seconds", "rate", "peer_rate", "feed_rate"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("candidates", "concurrency", "workers", "repeats", "feed_impressions"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if "none" in args.peers and len(args.peers) > 1:
         ap.error(f"--peers: none stands alone, got {' '.join(args.peers)}")
     args.peers = list(dict.fromkeys(p for p in args.peers if p != "none"))
     load_before = os.getloadavg()   # the machine is shared: report what else was running
     registry = Path(args.registry)
     ensure_model(registry, args.model)
+    if args.feed:
+        run_feed(registry, args)
+        return
     bodies = make_bodies(50, args.candidates, args.llm_share)
     if args.stages_only:
         for line in stage_lines(stage_times(registry, args.model, bodies, args.repeats), args.candidates, args.repeats):

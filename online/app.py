@@ -716,6 +716,8 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
             err = scorer.follower.error
             body["nearline"] = {"records": scorer.follower.stats.records, "applied": scorer.follower.stats.applied,
                                 "error": None if err is None else f"{type(err).__name__}: {err}"}
+        if scorer.retriever is not None:   # this worker's retrieval index (how much of the corpus it holds)
+            body["retrieval"] = scorer.retriever.status()
         return jsonify(body), 200 if chain.ready else 503
 
     @app.get("/metrics")
