@@ -207,6 +207,13 @@ class _State:
         self.seq = 0
         self.expiry: list[tuple[float, str]] = []   # heap of (expires_at, item_id)
         self.expires_at: dict[str, float] = {}      # the live expiry of each indexed item
+        # the fresh source's memory of the live items by age: id -> (created_at, "llm" | "human"), and per
+        # kind the (created_at, id) pairs sorted by time. Lists are replaced, never changed in place
+        # (requests read them without a lock); pairs of items since updated or gone are skipped, and
+        # dropped once they outnumber the live items
+        self.created: dict[str, tuple[float, str]] = {}
+        self.born: dict[str, list[tuple[float, str]]] = {"llm": [], "human": []}
+        self.stale = 0
         self.synced_at = 0.0
 
     @property
@@ -328,6 +335,7 @@ class Retriever:
                 state.index.remove(dead)
         for item_id in dead:
             state.expires_at.pop(item_id, None)
+        self._track_births(state, live, dead)
         for it in live:
             if it.expires_at is not None:
                 state.expires_at[it.item_id] = it.expires_at
@@ -345,7 +353,31 @@ class Retriever:
                 due.append(item_id)
         if due and state.index is not None:
             state.index.remove(due)
+        if due:
+            self._track_births(state, [], due)
         return len(due)
+
+    @staticmethod
+    def _track_births(state: _State, live: list[Item], dead: list[str]) -> None:
+        added: dict[str, list[tuple[float, str]]] = {"llm": [], "human": []}
+        for it in live:
+            entry = (float(it.created_at), "llm" if it.source == "llm" else "human")
+            before = state.created.get(it.item_id)
+            if before == entry:
+                continue
+            state.stale += before is not None
+            state.created[it.item_id] = entry
+            added[entry[1]].append((entry[0], it.item_id))
+        for item_id in dead:
+            state.stale += state.created.pop(item_id, None) is not None
+        if state.stale > max(1000, len(state.created)):   # compact: rebuild from the live items
+            for kind in added:
+                added[kind] = [(c, i) for i, (c, k) in state.created.items() if k == kind]
+                state.born[kind] = []
+            state.stale = 0
+        for kind, pairs in added.items():
+            if pairs:
+                state.born[kind] = sorted(state.born[kind] + pairs)
 
     def refresh_trending(self, force: bool = False) -> None:
         """Re-read the trending lists from the store, at most every ``trending_refresh_s``."""
@@ -470,9 +502,7 @@ class Retriever:
     def _fresh(self, state, src, query, user, exclude, now):
         since = now - src.max_age_h * 3600.0
         scan = min(2000, 4 * src.count)
-        llm = [it.item_id for it in self.corpus.fresh(since, source="llm", limit=scan, now=now)]
-        human = [it.item_id for it in self.corpus.fresh(since, source="human", limit=scan, now=now)]
-        llm, human = ([i for i in part if i not in exclude] for part in (llm, human))
+        llm, human = (self._youngest(state, kind, since, scan, exclude) for kind in ("llm", "human"))
         if query is not None:
             llm, human = self._by_score(state, query, llm), self._by_score(state, query, human)
         n_llm = min(len(llm), round(src.count * src.llm_share))
@@ -480,6 +510,19 @@ class Retriever:
         if len(picked) < src.count:   # one side ran short: the other fills in
             picked += llm[n_llm: n_llm + src.count - len(picked)]
         return picked
+
+    @staticmethod
+    def _youngest(state: _State, kind: str, since: float, n: int, exclude: set) -> list[str]:
+        """Up to ``n`` live items of ``kind`` created after ``since``, newest first (blocked and expired
+        ones are gone since the last sync; the pool's corpus read drops any blocked meanwhile)."""
+        out: list[str] = []
+        created = state.created
+        for at, item_id in reversed(state.born[kind]):
+            if at <= since or len(out) >= n:
+                break
+            if created.get(item_id, (None, None))[0] == at and item_id not in exclude:
+                out.append(item_id)
+        return out
 
     @staticmethod
     def _by_score(state: _State, query: np.ndarray, ids: list[str]) -> list[str]:

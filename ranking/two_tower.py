@@ -421,12 +421,17 @@ class Jagged:
             lengths=torch.from_numpy(np.concatenate([self.lengths[k] for k in KEYS])), stride=self.n)
 
 
+SMALL = 64   # inputs up to this many values are hashed one by one
+
+
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and v != v) or v is pd.NA or v == ""
 
 
 def _hash_values(values: Sequence, buckets: int) -> np.ndarray:
     """The row (1..buckets) of each value as a string id; 0 for a missing one (None, NaN, '')."""
+    if len(values) <= SMALL:   # one request's few ids: a plain loop beats pandas' factorize
+        return np.array([0 if _missing(v) else hash_token(str(v), buckets) for v in values], dtype=np.int64)
     codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
     rows = np.array([0 if _missing(u) else hash_token(str(u), buckets) for u in uniques] + [0], dtype=np.int64)
     return rows[codes]

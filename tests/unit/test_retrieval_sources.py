@@ -165,6 +165,7 @@ def test_fresh_takes_young_items_llm_first_and_never_blocked_expired_or_recent(c
     corpus.upsert(parse_items({"items": [{"item_id": "i3", "source": "llm", "blocked": True},
                                          {"item_id": "i6", "source": "llm", "expires_at": now + 0.5}]}))
     r = Retriever(RetrievalConfig(), corpus)
+    r.sync()   # the fresh source reads the retriever's view of the corpus, as of its last sync
     fresh = RetrievalPlan((RetrievalSource("fresh", 6, llm_share=0.5, max_age_h=2.0),), 6)
     user = {"user_id": "u", "recent_items": ["i1"], "topic_affinity": {}}
     pool = r.retrieve(fresh, user, now=now)
@@ -199,6 +200,7 @@ def test_feed_without_a_model_serves_fresh_items_through_the_rank_path(tmp_path)
         client = app.test_client()
         now = time.time()
         write(app.extensions["stratarank.corpus"], now)
+        app.extensions["stratarank"].retriever.sync()   # what its sync thread does within sync_interval_s
         answer = client.post("/v1/feed", json={"user_id": "u1", "slate_size": 5}).get_json()
         assert len(answer["items"]) == 5 and all(i["retrieved_by"] == ["fresh"] for i in answer["items"])
         assert answer["retrieval"]["credited"] == {"fresh": 30}
@@ -213,3 +215,41 @@ def test_feed_without_a_model_serves_fresh_items_through_the_rank_path(tmp_path)
         assert missing.status_code == 503 and missing.get_json()["error"]["code"] == "retrieval_unavailable"
     finally:
         app.extensions["stratarank"].close()
+
+
+def test_the_fresh_memory_equals_the_corpus_through_writes_updates_blocks_and_expiry(corpus):
+    """The retriever's own list of young items (what the fresh source walks) against the corpus's
+    query, after every step of random writes, re-dated updates, blocks, unblocks and expiries."""
+    rng = np.random.default_rng(7)
+    clock = {"now": 1_800_000_000.0}
+    corpus.clock = lambda: clock["now"]
+    r = Retriever(RetrievalConfig(), corpus, clock=lambda: clock["now"])
+    for step in range(40):
+        writes = []
+        for _ in range(int(rng.integers(1, 60))):
+            k = int(rng.integers(0, 150))
+            w = {"item_id": f"i{k}", "source": "llm" if k % 3 == 0 else "human",
+                 "created_at": clock["now"] - float(rng.integers(0, 7200))}
+            if k % 3 == 0:
+                w["generator"] = {"model": "gen", "prior_score": 0.5}
+            roll = rng.random()
+            if roll < 0.1:
+                w["blocked"] = True
+            elif roll < 0.15:
+                w["blocked"] = False
+            if 0.15 <= roll < 0.3:
+                w["expires_at"] = clock["now"] + float(rng.integers(1, 600))
+            else:
+                w["expires_at"] = None   # an earlier expiry may precede the new created_at: clear it
+            writes.append(w)
+        corpus.upsert(parse_items({"items": list({w["item_id"]: w for w in writes}.values())}))
+        clock["now"] += float(rng.integers(0, 300))
+        r.sync()
+        since = clock["now"] - 3600.0
+        for kind in ("llm", "human"):
+            expected = [it.item_id for it in corpus.fresh(since, source=kind, limit=10_000, now=clock["now"])]
+            got = r._youngest(r._state, kind, since, 10_000, set())
+            assert sorted(got) == sorted(expected), (step, kind)
+            times = [r._state.created[i][0] for i in got]
+            assert times == sorted(times, reverse=True)
+    assert r._state.stale <= max(1000, len(r._state.created))

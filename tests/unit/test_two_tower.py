@@ -251,3 +251,13 @@ def test_train_retrieval_command(world_logs, tmp_path, capsys, root):
     bad.write_text("name: tt\ndata: {path: x}\npositive: click\nmodel: {layers: [0]}\n")
     assert main(["train-retrieval", "--config", str(bad)]) == 1
     assert f"{bad}:4: model.layers[0]: 0 is out of range [1, 8192]" in capsys.readouterr().err
+
+
+def test_a_requests_few_ids_hash_as_a_batch_does():
+    from ranking import two_tower
+
+    values = ["i1", None, float("nan"), "", "u7", 42, "i1", pd.NA, np.str_("x")] * 3
+    small = two_tower._hash_values(values, 1000)
+    batch = two_tower._hash_values(values * (two_tower.SMALL // len(values) + 1), 1000)[: len(values)]
+    np.testing.assert_array_equal(small, batch)
+    assert small[1] == small[2] == small[3] == small[7] == 0 and small[0] == small[6] > 0
