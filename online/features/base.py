@@ -18,6 +18,8 @@ DEFAULT_AFFINITY = {"click": 1.0, "like": 2.0, "share": 3.0, "comment": 2.0, "fo
                     "watch": 1.0, "report": -5.0}
 IMPRESSIONS = "impressions"
 MAX_DEDUPE_KEYS = 1_000_000_000
+SCORE_EPOCH = 1.6e9  # time origin of the time-invariant log scores (keeps (t - epoch) / half small and exact)
+TOP_KEEP = 10_000  # items a shared store ranks per counter: top_items is exact up to this n
 
 
 class StoreUnavailable(RuntimeError):
@@ -169,7 +171,8 @@ class FeatureStore:
 
     def top_items(self, counter: str, n: int, now: float | None = None) -> list[tuple[str, float]] | None:
         """The ``n`` items with the highest ``counter`` decayed to ``now``, ``[(item_id, value)]`` best
-        first (the trending candidate source); None where the backend cannot rank all its items."""
+        first, equal values by descending id (the trending candidate source); items whose value is not
+        positive are left out. None where the backend cannot rank its items."""
         return None
 
     def snapshot(self) -> Path | None:
@@ -285,6 +288,22 @@ def add_affinity(affinity: dict, user: str, topic: str, w: float, ts: float, hal
         return
     a = by_topic.get(topic)
     by_topic[topic] = complex(w, ts) if a is None else decay_add(a, w, ts, half)
+
+
+def best_decayed(ids: list, values, times, n: int, now: float, half: float) -> list[tuple[str, float]]:
+    """The ``n`` best ``(id, value decayed to now)`` of stored (value, time) pairs with a positive value,
+    best first, equal values by descending id: :meth:`FeatureStore.top_items` of both backends."""
+    v, t = np.asarray(values, dtype=float), np.asarray(times, dtype=float)
+    keep = np.flatnonzero(v > 0)
+    if n <= 0 or not len(keep):
+        return []
+    dec = v[keep] * np.exp2(-(now - t[keep]) / half)  # not clamped at now < t: the order stays time-invariant
+    if len(dec) > n:  # everything tied with the n-th value, then exactly n by (value, id)
+        sel = np.flatnonzero(dec >= np.partition(dec, len(dec) - n)[len(dec) - n])
+    else:
+        sel = np.arange(len(dec))
+    best = sorted(((float(dec[k]), ids[keep[k]]) for k in sel.tolist()), reverse=True)[:n]
+    return [(i, val) for val, i in best]
 
 
 def counters_by_entity(totals: dict, decayed: dict) -> dict:

@@ -136,3 +136,53 @@ def test_a_nearline_run_into_redis_reports_its_lag_to_the_scorer(redis_server, t
     finally:
         bus.close()
         store.close()
+
+
+def test_top_items_match_the_memory_store_at_any_time_and_a_replay_changes_nothing(redis_server):
+    imps, evs = synthetic_stream(3000, seed=8, users=40, items=300, creators=20, topics=7)
+    evs += [{"event_id": "w0", "type": "watch", "user_id": "u1", "item_id": "i0", "ts": 1.7e9, "value": 0.0},
+            {"event_id": "w1", "type": "watch", "user_id": "u1", "item_id": "neg", "ts": 1.7e9, "value": -3.0}]
+    recs = imps + evs
+    random.Random(2).shuffle(recs)
+    mem = open_store("memory://", half_life_s=H)
+    red = redis_store(redis_server, chunk=100)
+    end = max(r["ts"] for r in recs)
+    try:
+        assert red.apply(recs) == mem.apply(recs)
+
+        def same(counter, n, now):
+            got, want = red.top_items(counter, n, now=now), mem.top_items(counter, n, now=now)
+            assert [i for i, _ in got] == [i for i, _ in want], (counter, n, now)
+            assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-12), (counter, n, now)
+            return got
+
+        for counter in ("impressions", "click", "like", "watch_sum"):
+            for now in (end - 600, end, end + 5 * H):
+                top = same(counter, 25, now)
+                assert len(top) == 25 and all(a[1] >= b[1] for a, b in zip(top, top[1:]))
+        every = same("watch_sum", 1000, end)
+        assert "neg" not in dict(every) and len(every) == 300   # "neg": a negative sum, not ranked
+        before = red.top_items("click", 50, now=end)
+        assert red.apply(recs[500:900]) == 0 and red.stats["replayed_chunks"] >= 1
+        assert red.top_items("click", 50, now=end) == before
+        assert red.top_items("click", 0, now=end) == [] and red.top_items("share_x", 5, now=end) == []
+    finally:
+        red.close()
+
+
+def test_a_top_set_keeps_the_best_top_keep_items(redis_server):
+    from online.features.base import TOP_KEEP
+
+    ev = [{"event_id": f"e{k}", "type": "click", "user_id": "u", "item_id": f"i{k:05d}", "ts": 1.7e9 + k}
+          for k in range(TOP_KEEP + 500)]   # one click each, later ones worth more
+    mem = open_store("memory://", half_life_s=H)
+    red = redis_store(redis_server, chunk=3000)
+    try:
+        assert red.apply(ev) == mem.apply(ev) == len(ev)
+        assert red.client.zcard(red.options.key_prefix + "top:click") == TOP_KEEP
+        got = red.top_items("click", 2 * TOP_KEEP, now=1.7e9 + len(ev))
+        assert len(got) == TOP_KEEP and got[0][0] == f"i{len(ev) - 1:05d}" and got[-1][0] == "i00500"
+        want = mem.top_items("click", TOP_KEEP, now=1.7e9 + len(ev))
+        assert [i for i, _ in got] == [i for i, _ in want]
+    finally:
+        red.close()
