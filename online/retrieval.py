@@ -575,7 +575,8 @@ def open_retriever(config, corpus: Corpus, store=None) -> Retriever:
         try:
             encoder = load()
         except Exception as exc:  # noqa: BLE001 - serve the other sources; follow_model retries
-            log.error("retrieval: two-tower model %s did not load (feeds use fresh, trending, co_engaged only): %s", rc.model, exc)
+            log.error("retrieval: two-tower model %s did not load (feeds use fresh, trending, co_engaged only): %s",
+                      rc.model, exc)
     return Retriever(rc, corpus, encoder, store, load_encoder=load, pointer=pointer).start()
 
 

@@ -44,8 +44,8 @@ from .memory import MemoryStore, newest_recent
 from .redis_store import RedisStore
 
 __all__ = [
-    "DEFAULT_AFFINITY", "DEFAULT_COUNTERS", "DEFAULT_DEDUPE_MAX_KEYS", "IMPRESSIONS", "MAX_CO_NEIGHBOURS", "MAX_DEDUPE_KEYS",
-    "SCHEMES",
+    "DEFAULT_AFFINITY", "DEFAULT_COUNTERS", "DEFAULT_DEDUPE_MAX_KEYS", "IMPRESSIONS", "MAX_CO_NEIGHBOURS",
+    "MAX_DEDUPE_KEYS", "SCHEMES",
     "FeatureStore", "MemoryStore", "RealtimeFeatures", "RedisStore", "StoreOptions", "StoreUnavailable",
     "add_affinity", "bump", "counters_by_entity", "decay_add", "dedupe_key", "item_meta", "newest_recent", "normalise",
     "open_store",

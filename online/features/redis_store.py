@@ -27,8 +27,8 @@ class RedisStore(FeatureStore):
     ``top:<counter>`` (sorted set of items by ``log2(value) + (time - SCORE_EPOCH) / half_life_s``,
     the order of their decayed values at any time, the best ``TOP_KEEP``; items whose value is not
     positive are removed), ``co:<item>`` (sorted set of its co-engaged items by the same kind of log
-    score, :func:`base.co_add`, the best ``co_neighbours``), ``dedupe`` (a sorted set of the dedupe keys ``e:<event_id>`` / ``p:...`` scored by when they
-    were applied: older than ``dedupe_ttl_s`` or beyond ``dedupe_max_keys`` they are dropped,
+    score, :func:`base.co_add`, the best ``co_neighbours``), ``dedupe`` (a sorted set of the dedupe
+    keys ``e:<event_id>`` / ``p:...`` scored by when they were applied: older than ``dedupe_ttl_s`` or beyond ``dedupe_max_keys`` they are dropped,
     oldest first), ``applied`` (records applied, ever).
 
     A chunk of a batch (``chunk`` records) is one atomic Lua script and one round trip: the
@@ -164,8 +164,8 @@ class RedisStore(FeatureStore):
         total, decayed, time, name, ...] per counter hash (creator / topic: of an item hash, as the
         chunk's impressions leave them, else "");
         ``r`` [user, ts, item, ...] (the newest ``recent_items`` per user); ``a`` [user, topic,
-        decayed, time, ...]; ``e`` [user, ts, item, ...] every engagement in record order; ``u`` events (and impressions) whose creator or topic only Redis
-        knows: [item, user, type, ts, value|false, creator|"", topic|"", weight|false]."""
+        decayed, time, ...]; ``e`` [user, ts, item, ...] every engagement in record order; ``u`` events
+        (and impressions) whose creator or topic only Redis knows: [item, user, type, ts, value|false, creator|"", topic|"", weight|false]."""
         half = self._half
         aff_w = self.options.affinity
         item_tot: dict = {}  # counter name -> item -> total
