@@ -13,7 +13,7 @@ Configuration is the ``bus:``, ``store:`` and ``nearline:`` sections of ``conf/s
     bus:      {url: embedded://var/bus, fsync: interval, fsync_interval_s: 1.0, segment_bytes: 67108864,
                retention_s: 604800, retention_bytes: null, retention_wait_for_consumers: true}
     store:    {url: memory://, snapshot_path: var/features.json, snapshot_interval_s: 5, half_life_s: 3600,
-               dedupe_ttl_s: 604800, dedupe_max_keys: 2000000}
+               dedupe_ttl_s: 604800, dedupe_max_keys: 2000000, co_neighbours: 50}
     nearline: {consumer: nearline, topics: [impressions, events], batch_size: 5000, poll_timeout_s: 0.1}
 
 Retention (embedded bus only; see online/bus/embedded.py): closed segments older than ``retention_s`` (7 days;
@@ -35,15 +35,15 @@ from strategy.errors import Errors, ValidationError, join_path
 
 from .bus import (CONSUMER_RE, DEFAULT_RETENTION_S, FSYNC_POLICIES, MAX_RETENTION_S, TOPIC_RE, EventBus, open_bus,
                   parse_bus_url)
-from .features import (DEFAULT_AFFINITY, DEFAULT_COUNTERS, DEFAULT_DEDUPE_MAX_KEYS, MAX_DEDUPE_KEYS, FeatureStore,
-                       StoreUnavailable, open_store)
+from .features import (DEFAULT_AFFINITY, DEFAULT_COUNTERS, DEFAULT_DEDUPE_MAX_KEYS, MAX_CO_NEIGHBOURS, MAX_DEDUPE_KEYS,
+                       FeatureStore, StoreUnavailable, open_store)
 
 log = logging.getLogger("stratarank.nearline")
 
 BUS_KEYS = ("url", "fsync", "fsync_interval_s", "segment_bytes", "spool_dir", "partitions", "linger_ms",
             "session_timeout_ms", "retention_s", "retention_bytes", "retention_wait_for_consumers")
 STORE_KEYS = ("url", "half_life_s", "snapshot_path", "snapshot_interval_s", "recent_items", "dedupe_ttl_s",
-              "dedupe_max_keys", "affinity", "counters", "key_prefix")
+              "dedupe_max_keys", "affinity", "counters", "key_prefix", "co_neighbours")
 STARTUP_GRACE_S = 15.0
 PROGRESS_REPORT_S = 1.0   # how often the loop tells the store where it stands (record_progress)
 NEARLINE_KEYS = ("consumer", "topics", "batch_size", "poll_timeout_s", "progress_interval_s")
@@ -92,6 +92,7 @@ class StoreConfig:
     affinity: dict = field(default_factory=lambda: dict(DEFAULT_AFFINITY))
     counters: tuple = DEFAULT_COUNTERS
     key_prefix: str = "sr:"
+    co_neighbours: int = 50  # co-engaged items kept per item
 
     @property
     def effective_url(self) -> str:
@@ -103,7 +104,7 @@ class StoreConfig:
         return open_store(self.effective_url, half_life_s=self.half_life_s, recent_items=self.recent_items,
                           dedupe_ttl_s=self.dedupe_ttl_s, dedupe_max_keys=self.dedupe_max_keys,
                           affinity=dict(self.affinity),
-                          counters=tuple(self.counters), key_prefix=self.key_prefix)
+                          counters=tuple(self.counters), key_prefix=self.key_prefix, co_neighbours=self.co_neighbours)
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,9 @@ def _store(errs: Errors, value, path: str) -> StoreConfig:
     if "dedupe_max_keys" in obj:
         kw["dedupe_max_keys"] = as_number(errs, obj["dedupe_max_keys"], p("dedupe_max_keys"), lo=1000,
                                           hi=MAX_DEDUPE_KEYS, integer=True)
+    if "co_neighbours" in obj:
+        kw["co_neighbours"] = as_number(errs, obj["co_neighbours"], p("co_neighbours"), lo=1, hi=MAX_CO_NEIGHBOURS,
+                                        integer=True)
     if "affinity" in obj:
         aff = as_dict(errs, obj["affinity"], p("affinity"))
         if aff is not None:

@@ -2,10 +2,11 @@
 
 A :class:`Retriever` (one per scorer process) keeps the corpus's retrievable items in an
 :class:`online.ann.AnnIndex` of two-tower item vectors (``ranking.two_tower``) and answers a
-request's :class:`strategy.retrieval.RetrievalPlan` from five sources:
+request's :class:`strategy.retrieval.RetrievalPlan` from six sources:
 
 - ``ann``: the user's vector (user id, recent items, topic affinities from the near-line store);
 - ``similar``: near the vectors of the items the user engaged with last (item to item);
+- ``co_engaged``: the items other users engaged with together with those (``FeatureStore.co_engaged``);
 - ``fresh``: the youngest items of the corpus, LLM-generated ones first, ordered by the user's vector;
 - ``trending``: the items with the highest decayed near-line counter (``FeatureStore.top_items``);
 - ``explore``: drawn uniformly from the index, so items nobody has engaged with yet get impressions.
@@ -52,6 +53,7 @@ from strategy.schema import Candidate, Generator
 
 from .ann import KINDS, AnnIndex
 from .corpus import Corpus, Item
+from .features import StoreUnavailable
 
 log = logging.getLogger("stratarank.retrieval")
 
@@ -545,6 +547,20 @@ class Retriever:
             return f"the store ({type(self.store).__name__}) cannot rank items by a counter"
         return [i for i in top if i not in exclude][: src.count]
 
+    def _co_engaged(self, state, src, query, user, exclude, now):
+        if self.store is None:
+            return "no feature store"
+        seeds = list(user.get("recent_items") or ())[: src.seeds]
+        if not seeds:
+            return []
+        try:
+            got = self.store.co_engaged(seeds, src.count + len(exclude), now=now)
+        except StoreUnavailable as exc:   # the feed is built from the other sources
+            return f"the store is unavailable: {exc}"
+        if got is None:
+            return f"the store ({type(self.store).__name__}) keeps no co-engagement"
+        return [i for i, _ in got if i not in exclude][: src.count]
+
     def _explore(self, state, src, query, user, exclude, now):
         if state.index is None:
             return "no two-tower model loaded"
@@ -602,7 +618,8 @@ def open_retriever(config, corpus: Corpus, store=None) -> Retriever:
         try:
             encoder = load()
         except Exception as exc:  # noqa: BLE001 - serve the other sources; follow_model retries
-            log.error("retrieval: two-tower model %s did not load (feeds use fresh, trending only): %s", rc.model, exc)
+            log.error("retrieval: two-tower model %s did not load (feeds use fresh, trending, co_engaged only): %s",
+                      rc.model, exc)
     return Retriever(rc, corpus, encoder, store, load_encoder=load, pointer=pointer).start()
 
 

@@ -6,7 +6,8 @@
       max_candidates: 400            # the pool the ranker scores (default: the sum of the counts)
       sources:                       # asked in this order; the pool is filled round robin
         ann:      {count: 250}                             # the user's vector in the two-tower index
-        similar:  {count: 60, seeds: 5}                    # near the items the user engaged with last
+        similar:  {count: 30, seeds: 5}                    # near the items the user engaged with last
+        co_engaged: {count: 30, seeds: 5}                  # engaged together with those (near-line store)
         fresh:    {count: 80, max_age_h: 24, llm_share: 0.7, max_share: 0.3}
         trending: {count: 40, counter: click}              # decayed near-line counters
         explore:  {count: 20}                              # uniform over the live corpus
@@ -15,7 +16,7 @@ Every source has ``count`` (how many items it retrieves, 0 turns it off) and ``m
 share of the pool is filled with items *it* brought in; an item another source found as well is
 credited to both). The pool is filled one item per source in turn, in the order written, so when
 ``max_candidates`` is below the sum of the counts each source keeps its share. Source options:
-``similar.seeds`` (how many recent items seed it), ``fresh.max_age_h`` (younger items only) and
+``similar.seeds`` and ``co_engaged.seeds`` (how many recent items seed it), ``fresh.max_age_h`` (younger items only) and
 ``fresh.llm_share`` (the share of its count kept for LLM-generated items first), ``trending.counter``
 (the near-line counter it ranks by).
 
@@ -32,10 +33,10 @@ from dataclasses import dataclass
 from .checks import as_dict, as_number, as_str, check_keys
 from .errors import Errors, join_path
 
-SOURCE_NAMES = ("ann", "similar", "fresh", "trending", "explore")
+SOURCE_NAMES = ("ann", "similar", "co_engaged", "fresh", "trending", "explore")
 COMMON_KEYS = ("count", "max_share")
-OPTION_KEYS = {"ann": (), "similar": ("seeds",), "fresh": ("max_age_h", "llm_share"), "trending": ("counter",),
-               "explore": ()}
+OPTION_KEYS = {"ann": (), "similar": ("seeds",), "co_engaged": ("seeds",), "fresh": ("max_age_h", "llm_share"),
+               "trending": ("counter",), "explore": ()}
 MAX_POOL = 2000  # the most candidates a request may rank (strategy.schema.DEFAULT_MAX_CANDIDATES)
 COUNTER_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -47,7 +48,7 @@ class RetrievalSource:
     name: str
     count: int
     max_share: float = 1.0
-    seeds: int = 5            # similar
+    seeds: int = 5            # similar, co_engaged
     max_age_h: float = 24.0   # fresh
     llm_share: float = 0.5    # fresh
     counter: str = "click"    # trending
@@ -123,8 +124,8 @@ def _source(errs: Errors, name: str, spec, path: str) -> RetrievalSource | None:
 
 
 DEFAULT_RETRIEVAL_SECTION = {"max_candidates": 400, "sources": {
-    "ann": {"count": 250}, "similar": {"count": 60}, "fresh": {"count": 80, "max_share": 0.3, "llm_share": 0.7},
-    "trending": {"count": 40}, "explore": {"count": 20}}}
+    "ann": {"count": 250}, "similar": {"count": 30}, "co_engaged": {"count": 30},
+    "fresh": {"count": 80, "max_share": 0.3, "llm_share": 0.7}, "trending": {"count": 40}, "explore": {"count": 20}}}
 DEFAULT_RETRIEVAL = retrieval_from_dict(Errors(), DEFAULT_RETRIEVAL_SECTION)
 
 

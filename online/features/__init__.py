@@ -3,7 +3,9 @@
 Per user: the last ``recent_items`` (50) engaged item ids, most recent first, and topic
 affinities (a decayed sum of engagement weights per topic). Per item and per creator: for
 impressions and for every event type a raw total and a counter with exponential time decay
-(``half_life_s``); events that carry a ``value`` (watch seconds) also feed ``<type>_sum``.
+(``half_life_s``); events that carry a ``value`` (watch seconds) also feed ``<type>_sum``. Per item,
+its co-engaged items (at most ``co_neighbours``, 50): engaging an item that is not among the user's
+recent items adds 1 (decayed) to its pair with each of them (:meth:`FeatureStore.co_engaged`).
 
 Applying is idempotent: an event is counted once per ``event_id`` and an impression once per
 ``(request_id, item_id)``, so a replay after a crash never double counts. The dedupe keys are
@@ -35,14 +37,15 @@ from urllib.parse import urlsplit
 
 from strategy.errors import did_you_mean
 
-from .base import (DEFAULT_AFFINITY, DEFAULT_COUNTERS, DEFAULT_DEDUPE_MAX_KEYS, IMPRESSIONS, MAX_DEDUPE_KEYS,
-                   FeatureStore, RealtimeFeatures, StoreOptions, StoreUnavailable, add_affinity, bump,
+from .base import (DEFAULT_AFFINITY, DEFAULT_COUNTERS, DEFAULT_DEDUPE_MAX_KEYS, IMPRESSIONS, MAX_CO_NEIGHBOURS,
+                   MAX_DEDUPE_KEYS, FeatureStore, RealtimeFeatures, StoreOptions, StoreUnavailable, add_affinity, bump,
                    counters_by_entity, decay_add, dedupe_key, item_meta, normalise, parse_options, store_error)
 from .memory import MemoryStore, newest_recent
 from .redis_store import RedisStore
 
 __all__ = [
-    "DEFAULT_AFFINITY", "DEFAULT_COUNTERS", "DEFAULT_DEDUPE_MAX_KEYS", "IMPRESSIONS", "MAX_DEDUPE_KEYS", "SCHEMES",
+    "DEFAULT_AFFINITY", "DEFAULT_COUNTERS", "DEFAULT_DEDUPE_MAX_KEYS", "IMPRESSIONS", "MAX_CO_NEIGHBOURS",
+    "MAX_DEDUPE_KEYS", "SCHEMES",
     "FeatureStore", "MemoryStore", "RealtimeFeatures", "RedisStore", "StoreOptions", "StoreUnavailable",
     "add_affinity", "bump", "counters_by_entity", "decay_add", "dedupe_key", "item_meta", "newest_recent", "normalise",
     "open_store",

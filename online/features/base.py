@@ -18,6 +18,10 @@ DEFAULT_AFFINITY = {"click": 1.0, "like": 2.0, "share": 3.0, "comment": 2.0, "fo
                     "watch": 1.0, "report": -5.0}
 IMPRESSIONS = "impressions"
 MAX_DEDUPE_KEYS = 1_000_000_000
+SCORE_EPOCH = 1.6e9  # time origin of the time-invariant log scores (keeps (t - epoch) / half small and exact)
+TOP_KEEP = 10_000  # items a shared store ranks per counter: top_items is exact up to this n
+MAX_CO_NEIGHBOURS = 1000
+LN2 = math.log(2.0)
 
 
 class StoreUnavailable(RuntimeError):
@@ -36,6 +40,7 @@ class StoreOptions:
     affinity: dict = field(default_factory=lambda: dict(DEFAULT_AFFINITY))  # event type -> weight; > 0 engages
     counters: tuple = DEFAULT_COUNTERS  # always present in lookups (zeros when never seen)
     key_prefix: str = "sr:"
+    co_neighbours: int = 50  # co-engaged items kept per item, the weakest dropped first
 
 
 @dataclass
@@ -169,7 +174,15 @@ class FeatureStore:
 
     def top_items(self, counter: str, n: int, now: float | None = None) -> list[tuple[str, float]] | None:
         """The ``n`` items with the highest ``counter`` decayed to ``now``, ``[(item_id, value)]`` best
-        first (the trending candidate source); None where the backend cannot rank all its items."""
+        first, equal values by descending id (the trending candidate source); items whose value is not
+        positive are left out. None where the backend cannot rank its items."""
+        return None
+
+    def co_engaged(self, item_ids: list[str], n: int, now: float | None = None) -> list[tuple[str, float]] | None:
+        """The ``n`` items most co-engaged with the seeds ``item_ids`` (the seeds left out), ``[(item_id,
+        summed decayed co-engagement at now)]`` best first, equal sums by descending id; None where the
+        backend keeps no co-engagement. Engaging item j (an event of positive affinity weight) when j is not
+        among the user's ``recent_items`` adds 1 at the event's time to the pair of j and each of them."""
         return None
 
     def snapshot(self) -> Path | None:
@@ -206,9 +219,9 @@ def store_error(path, message, code="invalid") -> ValidationError:
 
 def parse_options(options: dict) -> StoreOptions:
     """Validated :class:`StoreOptions` from the ``store:`` options (unknown keys and a bad
-    ``dedupe_max_keys`` are named)."""
+    ``dedupe_max_keys`` or ``co_neighbours`` are named)."""
     allowed = ("half_life_s", "recent_items", "dedupe_ttl_s", "dedupe_max_keys", "affinity", "counters",
-               "key_prefix")
+               "key_prefix", "co_neighbours")
     errs = []
     for k in options:
         if k not in allowed:
@@ -217,6 +230,10 @@ def parse_options(options: dict) -> StoreOptions:
     mk = options.get("dedupe_max_keys", DEFAULT_DEDUPE_MAX_KEYS)
     if isinstance(mk, bool) or not isinstance(mk, int) or not 1 <= mk <= MAX_DEDUPE_KEYS:
         errs.append(FieldError("store.dedupe_max_keys", f"expected an integer in [1, {MAX_DEDUPE_KEYS}], got {mk!r}",
+                               "range"))
+    cn = options.get("co_neighbours", StoreOptions.co_neighbours)
+    if isinstance(cn, bool) or not isinstance(cn, int) or not 1 <= cn <= MAX_CO_NEIGHBOURS:
+        errs.append(FieldError("store.co_neighbours", f"expected an integer in [1, {MAX_CO_NEIGHBOURS}], got {cn!r}",
                                "range"))
     if errs:
         raise ValidationError(errs)
@@ -285,6 +302,49 @@ def add_affinity(affinity: dict, user: str, topic: str, w: float, ts: float, hal
         return
     a = by_topic.get(topic)
     by_topic[topic] = complex(w, ts) if a is None else decay_add(a, w, ts, half)
+
+
+def best_decayed(ids: list, values, times, n: int, now: float, half: float) -> list[tuple[str, float]]:
+    """The ``n`` best ``(id, value decayed to now)`` of stored (value, time) pairs with a positive value,
+    best first, equal values by descending id: :meth:`FeatureStore.top_items` of both backends."""
+    v, t = np.asarray(values, dtype=float), np.asarray(times, dtype=float)
+    keep = np.flatnonzero(v > 0)
+    if n <= 0 or not len(keep):
+        return []
+    dec = v[keep] * np.exp2(-(now - t[keep]) / half)  # not clamped at now < t: the order stays time-invariant
+    if len(dec) > n:  # everything tied with the n-th value, then exactly n by (value, id)
+        sel = np.flatnonzero(dec >= np.partition(dec, len(dec) - n)[len(dec) - n])
+    else:
+        sel = np.arange(len(dec))
+    best = sorted(((float(dec[k]), ids[keep[k]]) for k in sel.tolist()), reverse=True)[:n]
+    return [(i, val) for val, i in best]
+
+
+def log_time(ts: float, half: float) -> float:
+    """``(ts - SCORE_EPOCH) / half``: a time in half-lives, the time part of a log score."""
+    return (ts - SCORE_EPOCH) / half
+
+
+def co_add(score: float | None, x: float) -> float:
+    """A co-engagement log score ``log2(value) + log_time(t)`` (the same at every t) plus 1 at log time
+    ``x``; the apply script of :class:`RedisStore` does the same operations (bit-identical results)."""
+    if score is None:
+        return x
+    hi, lo = (score, x) if score >= x else (x, score)
+    return hi + math.log(1.0 + 2.0 ** (lo - hi)) / LN2
+
+
+def co_best(neighbours: list, seeds: list, n: int, now: float, half: float) -> list[tuple[str, float]]:
+    """:meth:`FeatureStore.co_engaged` from each seed's ``[(item, log score)]`` (aligned with ``seeds``)."""
+    x = log_time(now, half)
+    held = set(seeds)
+    acc: dict = {}
+    for rows in neighbours:  # one term per seed, in seed order: the same sums whatever the backend
+        for j, s in rows:
+            if j not in held:
+                acc[j] = acc.get(j, 0.0) + 2.0 ** (s - x)
+    best = sorted(((v, j) for j, v in acc.items()), reverse=True)[:max(0, n)]
+    return [(j, v) for v, j in best]
 
 
 def counters_by_entity(totals: dict, decayed: dict) -> dict:

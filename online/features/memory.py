@@ -13,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from .base import (IMPRESSIONS, FeatureStore, RealtimeFeatures, StoreOptions, add_affinity, bump, item_meta, normalise,
-                   store_error)
+from .base import (IMPRESSIONS, FeatureStore, RealtimeFeatures, StoreOptions, add_affinity, best_decayed, bump, co_add,
+                   co_best, item_meta, log_time, normalise, store_error)
 
 log = logging.getLogger("stratarank.features")
 
 
-def _ts_item(kv):
+def _value_key(kv):
     return kv[1], kv[0]
 
 
 def newest_recent(recent: dict, keep: int) -> list:
     """The ``keep`` newest ``(item, ts)`` of a user's ``{item: ts}``, newest first (ties: larger id first)."""
-    return heapq.nlargest(keep, recent.items(), key=_ts_item)
+    return heapq.nlargest(keep, recent.items(), key=_value_key)
 
 
 def _decay(v: float, t: float, now: float, half_life: float) -> float:
@@ -62,6 +62,8 @@ class MemoryStore(FeatureStore):
         # take the newest ``recent_items`` (newest_recent), which is order-independent like an eager trim
         self.recent: dict[str, dict[str, float]] = {}
         self.affinity: dict[str, dict[str, complex]] = {}  # user -> topic -> decayed + time*1j
+        # item -> co-engaged item -> log score (base.co_add), at most co_neighbours each after every chunk
+        self.co: dict[str, dict[str, float]] = {}
         self.seen: dict[str, float] = {}  # dedupe key -> expiry (epoch s), oldest first (insertion order)
         self.stats = {"applied": 0, "duplicates": 0, "invalid": 0, "dedupe_evicted": 0}
         if self.snapshot_path is not None and self.snapshot_path.exists():
@@ -92,6 +94,7 @@ class MemoryStore(FeatureStore):
         aff_w, keep, half = opts.affinity, opts.recent_items, self._half
         item_tot, item_dec, cre_tot, cre_dec = self.item_totals, self.item_decayed, self.creator_totals, self.creator_decayed
         creator_of, topic_of, recents, affinities = self.creator_of, self.topic_of, self.recent, self.affinity
+        co, touched = self.co, set()
         new = invalid = dups = 0
         for raw in batch:
             rec = normalise(raw)
@@ -139,6 +142,16 @@ class MemoryStore(FeatureStore):
                 recent = recents.get(user)
                 if recent is None:
                     recent = recents[user] = {}
+                window = newest_recent(recent, keep) if recent else ()
+                if all(i != item for i, _ in window):  # a new item among the user's recent ones: co-engaged
+                    x = log_time(ts, half)
+                    for i, _ in window:
+                        for a, b in ((i, item), (item, i)):
+                            nb = co.get(a)
+                            if nb is None:
+                                nb = co[a] = {}
+                            nb[b] = co_add(nb.get(b), x)
+                            touched.add(a)
                 old = recent.get(item)
                 if old is None or ts > old:
                     recent[item] = ts
@@ -146,6 +159,11 @@ class MemoryStore(FeatureStore):
                         recent = recents[user] = dict(newest_recent(recent, keep))
             if topic is not None:
                 add_affinity(affinities, user, topic, w, ts, half)
+        most = opts.co_neighbours
+        for a in touched:  # the weakest neighbours beyond the bound go, ties by id (as a Redis ZSET ranks)
+            nb = co[a]
+            if len(nb) > most:
+                co[a] = dict(heapq.nlargest(most, nb.items(), key=_value_key))
         stats = self.stats
         stats["applied"] += new
         stats["invalid"] += invalid
@@ -166,16 +184,19 @@ class MemoryStore(FeatureStore):
         return RealtimeFeatures(user_id, now, recent_items, affinity, items_dec, cre_dec, items_tot, cre_tot,
                                 len(item_ids), len(creator_ids))
 
+    def co_engaged(self, item_ids, n, now=None) -> list[tuple[str, float]]:
+        now = time.time() if now is None else float(now)
+        seeds = list(dict.fromkeys(item_ids))
+        with self._lock:
+            rows = [list(self.co.get(i, {}).items()) for i in seeds]
+        return co_best(rows, seeds, int(n), now, self._half)
+
     def top_items(self, counter, n, now=None) -> list[tuple[str, float]]:
         now = time.time() if now is None else float(now)
-        with self._lock:   # a copy of one dict's items: a few ms for 100k items, done every few seconds
-            entries = list(self.item_decayed.get(counter, {}).items())
-        if not entries or n <= 0:
-            return []
-        packed = np.fromiter((c for _, c in entries), dtype=np.complex128, count=len(entries))
-        values = packed.real * np.exp2(-(now - packed.imag) / self._half)
-        best = np.argsort(-values, kind="stable")[: int(n)]
-        return [(entries[i][0], float(values[i])) for i in best.tolist()]
+        with self._lock:   # a copy of one dict: a few ms for 100k items, done every few seconds
+            col = dict(self.item_decayed.get(counter, {}))
+        packed = np.fromiter(col.values(), dtype=np.complex128, count=len(col))
+        return best_decayed(list(col), packed.real, packed.imag, int(n), now, self._half)
 
     # ---- persistence: version 2 writes each table by column (ids, totals, decayed values, times); a
     # version-1 snapshot (per entity [total, decayed, time] lists, the earlier layout) still restores
@@ -196,7 +217,8 @@ class MemoryStore(FeatureStore):
                 "items": _columns(self.item_totals, self.item_decayed),
                 "creators": _columns(self.creator_totals, self.creator_decayed),
                 "creator_of": self.creator_of, "topic_of": self.topic_of, "recent": self.recent,
-                "affinity": _affinity_rows(self.affinity), "seen": self.seen, "stats": self.stats})
+                "affinity": _affinity_rows(self.affinity), "co": _co_rows(self.co), "seen": self.seen,
+                "stats": self.stats})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # writers never share one
         with open(tmp, "wb") as fh:
@@ -237,6 +259,7 @@ class MemoryStore(FeatureStore):
                 self.creator_totals, self.creator_decayed = _from_columns(state["creators"])
                 self.creator_of, self.topic_of = dict(state["creator_of"]), dict(state["topic_of"])
                 self.affinity = _from_affinity_rows(state["affinity"])
+            self.co = _from_co_rows(state["co"]) if "co" in state else {}  # absent: written before co-engagement
             self.recent, self.seen = dict(state["recent"]), dict(state["seen"])
             self.stats.update(state.get("stats", {}))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -305,6 +328,31 @@ def _from_affinity_rows(rows: list) -> dict:
         if by_topic is None:
             by_topic = out[user] = {}
         by_topic[topic] = complex(v, t)
+    return out
+
+
+def _co_rows(co: dict) -> list:
+    """[items, neighbours, log scores], a row per co-engaged pair."""
+    items, neighbours, scores = [], [], []
+    for item, nb in co.items():
+        for j, score in nb.items():
+            items.append(item)
+            neighbours.append(j)
+            scores.append(score)
+    return [items, neighbours, scores]
+
+
+def _from_co_rows(rows: list) -> dict:
+    """The inverse of :func:`_co_rows`: item -> neighbour -> log score."""
+    items, neighbours, scores = rows
+    if not len(items) == len(neighbours) == len(scores):
+        raise ValueError("co: columns of different lengths")
+    out: dict = {}
+    for item, j, score in zip(items, neighbours, scores):
+        nb = out.get(item)
+        if nb is None:
+            nb = out[item] = {}
+        nb[j] = float(score)
     return out
 
 

@@ -10,21 +10,25 @@ from importlib.resources import files
 
 import numpy as np
 
-from .base import (IMPRESSIONS, FeatureStore, RealtimeFeatures, StoreOptions, StoreUnavailable, add_affinity, bump,
-                   counters_by_entity, item_meta, normalise, store_error)
+from .base import (IMPRESSIONS, SCORE_EPOCH, TOP_KEEP, FeatureStore, RealtimeFeatures, StoreOptions, StoreUnavailable,
+                   add_affinity, best_decayed, bump, co_best, counters_by_entity, item_meta, normalise, store_error)
 
 _ROW_ITEMS = 500
 _LUA = files(__package__).joinpath("lua")
 APPLY_LUA = _LUA.joinpath("apply.lua").read_text(encoding="utf-8")  # one chunk of a batch, atomically
 LOOKUP_LUA = _LUA.joinpath("lookup.lua").read_text(encoding="utf-8")  # everything a request reads
+TOP_LUA = _LUA.joinpath("top.lua").read_text(encoding="utf-8")  # the best items of a counter
 
 
 class RedisStore(FeatureStore):
     """Keys under ``key_prefix``: ``i:<item>`` / ``c:<creator>`` hashes of ``n:``/``d:``/``t:``
     fields per counter (total, decayed value, its time), ``m:<item>`` (creator, topic),
     ``ur:<user>`` (sorted set of engaged items by time), ``ua:<user>`` (topic affinities),
-    ``dedupe`` (a sorted set of the dedupe keys ``e:<event_id>`` / ``p:...`` scored by when they
-    were applied: older than ``dedupe_ttl_s`` or beyond ``dedupe_max_keys`` they are dropped,
+    ``top:<counter>`` (sorted set of items by ``log2(value) + (time - SCORE_EPOCH) / half_life_s``,
+    the order of their decayed values at any time, the best ``TOP_KEEP``; items whose value is not
+    positive are removed), ``co:<item>`` (sorted set of its co-engaged items by the same kind of log
+    score, :func:`base.co_add`, the best ``co_neighbours``), ``dedupe`` (a sorted set of the dedupe
+    keys ``e:<event_id>`` / ``p:...`` scored by when they were applied: older than ``dedupe_ttl_s`` or beyond ``dedupe_max_keys`` they are dropped,
     oldest first), ``applied`` (records applied, ever).
 
     A chunk of a batch (``chunk`` records) is one atomic Lua script and one round trip: the
@@ -54,6 +58,7 @@ class RedisStore(FeatureStore):
         self._chain = f"{self.options.key_prefix}chain:{self._chain_id}"
         self._seq = 0
         self._lookup = self.client.register_script(LOOKUP_LUA)
+        self._top = self.client.register_script(TOP_LUA)
         self._errors = (redis.ConnectionError, redis.TimeoutError)
         self.stats = {"applied": 0, "duplicates": 0, "invalid": 0, "replayed_chunks": 0}
 
@@ -113,7 +118,8 @@ class RedisStore(FeatureStore):
                 if nxt < len(chunks) and len(flight) < self.IN_FLIGHT:
                     self._seq += 1
                     token = f"{self._chain_id}:{self._seq}"
-                    conn.send_command("EVALSHA", self._sha, 0, *head, prev, token, self._payload(chunks[nxt]))
+                    conn.send_command("EVALSHA", self._sha, 0, *head, prev, token, self._payload(chunks[nxt]),
+                                      repr(SCORE_EPOCH), TOP_KEEP, int(o.co_neighbours))
                     flight.append((nxt, token))
                     prev, nxt = token, nxt + 1
                     continue
@@ -158,8 +164,8 @@ class RedisStore(FeatureStore):
         total, decayed, time, name, ...] per counter hash (creator / topic: of an item hash, as the
         chunk's impressions leave them, else "");
         ``r`` [user, ts, item, ...] (the newest ``recent_items`` per user); ``a`` [user, topic,
-        decayed, time, ...]; ``u`` events (and impressions) whose creator or topic only Redis
-        knows: [item, user, type, ts, value|false, creator|"", topic|"", weight|false]."""
+        decayed, time, ...]; ``e`` [user, ts, item, ...] every engagement in record order; ``u`` events
+        (and impressions) whose creator or topic only Redis knows: [item, user, type, ts, value|false, creator|"", topic|"", weight|false]."""
         half = self._half
         aff_w = self.options.affinity
         item_tot: dict = {}  # counter name -> item -> total
@@ -171,6 +177,7 @@ class RedisStore(FeatureStore):
         recent: dict = {}
         affinity: dict = {}
         unresolved = []
+        engaged: list = []  # user, ts, item of every engagement, in record order (co-engagement)
 
         for key, ts, user, item, creator, topic, etype, value in recs:
             name, creator, topic = item_meta(creator_of, topic_of, item, creator, topic, etype)
@@ -185,6 +192,7 @@ class RedisStore(FeatureStore):
                 bump(item_tot, item_dec, item, etype + "_sum", ts, value, half)
             w = aff_w.get(etype)
             if w is not None and w > 0:
+                engaged += (user, ts, item)
                 r = recent.get(user)
                 if r is None:
                     recent[user] = {item: ts}
@@ -234,7 +242,8 @@ class RedisStore(FeatureStore):
                     row = [user]
                 row += (topic, pair.real, pair.imag)
             a_rows.append(row)
-        return json.dumps({"k": [rec[0] for rec in recs], "c": c_rows, "r": r_rows, "a": a_rows, "u": unresolved},
+        return json.dumps({"k": [rec[0] for rec in recs], "c": c_rows, "r": r_rows, "a": a_rows, "u": unresolved,
+                           "e": engaged},
                           separators=(",", ":"), ensure_ascii=False)
 
     def lookup(self, user_id, item_ids, creator_ids=None, now=None) -> RealtimeFeatures:
@@ -264,6 +273,33 @@ class RedisStore(FeatureStore):
         cre_dec = {name: cgrid[:, j, 1].copy() for j, name in enumerate(names)}
         return RealtimeFeatures(user_id, now, list(recent), affinity, items_dec, cre_dec, items_tot, cre_tot,
                                 len(item_ids), len(creator_ids))
+
+    def co_engaged(self, item_ids, n, now=None) -> list[tuple[str, float]]:
+        now = time.time() if now is None else float(now)
+        seeds = list(dict.fromkeys(item_ids))
+        p = self.options.key_prefix
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for item in seeds:
+                    pipe.zrange(f"{p}co:{item}", 0, -1, withscores=True)
+                rows = pipe.execute()
+        except self._errors as exc:
+            raise StoreUnavailable(f"redis {self.url}: {exc}") from exc
+        return co_best([[(j.decode(), s) for j, s in row] for row in rows], seeds, int(n), now, self._half)
+
+    def top_items(self, counter, n, now=None) -> list[tuple[str, float]]:
+        """Exact for ``n`` up to ``TOP_KEEP`` (at most that many are returned)."""
+        now = time.time() if now is None else float(now)
+        n = min(int(n), TOP_KEEP)
+        if n <= 0:
+            return []
+        p = self.options.key_prefix
+        try:
+            flat = self._top(keys=[f"{p}top:{counter}"], args=[p, counter, n])
+        except self._errors as exc:
+            raise StoreUnavailable(f"redis {self.url}: {exc}") from exc
+        ids = [i.decode() for i in flat[::3]]
+        return best_decayed(ids, [float(v) for v in flat[1::3]], [float(t) for t in flat[2::3]], n, now, self._half)
 
     def record_progress(self, consumer: str, newest_ts: float | None, caught_up: bool) -> None:
         prefix = self.options.key_prefix

@@ -136,3 +136,100 @@ def test_a_nearline_run_into_redis_reports_its_lag_to_the_scorer(redis_server, t
     finally:
         bus.close()
         store.close()
+
+
+def test_top_items_match_the_memory_store_at_any_time_and_a_replay_changes_nothing(redis_server):
+    imps, evs = synthetic_stream(3000, seed=8, users=40, items=300, creators=20, topics=7)
+    evs += [{"event_id": "w0", "type": "watch", "user_id": "u1", "item_id": "i0", "ts": 1.7e9, "value": 0.0},
+            {"event_id": "w1", "type": "watch", "user_id": "u1", "item_id": "neg", "ts": 1.7e9, "value": -3.0}]
+    recs = imps + evs
+    random.Random(2).shuffle(recs)
+    mem = open_store("memory://", half_life_s=H)
+    red = redis_store(redis_server, chunk=100)
+    end = max(r["ts"] for r in recs)
+    try:
+        assert red.apply(recs) == mem.apply(recs)
+
+        def same(counter, n, now):
+            got, want = red.top_items(counter, n, now=now), mem.top_items(counter, n, now=now)
+            assert [i for i, _ in got] == [i for i, _ in want], (counter, n, now)
+            assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-12), (counter, n, now)
+            return got
+
+        for counter in ("impressions", "click", "like", "watch_sum"):
+            for now in (end - 600, end, end + 5 * H):
+                top = same(counter, 25, now)
+                assert len(top) == 25 and all(a[1] >= b[1] for a, b in zip(top, top[1:]))
+        every = same("watch_sum", 1000, end)
+        assert "neg" not in dict(every) and len(every) == 300   # "neg": a negative sum, not ranked
+        before = red.top_items("click", 50, now=end)
+        assert red.apply(recs[500:900]) == 0 and red.stats["replayed_chunks"] >= 1
+        assert red.top_items("click", 50, now=end) == before
+        assert red.top_items("click", 0, now=end) == [] and red.top_items("share_x", 5, now=end) == []
+    finally:
+        red.close()
+
+
+def test_a_top_set_keeps_the_best_top_keep_items(redis_server):
+    from online.features.base import TOP_KEEP
+
+    ev = [{"event_id": f"e{k}", "type": "click", "user_id": "u", "item_id": f"i{k:05d}", "ts": 1.7e9 + k}
+          for k in range(TOP_KEEP + 500)]   # one click each, later ones worth more
+    mem = open_store("memory://", half_life_s=H)
+    red = redis_store(redis_server, chunk=3000)
+    try:
+        assert red.apply(ev) == mem.apply(ev) == len(ev)
+        assert red.client.zcard(red.options.key_prefix + "top:click") == TOP_KEEP
+        got = red.top_items("click", 2 * TOP_KEEP, now=1.7e9 + len(ev))
+        assert len(got) == TOP_KEEP and got[0][0] == f"i{len(ev) - 1:05d}" and got[-1][0] == "i00500"
+        want = mem.top_items("click", TOP_KEEP, now=1.7e9 + len(ev))
+        assert [i for i, _ in got] == [i for i, _ in want]
+    finally:
+        red.close()
+
+
+def test_co_engagement_matches_the_memory_store_and_a_replay_counts_nothing(redis_server):
+    imps, evs = synthetic_stream(6000, seed=9, users=30, items=120, creators=20, topics=7)
+    recs = imps + evs
+    random.Random(3).shuffle(recs)   # out of time order: late engagements decay themselves to the pair's time
+    mem = open_store("memory://", half_life_s=H, recent_items=8, co_neighbours=1000)
+    red = redis_store(redis_server, chunk=150, recent_items=8, co_neighbours=1000)
+    end = max(r["ts"] for r in recs)
+    try:
+        assert red.apply(recs[300:700]) == mem.apply(recs[300:700])   # then replayed inside the full batch
+        assert red.apply(recs) == mem.apply(recs)
+        assert red.stats["replayed_chunks"] >= 2
+        seeds = [["i3"], ["i7", "i11", "i7"], [f"i{k}" for k in range(0, 120, 9)], ["nobody"]]
+        for items in seeds:
+            for now in (end, end + 3 * H):
+                got, want = red.co_engaged(items, 30, now=now), mem.co_engaged(items, 30, now=now)
+                assert got == want, (items, now)   # the same operations on the same doubles
+                assert not set(items) & {i for i, _ in got}
+        assert len(mem.co_engaged(["i3"], 30, now=end)) == 30 and mem.co_engaged(["nobody"], 5) == []
+        before = red.co_engaged(["i3", "i5"], 50, now=end)
+        assert red.apply(recs[2000:2600]) == 0 and red.co_engaged(["i3", "i5"], 50, now=end) == before
+    finally:
+        red.close()
+
+
+def test_co_neighbours_bounds_every_item_s_set_in_both_stores_keeping_the_strongest(redis_server):
+    ev = [{"event_id": f"e{k}", "type": "click", "user_id": f"u{k // 10}", "item_id": f"i{k % 40}",
+           "ts": 1.7e9 + k} for k in range(2000)]   # each user engages 10 items: 45 pairs a user
+    # hub: once with each of a0..a9, later ones stronger; a9 twice (two users)
+    ev += [{"event_id": f"h{k}-{n}-{item}", "type": "like", "user_id": f"h{k}-{n}", "item_id": item, "ts": 1.8e9 + k}
+           for k in range(10) for n in range(1 + (k == 9)) for item in ("hub", f"a{k}")]
+    mem = open_store("memory://", half_life_s=H, co_neighbours=5)
+    red = redis_store(redis_server, chunk=200, co_neighbours=5)
+    try:
+        assert red.apply(ev) == mem.apply(ev)
+        p = red.options.key_prefix
+        for k in range(40):
+            assert red.client.zcard(f"{p}co:i{k}") == 5 and len(mem.co[f"i{k}"]) == 5
+        now = 1.8e9 + 10
+        for store in (red, mem):
+            hub = store.co_engaged(["hub"], 50, now=now)
+            assert [i for i, _ in hub] == ["a9", "a8", "a7", "a6", "a5"]
+            assert hub[0][1] == pytest.approx(2 * 2 ** (-1 / H)) and hub[1][1] == pytest.approx(2 ** (-2 / H))
+            assert store.co_engaged(["a3"], 5, now=now) == [("hub", pytest.approx(2 ** (-7 / H)))]
+    finally:
+        red.close()

@@ -301,3 +301,48 @@ def test_an_unreachable_redis_is_reported_as_store_unavailable():
         store.lookup("u1", ["a"], ["c"])
     with pytest.raises(StoreUnavailable):
         store.apply([ev("e1", "click", "a")])
+
+
+def test_co_engagement_pairs_a_new_item_with_the_user_s_recent_ones_once():
+    store = open_store("memory://", half_life_s=H, recent_items=2)
+    store.apply([ev("e1", "click", "a"), ev("e2", "click", "b", ts=T0 + H), ev("e3", "like", "b", ts=T0 + H),
+                 ev("e4", "report", "x", ts=T0 + H), ev("e5", "click", "c", ts=T0 + 2 * H),
+                 ev("e6", "click", "d", ts=T0 + 3 * H)])   # like b: b is recent already; report: no engagement
+    now = T0 + 3 * H
+    assert store.co_engaged(["b"], 10, now=now) == [("d", pytest.approx(1.0)), ("c", pytest.approx(0.5)),
+                                                    ("a", pytest.approx(0.25))]   # once each, decayed
+    assert store.co_engaged(["a"], 10, now=now) == [("c", pytest.approx(0.5)), ("b", pytest.approx(0.25))]
+    # d came when the window (2) held c and b: a is no longer paired; the seeds themselves are left out
+    assert store.co_engaged(["c", "b"], 10, now=now) == [("d", pytest.approx(2.0)), ("a", pytest.approx(0.75))]
+    assert store.co_engaged(["c"], 1, now=now) == [("d", pytest.approx(1.0))]
+    assert store.co_engaged(["c"], 0, now=now) == [] and store.co_engaged(["zz"], 5, now=now) == []
+    assert store.apply([ev("e6", "click", "d", ts=T0 + 3 * H)]) == 0
+    assert store.co_engaged(["c", "b"], 10, now=now)[0] == ("d", pytest.approx(2.0))   # a replay adds nothing
+
+
+def test_co_engagement_survives_a_snapshot_and_an_older_snapshot_restores_without_it(tmp_path):
+    import json
+
+    path = tmp_path / "features.json"
+    store = open_store(f"memory://{path}", half_life_s=H)
+    store.apply([ev(f"e{k}", "click", f"i{k % 5}", user=f"u{k % 3}", ts=T0 + k) for k in range(60)])
+    store.snapshot()
+    want = store.co_engaged(["i1", "i2"], 10, now=T0 + 100)
+    assert len(want) == 3 and open_store(f"memory://{path}", half_life_s=H).co_engaged(["i1", "i2"], 10,
+                                                                                     now=T0 + 100) == want
+    state = json.loads(path.read_text())
+    del state["co"]   # written before the store kept co-engagement
+    path.write_text(json.dumps(state))
+    older = open_store(f"memory://{path}", half_life_s=H)
+    assert older.co_engaged(["i1"], 10, now=T0 + 100) == [] and older.lookup("u1", []).recent_items
+
+
+@pytest.mark.parametrize("value", [0, -1, 1001, 2.5, True, "50"])
+def test_a_bad_co_neighbours_is_named_with_its_range(value):
+    with pytest.raises(ValidationError) as exc:
+        open_store("memory://", co_neighbours=value)
+    assert exc.value.errors[0].path == "store.co_neighbours" and "[1, 1000]" in str(exc.value)
+    with pytest.raises(ValidationError) as exc:
+        NearlineConfig.from_dict({"store": {"co_neighbours": value}})
+    assert exc.value.errors[0].path == "store.co_neighbours"
+    assert NearlineConfig.from_dict({"store": {"co_neighbours": 7}}).store.open().options.co_neighbours == 7

@@ -81,7 +81,7 @@ def test_each_source_and_the_blend_answer_a_user(encoder, corpus, two_tower):
     recent = list(two_tower["logs"].query("click == 1")["item_id"].iloc[:3])
     user = {"user_id": world.user_ids[0], "recent_items": recent, "topic_affinity": {world.topic_names[1]: 2.0}}
     pool = r.retrieve(DEFAULT_RETRIEVAL, user)
-    assert pool.unavailable == {"trending": "no feature store"}
+    assert pool.unavailable == {"co_engaged": "no feature store", "trending": "no feature store"}
     assert {"ann", "similar", "fresh", "explore"} <= set(pool.credited)
     ids = [it.item_id for it in pool.items]
     assert len(ids) == len(set(ids)) and not set(recent) & set(ids)
@@ -127,7 +127,8 @@ def test_feed_and_retrieve_endpoints_serve_from_the_index(two_tower, tmp_path):
         feed = client.post("/v1/feed", json={"user_id": world.user_ids[3], "slate_size": 8}).get_json()
         assert len(feed["items"]) == 8 and feed["retrieval"]["model_version"] == scorer.retriever.model_version
         assert {"ann", "explore"} <= set(feed["retrieval"]["credited"])
-        assert all(set(i["retrieved_by"]) <= {"ann", "similar", "fresh", "trending", "explore"} for i in feed["items"])
+        assert all(set(i["retrieved_by"]) <= {"ann", "similar", "co_engaged", "fresh", "trending", "explore"}
+                   for i in feed["items"])
         got = client.post("/v1/retrieve", json={"text": world.item_text[0], "k": 5}).get_json()
         assert len(got["items"]) == 5 and {"score", "engagement", "topic", "text"} <= set(got["items"][0])
         by_user = client.post("/v1/retrieve", json={"user_id": world.user_ids[3], "k": 3}).get_json()

@@ -9,7 +9,7 @@ from online.ann import AnnIndex
 from online.app import create_app
 from online.config import service_config_from_dict
 from online.corpus import Corpus, CorpusConfig
-from online.features import MemoryStore
+from online.features import FeatureStore, MemoryStore
 from online.retrieval import RetrievalConfig, Retriever, fill_pool, interleave
 from strategy import ValidationError, load_strategy, strategy_from_dict
 from strategy.items import parse_items
@@ -41,6 +41,23 @@ def test_a_retrieval_section_is_validated_with_file_lines(tmp_path):
                    ("retrieval.sources.fresh.llm_share", 9), ("retrieval.sources.trending.count", 10),
                    ("retrieval.sources.trending.counter", 10)}
     assert "did you mean 'fresh'" in str(exc.value)
+
+
+def test_co_engaged_takes_seeds_like_similar_and_nothing_else(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("strategy: s\nobjectives:\n  click: {event: click, type: binary, weight: 1}\nretrieval:\n"
+                    "  sources:\n    co_engaged: {count: 5, seeds: 0}\n    similar: {count: 5, seeds: 51}\n"
+                    "    trending: {count: 5}\n    co_engagd: {count: 1}\n    explore: {count: 1, seeds: 2}\n")
+    with pytest.raises(ValidationError) as exc:
+        load_strategy(path)
+    assert {(e.path, e.line) for e in exc.value.errors} == {
+        ("retrieval.sources.co_engaged.seeds", 6), ("retrieval.sources.similar.seeds", 7),
+        ("retrieval.sources.co_engagd", 9), ("retrieval.sources.explore.seeds", 10)}
+    assert "did you mean 'co_engaged'" in str(exc.value)
+    ok = retrieval_from_dict(Errors(), {"sources": {"co_engaged": {"count": 7, "seeds": 2, "max_share": 0.5}}})
+    assert ok.source("co_engaged") == RetrievalSource("co_engaged", 7, 0.5, seeds=2) and ok.max_candidates == 7
+    assert DEFAULT_RETRIEVAL.source("co_engaged").count == DEFAULT_RETRIEVAL.source("similar").count == 30
+    assert DEFAULT_RETRIEVAL.max_candidates == 400 < sum(s.count for s in DEFAULT_RETRIEVAL.sources)
 
 
 def test_counts_past_the_request_limit_need_max_candidates_and_all_zero_is_refused():
@@ -190,6 +207,28 @@ def test_trending_comes_from_the_store_and_items_outside_the_corpus_drop_out(cor
     assert [it.item_id for it in pool.items] == ["i7", "i2"]   # "gone" is not in the corpus, i4 was engaged
     assert pool.found == {"trending": 3}
     assert set(r.retrieve(DEFAULT_RETRIEVAL, {"user_id": "u"}, now=now).unavailable) == {"ann", "similar", "explore"}
+
+
+def test_co_engaged_follows_the_user_s_recent_items_through_the_store(corpus):
+    now = time.time()
+    write(corpus, now, n=10)
+    store = MemoryStore()
+    sessions = [["i1", "i2"], ["i1", "i2"], ["i1", "i3"], ["i1", "gone"], ["i5", "i6"], ["i2", "i4"]]
+    store.apply([{"event_id": f"e{u}-{k}", "type": "click", "user_id": f"u{u}", "item_id": item,
+                  "ts": now - 100 + k} for u, items in enumerate(sessions) for k, item in enumerate(items)])
+    r = Retriever(RetrievalConfig(), corpus, store=store)
+    co = RetrievalPlan((RetrievalSource("co_engaged", 3, seeds=1),), 3)
+    user = {"user_id": "me", "recent_items": ["i1", "i4"]}
+    pool = r.retrieve(co, user, now=now)
+    assert [it.item_id for it in pool.items] == ["i2", "i3"]   # "gone" is not in the corpus
+    assert pool.found == {"co_engaged": 3} and pool.unavailable == {}
+    two = r.retrieve(RetrievalPlan((RetrievalSource("co_engaged", 5, seeds=2),), 5), user, now=now)
+    assert [it.item_id for it in two.items] == ["i2", "i3"]   # i2: with i1 twice and with i4; i4 is recent
+    assert r.retrieve(co, {"user_id": "new"}, now=now).found == {"co_engaged": 0}   # no seeds: nothing
+    no_store = Retriever(RetrievalConfig(), corpus).retrieve(co, user, now=now)
+    assert no_store.unavailable == {"co_engaged": "no feature store"} and not no_store.items
+    silent = Retriever(RetrievalConfig(), corpus, store=FeatureStore()).retrieve(co, user, now=now)
+    assert silent.unavailable == {"co_engaged": "the store (FeatureStore) keeps no co-engagement"}
 
 
 def test_feed_without_a_model_serves_fresh_items_through_the_rank_path(tmp_path):
