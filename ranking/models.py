@@ -169,6 +169,45 @@ def mlp(in_dim: int, layers, dropout: float = 0.0, last_act: bool = True) -> nn.
     return nn.Sequential(*mods)
 
 
+def linears(module: nn.Module) -> list[nn.Linear]:
+    """The ``nn.Linear`` layers of an :func:`mlp` stack (or of a tower: its mlp and last Linear), in order."""
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+class StackedWeights:
+    """Parallel MLPs of one shape (MMoE's experts, the towers) as stacked tensors, for inference: layer
+    ``l`` as ``(weight (P, in, out), bias (P, 1, out))``, so the P stacks run as one ``baddbmm`` per
+    layer instead of P small matmuls. Rebuilt when a parameter changes (training, ``load_state_dict``)."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def get(self, stacks: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        per_stack = [linears(m) for m in stacks]
+        key = tuple((p.data_ptr(), p._version) for ls in per_stack for lin in ls for p in (lin.weight, lin.bias))
+        if key != self._key:
+            self.layers = [(torch.stack([ls[i].weight.detach().T for ls in per_stack]),
+                            torch.stack([ls[i].bias.detach() for ls in per_stack]).unsqueeze(1))
+                           for i in range(len(per_stack[0]))]
+            self._key = key
+        return self.layers
+
+
+def run_stacked(layers: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, last_act: bool) -> torch.Tensor:
+    """``x`` (P, N, in) through stacked Linear+ReLU layers (ReLU after the last one too when ``last_act``)."""
+    for i, (w, b) in enumerate(layers):
+        x = torch.baddbmm(b, x, w)
+        if last_act or i < len(layers) - 1:
+            x = torch.relu_(x)
+    return x
+
+
+def fast_inference(module: nn.Module) -> bool:
+    """Whether the stacked inference path applies: eval mode and no autograd (serving)."""
+    return not module.training and not torch.is_grad_enabled()
+
+
 class Towers(nn.Module):
     """One tower per objective: inputs (K, N, H) or (N, H) -> logits (N, K)."""
 
@@ -177,10 +216,15 @@ class Towers(nn.Module):
         self.towers = nn.ModuleList(
             nn.Sequential(mlp(in_dim, layers, dropout), nn.Linear(layers[-1] if layers else in_dim, 1))
             for _ in range(num_tasks))
+        self._stacked = StackedWeights()
 
     def forward(self, inputs) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 2:
-            inputs = [inputs] * len(self.towers)
+            inputs = (inputs.unsqueeze(0).expand(len(self.towers), -1, -1) if fast_inference(self)
+                      else [inputs] * len(self.towers))
+        if fast_inference(self):
+            x = inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))
+            return run_stacked(self._stacked.get(list(self.towers)), x, last_act=False).squeeze(2).T.contiguous()
         return torch.cat([t(x) for t, x in zip(self.towers, inputs)], dim=1)
 
 
@@ -202,8 +246,20 @@ class MMoE(nn.Module):
         self.experts = nn.ModuleList(mlp(in_dim, cfg.expert, cfg.dropout) for _ in range(cfg.num_experts))
         self.gates = nn.ModuleList(nn.Linear(in_dim, cfg.num_experts) for _ in range(num_tasks))
         self.towers = Towers(cfg.expert[-1], num_tasks, cfg.tower, cfg.dropout)
+        self._experts, self._gates = StackedWeights(), StackedWeights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fast_inference(self):   # every expert, gate and tower in one batched matmul per layer
+            layers = self._experts.get(list(self.experts))
+            w0, b0 = layers[0]                                                   # (E, in, H1), (E, 1, H1)
+            first = torch.relu_(torch.addmm(b0.reshape(1, -1), x, w0.permute(1, 0, 2).reshape(x.shape[1], -1)))
+            experts = run_stacked(layers[1:], first.reshape(len(x), len(layers[0][0]), -1).transpose(0, 1),
+                                  last_act=True)                                  # (E, N, H)
+            gw, gb = self._gates.get(list(self.gates))[0]                        # (T, in, E), (T, 1, E)
+            gates = torch.softmax(torch.addmm(gb.reshape(1, -1), x, gw.permute(1, 0, 2).reshape(x.shape[1], -1))
+                                  .reshape(len(x), len(gw), -1), dim=-1)          # (N, T, E)
+            mixed = torch.bmm(gates, experts.transpose(0, 1))                    # (N, T, H)
+            return self.towers(mixed.transpose(0, 1))
         experts = torch.stack([e(x) for e in self.experts], dim=1)              # (N, E, H)
         mixed = [torch.bmm(torch.softmax(g(x), dim=-1).unsqueeze(1), experts).squeeze(1) for g in self.gates]
         return self.towers(mixed)

@@ -183,3 +183,26 @@ def test_smearing_makes_natural_units_unbiased_in_mean(tmp_path):
     expect = np.clip(np.expm1(raw[:, 1].numpy()), 0, None) * fixed[1].output_scale
     assert np.allclose(loaded.predict(df)[:, 1], expect, rtol=1e-5)
     assert path.exists()
+
+
+@pytest.mark.parametrize("arch,expert,tower", [("shared_bottom", (16, 8), (8,)), ("mmoe", (16, 8), (8,)),
+                                                ("mmoe", (16,), (8, 4)), ("mmoe", (8,), ()), ("ple", (16, 8), (8,))])
+def test_serving_runs_stacked_experts_gates_and_towers_with_the_same_outputs(encoded, arch, expert, tower):
+    """Eval without autograd takes the stacked path (one batched matmul per layer); it equals the
+    per-module path (eval with autograd on), and follows the weights after a load_state_dict."""
+    enc, batch, _ = encoded
+    cfg = ModelConfig(arch=arch, bottom=(16,), expert=expert, num_experts=3, num_shared_experts=1,
+                      num_task_experts=1, num_levels=2, tower=tower)
+    torch.manual_seed(1)
+    model = build_model(enc, OBJECTIVES, cfg).eval()
+    with torch.inference_mode():
+        fast = model(batch.dense, batch.kjt)
+    reference = model(batch.dense, batch.kjt).detach()
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(2)
+    other = build_model(enc, OBJECTIVES, cfg).eval()
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        moved = model(batch.dense, batch.kjt)
+    torch.testing.assert_close(moved, other(batch.dense, batch.kjt).detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(moved, fast)
