@@ -85,12 +85,17 @@ class Processes:
 # ---------------------------------------------------------------- steps 1-2: data and models
 
 
-def simulate(out: Path, seed: int, impressions: int | None, users: int):
+def simulate(out: Path, seed: int, impressions: int | None, users: int, config: Path = SIM_CONFIG,
+             until: float | None = None):
+    """The world of ``config`` and its logs in ``out/logs``; ``until``: only what happened before that
+    world time (a living world's items born later are the future the closed loop serves)."""
     from world import World
 
-    world = World.from_yaml(SIM_CONFIG, seed=seed, n_users=users)
+    world = World.from_yaml(config, seed=seed, n_users=users)
     t0 = time.perf_counter()
     imp, ev = world.simulate_logs(impressions, progress=True)
+    if until is not None:
+        imp, ev = imp[imp["ts"] < until].reset_index(drop=True), ev[ev["ts"] < until].reset_index(drop=True)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     imp.to_parquet(logs / "impressions.parquet")
@@ -124,7 +129,8 @@ def weights_digest(version_dir) -> str:
     return h.hexdigest()[:16]
 
 
-def train_models(logs: Path, registry: Path, epochs: int | None) -> dict:
+def train_models(logs: Path, registry: Path, epochs: int | None, features: Path | None = None) -> dict:
+    """The TorchRec ranker (``features``: its feature spec, default the train config's) and the fallback."""
     import pandas as pd
 
     from ranking.train import load_train_config, train_from_config
@@ -132,6 +138,8 @@ def train_models(logs: Path, registry: Path, epochs: int | None) -> dict:
     cfg = load_train_config(TRAIN_CONFIG)
     training = cfg.training if epochs is None else replace(cfg.training, epochs=epochs)
     cfg = replace(cfg, name=MODEL, data=replace(cfg.data, path=str(logs)), training=training)
+    if features is not None:
+        cfg = replace(cfg, features=str(features))
     summary = train_from_config(cfg, registry=str(registry), progress=True, log=lambda m: print("    " + m))
     fallback = train_fallback(logs, registry, [o.name for o in cfg.objectives])
     logs_digest = frame_digest(pd.read_parquet(logs / "impressions.parquet"))
@@ -160,15 +168,18 @@ def train_fallback(logs: Path, registry: Path, objectives) -> dict:
 # ---------------------------------------------------------------- step 3: services
 
 
-def service_yaml(out: Path, registry: Path, bus_url: str, port: int) -> Path:
+def service_yaml(out: Path, registry: Path, bus_url: str, port: int, experiments: Path = EXPERIMENTS,
+                 sections: dict | None = None) -> Path:
+    """The scorer's config in ``out/service.yaml``; ``sections`` adds (or replaces) top-level sections."""
     config = {
         "server": {"host": "127.0.0.1", "port": port, "workers": 2},
         "strategies": {"files": [str(STRATEGY)]},
-        "experiments": {"file": str(EXPERIMENTS)},
+        "experiments": {"file": str(experiments)},
         "model": {"registry": str(registry), "name": MODEL, "fallback": FALLBACK},
         "risk": str(RISK),
         "bus": {"url": bus_url, "fsync": "interval"},
         "store": {"url": "memory://", "half_life_s": 3600},
+        **(sections or {}),
     }
     path = out / "service.yaml"
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
@@ -344,10 +355,11 @@ def read_bus(bus_url: str):
     return exposures, events, len(rows["impressions"])
 
 
-def true_lift(stats: LoopStats, values: dict, control: str, treatment: str) -> float | None:
-    """Relative lift of the arms' expected values under the world's true probabilities."""
+def true_lift(variant_of: dict, values: dict, control: str, treatment: str) -> float | None:
+    """Relative lift of the arms' expected values (``values``: user -> expected total under the world's
+    true probabilities; ``variant_of``: user -> arm)."""
     arms = {control: [], treatment: []}
-    for user, variant in stats.variant_of.items():
+    for user, variant in variant_of.items():
         if variant in arms:
             arms[variant].append(values.get(user, 0.0))
     if not arms[control] or not arms[treatment] or np.mean(arms[control]) == 0:
@@ -355,22 +367,25 @@ def true_lift(stats: LoopStats, values: dict, control: str, treatment: str) -> f
     return float(np.mean(arms[treatment]) / np.mean(arms[control]) - 1.0)
 
 
-def analyse(out: Path, bus_url: str, stats: LoopStats) -> dict:
+def analyse(out: Path, bus_url: str, stats: LoopStats, experiments: Path = EXPERIMENTS) -> dict:
+    """The experiment of ``experiments`` analysed on the bus's exposures and events, its dashboard
+    written, with the true lifts of likes and clicks per user."""
     from experiments.config import load_experiments
     from experiments.dashboard import build_results, write_results, write_static_html
 
     exposures, events, n_impressions = read_bus(bus_url)
-    config = load_experiments(EXPERIMENTS)
+    config = load_experiments(experiments)
     bundle = build_results(config, exposures, events)
     results = out / "results"
     write_results(results, bundle)
     html = write_static_html(results, out / "dashboard.html")
     experiment = config.experiments[0]
     treatment = next(v.name for v in experiment.variants if v.name != experiment.control)
-    truth = {"likes_per_user": true_lift(stats, stats.true_likes, experiment.control, treatment),
-             "clicks_per_user": true_lift(stats, stats.true_clicks, experiment.control, treatment)}
+    truth = {"likes_per_user": true_lift(stats.variant_of, stats.true_likes, experiment.control, treatment),
+             "clicks_per_user": true_lift(stats.variant_of, stats.true_clicks, experiment.control, treatment)}
     title = f"{experiment.name}: {treatment} vs {experiment.control} ({experiment.description})"
     return {"records": bundle["records"], "results": results, "html": html, "truth": truth, "title": title,
+            "arms": (experiment.control, treatment),
             "exposures": len(exposures), "events": len(events) - n_impressions, "impressions": n_impressions}
 
 
@@ -406,16 +421,21 @@ def result_lines(records, truth: dict, control: str, treatment: str) -> list[str
     return lines
 
 
-def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) -> str:
-    lines = ["", "=" * 100, "Closed-loop A/B test " + analysis["title"], "=" * 100,
-             *result_lines(analysis["records"], analysis["truth"], "control", "treatment")]
+def experiment_lines(analysis: dict, control: str = "control", treatment: str = "treatment") -> list[str]:
+    """The title, the A/B table and the users per arm with the sample-ratio test (column titles
+    ``control`` and ``treatment``)."""
     first = analysis["records"][0] if analysis["records"] else {}
-    lat = np.array(stats.latencies) * 1e3
     srm = first.get("srm_p")
+    return ["", "=" * 100, "Closed-loop A/B test " + analysis["title"], "=" * 100,
+            *result_lines(analysis["records"], analysis["truth"], control, treatment), "",
+            f"users: {control} {first.get('control_users')}, {treatment} {first.get('users')}; SRM p = "
+            f"{num(srm, '.3f')}" + ("  ** SRM ALARM **" if first.get("srm_alarm") else " (no sample-ratio mismatch)")]
+
+
+def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) -> str:
+    lines = experiment_lines(analysis)
+    lat = np.array(stats.latencies) * 1e3
     lines += [
-        "",
-        f"users: control {first.get('control_users')}, treatment {first.get('users')}; SRM p = {num(srm, '.3f')}"
-        + ("  ** SRM ALARM **" if first.get("srm_alarm") else " (no sample-ratio mismatch)"),
         f"served: {stats.served:,} items in {len(stats.latencies):,} requests; LLM-generated share "
         f"{stats.served_llm / max(stats.served, 1):.1%}; degraded responses {stats.degraded}; errors {stats.errors}",
         f"served slates digest: {stats.digest()} (the same seed serves the same slates: rerun to compare)",
