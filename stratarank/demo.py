@@ -129,14 +129,17 @@ def weights_digest(version_dir) -> str:
     return h.hexdigest()[:16]
 
 
-def train_models(logs: Path, registry: Path, epochs: int | None, features: Path | None = None) -> dict:
-    """The TorchRec ranker (``features``: its feature spec, default the train config's) and the fallback."""
+def train_models(logs: Path, registry: Path, epochs: int | None, features: Path | None = None,
+                 threads: int | None = None) -> dict:
+    """The TorchRec ranker (``features``: its feature spec; ``threads``: torch's; default the train
+    config's) and the fallback."""
     import pandas as pd
 
     from ranking.train import load_train_config, train_from_config
 
     cfg = load_train_config(TRAIN_CONFIG)
     training = cfg.training if epochs is None else replace(cfg.training, epochs=epochs)
+    training = training if threads is None else replace(training, threads=threads)
     cfg = replace(cfg, name=MODEL, data=replace(cfg.data, path=str(logs)), training=training)
     if features is not None:
         cfg = replace(cfg, features=str(features))
@@ -400,7 +403,8 @@ def num(x, spec: str) -> str:
 def result_lines(records, truth: dict, control: str, treatment: str) -> list[str]:
     """The A/B table: a row per metric (means, relative lift with its CI, p-value, the world's true
     lift where known, a verdict and whether the CI covers the truth)."""
-    lines = [f"{'metric':<18}{'role':<10}{control:>10}{treatment:>11}{'rel. lift':>11}{'95% CI (rel.)':>22}"
+    wc, wt = max(10, len(control) + 2), max(11, len(treatment) + 2)   # the arms' columns fit their names
+    lines = [f"{'metric':<18}{'role':<10}{control:>{wc}}{treatment:>{wt}}{'rel. lift':>11}{'95% CI (rel.)':>22}"
              f"{'p-value':>9}  {'true lift':>9}  verdict"]
     for r in records:
         ci = f"[{pct(r['rel_ci_low']).strip()}, {pct(r['rel_ci_high']).strip()}]" if r["rel_ci_low"] is not None else "n/a"
@@ -415,8 +419,8 @@ def result_lines(records, truth: dict, control: str, treatment: str) -> list[str
             verdict = "not significant"
         if true is not None and r["rel_ci_low"] is not None:
             verdict += "; CI covers truth" if r["rel_ci_low"] <= true <= r["rel_ci_high"] else "; CI MISSES truth"
-        lines.append(f"{r['metric']:<18}{r['role']:<10}{num(r['control_mean'], '.4g'):>10}"
-                     f"{num(r['treatment_mean'], '.4g'):>11}{pct(r['rel_lift']):>11}{ci:>22}"
+        lines.append(f"{r['metric']:<18}{r['role']:<10}{num(r['control_mean'], '.4g'):>{wc}}"
+                     f"{num(r['treatment_mean'], '.4g'):>{wt}}{pct(r['rel_lift']):>11}{ci:>22}"
                      f"{num(r['p_value'], '.4f'):>9}  {pct(true):>9}  {verdict}")
     return lines
 
@@ -523,19 +527,25 @@ def add_parser(sub) -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--kafka", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="use the Kafka-compatible bus (starts a broker when no address is given)")
-    p.add_argument("--scenario", choices=("ab", "streaming"), default="ab",
+    p.add_argument("--scenario", choices=("ab", "streaming", "retrieval"), default="ab",
                    help="ab: the strategy A/B test (default); streaming: a static vs a streaming-updated model on a "
-                        "living world (served -> joined -> trained -> published -> served; stratarank/demo_streaming.py)")
+                        "living world (served -> joined -> trained -> published -> served; stratarank/demo_streaming.py);"
+                        " retrieval: the world's candidate generator vs the engine's own retrieval (POST /v1/feed) on a "
+                        "living world (stratarank/demo_retrieval.py)")
     s = p.add_argument_group("--scenario streaming")
     s.add_argument("--hours", type=int, default=12, help="simulated hours of the second day served (default 12)")
     s.add_argument("--window", type=float, default=3.0, help="the joiner's attribution window, seconds (default 3)")
     s.add_argument("--publish-interval", type=float, default=5.0,
                    help="the streaming trainer's publish interval, seconds (default 5)")
+    r = p.add_argument_group("--scenario retrieval")
+    r.add_argument("--world", default=str(ROOT / "conf/sim/living.yaml"),
+                   help="the living world's config (default conf/sim/living.yaml; --users sets its users)")
     p.set_defaults(func=_run_scenario)
 
 
 def _run_scenario(args) -> int:
-    for flag, value in (("--users", args.users), ("--candidates", args.candidates), ("--hours", args.hours),
+    for flag, value in (("--users", args.users), ("--requests", args.requests), ("--candidates", args.candidates),
+                        ("--hours", args.hours),
                         ("--concurrency", args.concurrency)):
         if value < 1:
             print(f"{flag}: must be at least 1, got {value}", file=sys.stderr)
@@ -547,4 +557,11 @@ def _run_scenario(args) -> int:
         from .demo_streaming import run as run_streaming
 
         return run_streaming(args)
+    if args.scenario == "retrieval":
+        if args.kafka is not None:
+            print("--kafka: the retrieval scenario runs on the embedded bus", file=sys.stderr)
+            return 2
+        from .demo_retrieval import run as run_retrieval
+
+        return run_retrieval(args)
     return run(args)
