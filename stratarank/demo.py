@@ -523,7 +523,8 @@ def add_parser(sub) -> None:
     # users vary far more than one user's requests: power comes from many users, each seen a few times
     p.add_argument("--users", type=int, default=4000, help="simulated users (the world is built with as many)")
     p.add_argument("--requests", type=int, default=4, help="feed requests per user")
-    p.add_argument("--candidates", type=int, default=100, help="candidates per request")
+    p.add_argument("--candidates", type=int, default=100,
+                   help="candidates per request (the retrieval scenario's generator gives as many as a feed's pool, 400)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--kafka", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="use the Kafka-compatible bus (starts a broker when no address is given)")

@@ -77,12 +77,15 @@ def corpus_head(corpus, seq: int = 0) -> int:
 
 def write_items(client, world, idx, shift: float) -> int:
     """The world's items ``idx`` written to the corpus with ``POST /v1/items``; returns the items accepted."""
+    from tqdm import tqdm
+
     from online.client import ApiError
     from strategy.items import MAX_ITEMS
 
     writes = [world.corpus_item(int(i), shift) for i in idx]
     accepted = 0
-    for start in range(0, len(writes), MAX_ITEMS):
+    for start in tqdm(range(0, len(writes), MAX_ITEMS), desc="    corpus writes", unit="batch",
+                      disable=len(writes) <= MAX_ITEMS):
         try:
             accepted += client.items(writes[start:start + MAX_ITEMS])["accepted"]
         except ApiError as exc:
@@ -159,7 +162,7 @@ def closed_loop(world, port: int, corpus, seq: int, shift: float, args, stats: R
     posted = 0
     last = time.time() - shift
 
-    def call(k: int, path: str, body: dict):
+    def call(path: str, body: dict):
         if not hasattr(local, "client"):
             local.client = scorer_client(port)
         t0 = time.perf_counter()
@@ -184,7 +187,7 @@ def closed_loop(world, port: int, corpus, seq: int, shift: float, args, stats: R
                 if arm_of[user] == CONTROL:
                     body["candidates"] = [stripped(c) for c in world.candidates(user, stats.control_candidates, rngs[k], ts=now)]
                 requests.append(("/v1/rank" if arm_of[user] == CONTROL else "/v1/feed", body))
-            answers = list(pool.map(lambda kr: call(kr[0], *kr[1]), enumerate(requests)))
+            answers = list(pool.map(lambda req: call(*req), requests))
             now = time.time() - shift   # the users answer now
             batch: list = []
             for k, (status, resp, latency) in enumerate(answers):
