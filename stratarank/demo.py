@@ -524,15 +524,16 @@ def add_parser(sub) -> None:
     p.add_argument("--users", type=int, default=4000, help="simulated users (the world is built with as many)")
     p.add_argument("--requests", type=int, default=4, help="feed requests per user")
     p.add_argument("--candidates", type=int, default=100,
-                   help="candidates per request (the retrieval scenario's generator gives as many as a feed's pool, 400)")
+                   help="candidates per request (the retrieval scenario's generator gives as many as a feed's "
+                        "pool, 400)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--kafka", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="use the Kafka-compatible bus (starts a broker when no address is given)")
     p.add_argument("--scenario", choices=("ab", "streaming", "retrieval"), default="ab",
                    help="ab: the strategy A/B test (default); streaming: a static vs a streaming-updated model on a "
-                        "living world (served -> joined -> trained -> published -> served; stratarank/demo_streaming.py);"
-                        " retrieval: the world's candidate generator vs the engine's own retrieval (POST /v1/feed) on a "
-                        "living world (stratarank/demo_retrieval.py)")
+                        "living world (served -> joined -> trained -> published -> served; "
+                        "stratarank/demo_streaming.py); retrieval: the world's candidate generator vs the engine's own "
+                        "retrieval (POST /v1/feed) on a living world (stratarank/demo_retrieval.py)")
     s = p.add_argument_group("--scenario streaming")
     s.add_argument("--hours", type=int, default=12, help="simulated hours of the second day served (default 12)")
     s.add_argument("--window", type=float, default=3.0, help="the joiner's attribution window, seconds (default 3)")

@@ -93,6 +93,11 @@ def write_items(client, world, idx, shift: float) -> int:
     return accepted
 
 
+def post_all(client, events: list, batch: int = 5000) -> int:
+    """``events`` posted to ``/v1/events`` in batches (a request holds at most ``MAX_EVENTS``)."""
+    return sum(post_events(client, events[s:s + batch]) for s in range(0, len(events), batch))
+
+
 def wait_indexed(port: int, seq: int, workers: int = 2, timeout_s: float = 600.0) -> float:
     """Seconds until every worker's retrieval index has synced the corpus up to change ``seq``."""
     t0 = time.monotonic()
@@ -144,9 +149,11 @@ def arms(users: list[str]) -> dict[str, str]:
     return out
 
 
-def closed_loop(world, port: int, corpus, seq: int, shift: float, args, stats: RetrievalStats) -> RetrievalStats:
-    """``args.requests`` rounds: the items born since the last round written and indexed; every user's
-    feed from their arm's endpoint (concurrently); the world's feedback in user order; a near-line barrier."""
+def closed_loop(world, port: int, corpus, seq: int, T: float, shift: float, args,
+                stats: RetrievalStats) -> RetrievalStats:
+    """``args.requests`` rounds: the items born since the last round (since T, the corpus's backfill, for
+    the first) written and indexed; every user's feed from their arm's endpoint (concurrently); the
+    world's feedback in user order; a near-line barrier."""
     from tqdm import tqdm
 
     from strategy.retrieval import DEFAULT_RETRIEVAL
@@ -160,7 +167,7 @@ def closed_loop(world, port: int, corpus, seq: int, shift: float, args, stats: R
     bar = tqdm(total=len(users) * args.requests, desc="    closed loop", unit="req", mininterval=0.5)
     baseline = nearline_records(port, 2)
     posted = 0
-    last = time.time() - shift
+    last = T
 
     def call(path: str, body: dict):
         if not hasattr(local, "client"):
@@ -185,7 +192,8 @@ def closed_loop(world, port: int, corpus, seq: int, shift: float, args, stats: R
             for k, user in enumerate(users):
                 body = {"request_id": f"retr-{args.seed}-{k}-{r}", "user_id": user}
                 if arm_of[user] == CONTROL:
-                    body["candidates"] = [stripped(c) for c in world.candidates(user, stats.control_candidates, rngs[k], ts=now)]
+                    found = world.candidates(user, stats.control_candidates, rngs[k], ts=now)
+                    body["candidates"] = [stripped(c) for c in found]
                 requests.append(("/v1/rank" if arm_of[user] == CONTROL else "/v1/feed", body))
             answers = list(pool.map(lambda req: call(*req), requests))
             now = time.time() - shift   # the users answer now
@@ -205,7 +213,7 @@ def closed_loop(world, port: int, corpus, seq: int, shift: float, args, stats: R
                 slate = record(world, stats, arm, user, request_id, resp, now, latency)
                 batch += [{**e, "ts": round(e["ts"] + shift, 3)}
                           for e in world.respond(user, slate, rngs[k], ts=now, request_id=request_id)]
-            posted += post_events(poster, batch)
+            posted += post_all(poster, batch)
             # the scorer logged one impression per served item; the near-line threads apply those and the events
             nearline_records(port, 2, at_least={w: n + stats.served + posted for w, n in baseline.items()})
     bar.close()
@@ -255,7 +263,7 @@ def backfill(world, port: int, logs: Path, T: float, shift: float, stats: Retrie
     events = pd.read_parquet(logs / "events.parquet")
     events = [{k: (v + shift if k == "ts" else v) for k, v in rec.items() if v == v}   # NaN value: absent
               for rec in events.to_dict("records")]
-    posted = sum(post_events(client, events[s:s + 5000]) for s in range(0, len(events), 5000))
+    posted = post_all(client, events)
     seq = corpus_head(corpus)
     seconds = wait_indexed(port, seq)
     nearline_records(port, 2, timeout_s=300, at_least={w: n + posted for w, n in before.items()})
@@ -283,8 +291,8 @@ def summary_text(analysis: dict, stats: RetrievalStats, models: dict, wall: floa
     lines += [
         f"impressions on fresh LLM items (LLM, younger than 24 h): {CONTROL} "
         f"{share(stats.fresh_llm[CONTROL], stats.impressions[CONTROL])}, {TREATMENT} "
-        f"{share(stats.fresh_llm[TREATMENT], fed)} (all LLM items: {share(stats.llm[CONTROL], stats.impressions[CONTROL])}"
-        f", {share(stats.llm[TREATMENT], fed)})",
+        f"{share(stats.fresh_llm[TREATMENT], fed)} (all LLM items: "
+        f"{share(stats.llm[CONTROL], stats.impressions[CONTROL])}, {share(stats.llm[TREATMENT], fed)})",
         f"arms: the scorer's assignment equals the client's in all {stats.arm_checks:,} answers "
         f"({EXPERIMENTS.relative_to(ROOT)}, experiments/assignment.py)",
         f"{TREATMENT} feeds: {np.mean(stats.pool_sizes) if stats.pool_sizes else 0:.0f} candidates retrieved per feed "
@@ -362,7 +370,7 @@ def run(args) -> int:
 
         say("4/5", f"closed-loop A/B test: {min(args.users, wc.n_users)} users x {args.requests} rounds; "
                    f"{CONTROL}: /v1/rank over the world's candidates, {TREATMENT}: /v1/feed over the corpus")
-        stats = closed_loop(world, port, corpus, seq, shift, args, stats)
+        stats = closed_loop(world, port, corpus, seq, T, shift, args, stats)
         corpus.close()
         procs.stop(only=scorer)     # its workers flush the bus on shutdown
 

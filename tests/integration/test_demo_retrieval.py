@@ -21,8 +21,8 @@ slate_size: 10
 start_ts: 1767225600
 duration_days: 0.125   # the scenario keeps the first hour (its T: 2 h before the end)
 generators:
-  - {name: sim-gpt-large,   share: 0.6, quality_mean: 0.3,  quality_sd: 0.5, harm_rate: 0.02, prior_noise: 0.12, items_per_hour: 9000}
-  - {name: sim-llama-small, share: 0.4, quality_mean: -0.6, quality_sd: 0.8, harm_rate: 0.08, prior_noise: 0.25, items_per_hour: 9000}
+  - {name: sim-gpt-large, share: 0.6, quality_mean: 0.3, quality_sd: 0.5, harm_rate: 0.02, items_per_hour: 9000}
+  - {name: sim-llama-small, share: 0.4, quality_mean: -0.6, quality_sd: 0.8, harm_rate: 0.08, items_per_hour: 9000}
 human: {quality_mean: 0.0, quality_sd: 0.4, creator_quality_sd: 0.5, harm_rate: 0.01, items_per_hour: 18000}
 living: {enabled: true, initial_age_hours: 0.5, lifetime_hours: 0.5, max_lifetime_hours: 2}
 """
