@@ -42,17 +42,8 @@ GOAL = 0.5
 
 def corpus_items(world: World, ts: float) -> list[dict]:
     """The world's items alive at ``ts`` as ``POST /v1/items`` writes."""
-    cat = world.catalog()
-    alive = cat[(cat["born_ts"] <= ts) & (cat["expires_ts"] > ts)]
-    out = []
-    for row in alive.itertuples(index=False):
-        item = {"item_id": row.item_id, "source": "llm" if row.source == "llm" else "human",
-                "creator_id": row.creator_id, "topic": row.topic, "text": row.text,
-                "created_at": float(row.born_ts), "expires_at": float(row.expires_ts)}
-        if row.source == "llm":
-            item["generator"] = {"model": row.generator, "prior_score": float(row.prior_score)}
-        out.append(item)
-    return out
+    alive = np.flatnonzero((world.item_born_ts <= ts) & (world.item_expires_ts > ts))
+    return [world.corpus_item(int(i)) for i in alive]
 
 
 def scaled(plan: RetrievalPlan, k: int) -> RetrievalPlan:

@@ -85,12 +85,17 @@ class Processes:
 # ---------------------------------------------------------------- steps 1-2: data and models
 
 
-def simulate(out: Path, seed: int, impressions: int | None, users: int):
+def simulate(out: Path, seed: int, impressions: int | None, users: int, config: Path = SIM_CONFIG,
+             until: float | None = None):
+    """The world of ``config`` and its logs in ``out/logs``; ``until``: only what happened before that
+    world time (a living world's items born later are the future the closed loop serves)."""
     from world import World
 
-    world = World.from_yaml(SIM_CONFIG, seed=seed, n_users=users)
+    world = World.from_yaml(config, seed=seed, n_users=users)
     t0 = time.perf_counter()
     imp, ev = world.simulate_logs(impressions, progress=True)
+    if until is not None:
+        imp, ev = imp[imp["ts"] < until].reset_index(drop=True), ev[ev["ts"] < until].reset_index(drop=True)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     imp.to_parquet(logs / "impressions.parquet")
@@ -124,14 +129,20 @@ def weights_digest(version_dir) -> str:
     return h.hexdigest()[:16]
 
 
-def train_models(logs: Path, registry: Path, epochs: int | None) -> dict:
+def train_models(logs: Path, registry: Path, epochs: int | None, features: Path | None = None,
+                 threads: int | None = None) -> dict:
+    """The TorchRec ranker (``features``: its feature spec; ``threads``: torch's; default the train
+    config's) and the fallback."""
     import pandas as pd
 
     from ranking.train import load_train_config, train_from_config
 
     cfg = load_train_config(TRAIN_CONFIG)
     training = cfg.training if epochs is None else replace(cfg.training, epochs=epochs)
+    training = training if threads is None else replace(training, threads=threads)
     cfg = replace(cfg, name=MODEL, data=replace(cfg.data, path=str(logs)), training=training)
+    if features is not None:
+        cfg = replace(cfg, features=str(features))
     summary = train_from_config(cfg, registry=str(registry), progress=True, log=lambda m: print("    " + m))
     fallback = train_fallback(logs, registry, [o.name for o in cfg.objectives])
     logs_digest = frame_digest(pd.read_parquet(logs / "impressions.parquet"))
@@ -160,15 +171,18 @@ def train_fallback(logs: Path, registry: Path, objectives) -> dict:
 # ---------------------------------------------------------------- step 3: services
 
 
-def service_yaml(out: Path, registry: Path, bus_url: str, port: int) -> Path:
+def service_yaml(out: Path, registry: Path, bus_url: str, port: int, experiments: Path = EXPERIMENTS,
+                 sections: dict | None = None) -> Path:
+    """The scorer's config in ``out/service.yaml``; ``sections`` adds (or replaces) top-level sections."""
     config = {
         "server": {"host": "127.0.0.1", "port": port, "workers": 2},
         "strategies": {"files": [str(STRATEGY)]},
-        "experiments": {"file": str(EXPERIMENTS)},
+        "experiments": {"file": str(experiments)},
         "model": {"registry": str(registry), "name": MODEL, "fallback": FALLBACK},
         "risk": str(RISK),
         "bus": {"url": bus_url, "fsync": "interval"},
         "store": {"url": "memory://", "half_life_s": 3600},
+        **(sections or {}),
     }
     path = out / "service.yaml"
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
@@ -344,10 +358,11 @@ def read_bus(bus_url: str):
     return exposures, events, len(rows["impressions"])
 
 
-def true_lift(stats: LoopStats, values: dict, control: str, treatment: str) -> float | None:
-    """Relative lift of the arms' expected values under the world's true probabilities."""
+def true_lift(variant_of: dict, values: dict, control: str, treatment: str) -> float | None:
+    """Relative lift of the arms' expected values (``values``: user -> expected total under the world's
+    true probabilities; ``variant_of``: user -> arm)."""
     arms = {control: [], treatment: []}
-    for user, variant in stats.variant_of.items():
+    for user, variant in variant_of.items():
         if variant in arms:
             arms[variant].append(values.get(user, 0.0))
     if not arms[control] or not arms[treatment] or np.mean(arms[control]) == 0:
@@ -355,22 +370,25 @@ def true_lift(stats: LoopStats, values: dict, control: str, treatment: str) -> f
     return float(np.mean(arms[treatment]) / np.mean(arms[control]) - 1.0)
 
 
-def analyse(out: Path, bus_url: str, stats: LoopStats) -> dict:
+def analyse(out: Path, bus_url: str, stats: LoopStats, experiments: Path = EXPERIMENTS) -> dict:
+    """The experiment of ``experiments`` analysed on the bus's exposures and events, its dashboard
+    written, with the true lifts of likes and clicks per user."""
     from experiments.config import load_experiments
     from experiments.dashboard import build_results, write_results, write_static_html
 
     exposures, events, n_impressions = read_bus(bus_url)
-    config = load_experiments(EXPERIMENTS)
+    config = load_experiments(experiments)
     bundle = build_results(config, exposures, events)
     results = out / "results"
     write_results(results, bundle)
     html = write_static_html(results, out / "dashboard.html")
     experiment = config.experiments[0]
     treatment = next(v.name for v in experiment.variants if v.name != experiment.control)
-    truth = {"likes_per_user": true_lift(stats, stats.true_likes, experiment.control, treatment),
-             "clicks_per_user": true_lift(stats, stats.true_clicks, experiment.control, treatment)}
+    truth = {"likes_per_user": true_lift(stats.variant_of, stats.true_likes, experiment.control, treatment),
+             "clicks_per_user": true_lift(stats.variant_of, stats.true_clicks, experiment.control, treatment)}
     title = f"{experiment.name}: {treatment} vs {experiment.control} ({experiment.description})"
     return {"records": bundle["records"], "results": results, "html": html, "truth": truth, "title": title,
+            "arms": (experiment.control, treatment),
             "exposures": len(exposures), "events": len(events) - n_impressions, "impressions": n_impressions}
 
 
@@ -385,7 +403,8 @@ def num(x, spec: str) -> str:
 def result_lines(records, truth: dict, control: str, treatment: str) -> list[str]:
     """The A/B table: a row per metric (means, relative lift with its CI, p-value, the world's true
     lift where known, a verdict and whether the CI covers the truth)."""
-    lines = [f"{'metric':<18}{'role':<10}{control:>10}{treatment:>11}{'rel. lift':>11}{'95% CI (rel.)':>22}"
+    wc, wt = max(10, len(control) + 2), max(11, len(treatment) + 2)   # the arms' columns fit their names
+    lines = [f"{'metric':<18}{'role':<10}{control:>{wc}}{treatment:>{wt}}{'rel. lift':>11}{'95% CI (rel.)':>22}"
              f"{'p-value':>9}  {'true lift':>9}  verdict"]
     for r in records:
         ci = f"[{pct(r['rel_ci_low']).strip()}, {pct(r['rel_ci_high']).strip()}]" if r["rel_ci_low"] is not None else "n/a"
@@ -400,22 +419,27 @@ def result_lines(records, truth: dict, control: str, treatment: str) -> list[str
             verdict = "not significant"
         if true is not None and r["rel_ci_low"] is not None:
             verdict += "; CI covers truth" if r["rel_ci_low"] <= true <= r["rel_ci_high"] else "; CI MISSES truth"
-        lines.append(f"{r['metric']:<18}{r['role']:<10}{num(r['control_mean'], '.4g'):>10}"
-                     f"{num(r['treatment_mean'], '.4g'):>11}{pct(r['rel_lift']):>11}{ci:>22}"
+        lines.append(f"{r['metric']:<18}{r['role']:<10}{num(r['control_mean'], '.4g'):>{wc}}"
+                     f"{num(r['treatment_mean'], '.4g'):>{wt}}{pct(r['rel_lift']):>11}{ci:>22}"
                      f"{num(r['p_value'], '.4f'):>9}  {pct(true):>9}  {verdict}")
     return lines
 
 
-def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) -> str:
-    lines = ["", "=" * 100, "Closed-loop A/B test " + analysis["title"], "=" * 100,
-             *result_lines(analysis["records"], analysis["truth"], "control", "treatment")]
+def experiment_lines(analysis: dict, control: str = "control", treatment: str = "treatment") -> list[str]:
+    """The title, the A/B table and the users per arm with the sample-ratio test (column titles
+    ``control`` and ``treatment``)."""
     first = analysis["records"][0] if analysis["records"] else {}
-    lat = np.array(stats.latencies) * 1e3
     srm = first.get("srm_p")
+    return ["", "=" * 100, "Closed-loop A/B test " + analysis["title"], "=" * 100,
+            *result_lines(analysis["records"], analysis["truth"], control, treatment), "",
+            f"users: {control} {first.get('control_users')}, {treatment} {first.get('users')}; SRM p = "
+            f"{num(srm, '.3f')}" + ("  ** SRM ALARM **" if first.get("srm_alarm") else " (no sample-ratio mismatch)")]
+
+
+def summary_text(analysis: dict, stats: LoopStats, models: dict, wall: float) -> str:
+    lines = experiment_lines(analysis)
+    lat = np.array(stats.latencies) * 1e3
     lines += [
-        "",
-        f"users: control {first.get('control_users')}, treatment {first.get('users')}; SRM p = {num(srm, '.3f')}"
-        + ("  ** SRM ALARM **" if first.get("srm_alarm") else " (no sample-ratio mismatch)"),
         f"served: {stats.served:,} items in {len(stats.latencies):,} requests; LLM-generated share "
         f"{stats.served_llm / max(stats.served, 1):.1%}; degraded responses {stats.degraded}; errors {stats.errors}",
         f"served slates digest: {stats.digest()} (the same seed serves the same slates: rerun to compare)",
@@ -499,23 +523,31 @@ def add_parser(sub) -> None:
     # users vary far more than one user's requests: power comes from many users, each seen a few times
     p.add_argument("--users", type=int, default=4000, help="simulated users (the world is built with as many)")
     p.add_argument("--requests", type=int, default=4, help="feed requests per user")
-    p.add_argument("--candidates", type=int, default=100, help="candidates per request")
+    p.add_argument("--candidates", type=int, default=100,
+                   help="candidates per request (the retrieval scenario's generator gives as many as a feed's "
+                        "pool, 400)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--kafka", nargs="?", const="", default=None, metavar="HOST:PORT",
                    help="use the Kafka-compatible bus (starts a broker when no address is given)")
-    p.add_argument("--scenario", choices=("ab", "streaming"), default="ab",
+    p.add_argument("--scenario", choices=("ab", "streaming", "retrieval"), default="ab",
                    help="ab: the strategy A/B test (default); streaming: a static vs a streaming-updated model on a "
-                        "living world (served -> joined -> trained -> published -> served; stratarank/demo_streaming.py)")
+                        "living world (served -> joined -> trained -> published -> served; "
+                        "stratarank/demo_streaming.py); retrieval: the world's candidate generator vs the engine's own "
+                        "retrieval (POST /v1/feed) on a living world (stratarank/demo_retrieval.py)")
     s = p.add_argument_group("--scenario streaming")
     s.add_argument("--hours", type=int, default=12, help="simulated hours of the second day served (default 12)")
     s.add_argument("--window", type=float, default=3.0, help="the joiner's attribution window, seconds (default 3)")
     s.add_argument("--publish-interval", type=float, default=5.0,
                    help="the streaming trainer's publish interval, seconds (default 5)")
+    r = p.add_argument_group("--scenario retrieval")
+    r.add_argument("--world", default=str(ROOT / "conf/sim/living.yaml"),
+                   help="the living world's config (default conf/sim/living.yaml; --users sets its users)")
     p.set_defaults(func=_run_scenario)
 
 
 def _run_scenario(args) -> int:
-    for flag, value in (("--users", args.users), ("--candidates", args.candidates), ("--hours", args.hours),
+    for flag, value in (("--users", args.users), ("--requests", args.requests), ("--candidates", args.candidates),
+                        ("--hours", args.hours),
                         ("--concurrency", args.concurrency)):
         if value < 1:
             print(f"{flag}: must be at least 1, got {value}", file=sys.stderr)
@@ -527,4 +559,11 @@ def _run_scenario(args) -> int:
         from .demo_streaming import run as run_streaming
 
         return run_streaming(args)
+    if args.scenario == "retrieval":
+        if args.kafka is not None:
+            print("--kafka: the retrieval scenario runs on the embedded bus", file=sys.stderr)
+            return 2
+        from .demo_retrieval import run as run_retrieval
+
+        return run_retrieval(args)
     return run(args)

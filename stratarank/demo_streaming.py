@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .demo import (FALLBACK, RISK, ROOT, Processes, free_port, post_events, read_bus, result_lines, say,
-                   scorer_client, train_fallback, wait_ready)
+                   scorer_client, train_fallback, true_lift, wait_ready)
 
 WORLD = ROOT / "conf/sim/living_stream.yaml"
 FEATURES = ROOT / "conf/features/living.yaml"
@@ -196,16 +196,6 @@ def closed_loop(world, port: int, registry: Path, args) -> dict:
     return stats
 
 
-def true_lift(stats: dict, name: str, control: str, treatment: str) -> float | None:
-    arms = {control: [], treatment: []}
-    for user, variant in stats["variant"].items():
-        if variant in arms:
-            arms[variant].append(stats["truth"][name].get(user, 0.0))
-    if not arms[control] or not arms[treatment] or np.mean(arms[control]) == 0:
-        return None
-    return float(np.mean(arms[treatment]) / np.mean(arms[control]) - 1.0)
-
-
 def freshness(stats: dict) -> dict:
     """Over the versions served each hour: how old their newest feedback was when they were published
     (publish time - the feedback event's publish time; each version's p99 and max)."""
@@ -251,8 +241,8 @@ def run(args) -> int:
         write_results(out / "results", bundle)
         html = write_static_html(out / "results", out / "dashboard.html")
         experiment = config.experiments[0]
-        truth = {"likes_per_user": true_lift(stats, "like", "static", "streaming"),
-                 "clicks_per_user": true_lift(stats, "click", "static", "streaming")}
+        truth = {"likes_per_user": true_lift(stats["variant"], stats["truth"]["like"], "static", "streaming"),
+                 "clicks_per_user": true_lift(stats["variant"], stats["truth"]["click"], "static", "streaming")}
         say("5/5", "summary")
         text = summary_text(bundle["records"], truth, stats, freshness(stats), experiment,
                             time.perf_counter() - t0, n_impressions)

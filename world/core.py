@@ -578,6 +578,20 @@ class World:
                                 "prior_score": float(self.item_prior[i])}
         return out
 
+    def corpus_item(self, item, shift_s: float = 0.0) -> dict:
+        """One item of a living world as a ``POST /v1/items`` write (human: ``source='human'``), its
+        birth and expiry moved by ``shift_s`` seconds (a world replayed on the wall clock)."""
+        i = int(self.item_index([item])[0])
+        out = {"item_id": self.item_ids[i], "source": "llm" if self.item_is_llm[i] else "human",
+               "creator_id": self.creator_ids[self.item_creator[i]],
+               "topic": self.topic_names[self.item_topic[i]], "text": self.item_text[i],
+               "created_at": float(self.item_born_ts[i]) + shift_s,
+               "expires_at": float(self.item_expires_ts[i]) + shift_s}
+        if self.item_is_llm[i]:
+            out["generator"] = {"model": self.generator_names[self.item_generator[i]],
+                                "prior_score": float(self.item_prior[i])}
+        return out
+
     # ------------------------------------------------------------ closed loop
 
     def respond(self, user_id, slate_item_ids, rng: np.random.Generator, ts: float | None = None,
