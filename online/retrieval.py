@@ -214,6 +214,7 @@ class _State:
         # (requests read them without a lock); pairs of items since updated or gone are skipped, and
         # dropped once they outnumber the live items
         self.created: dict[str, tuple[float, str]] = {}
+        self.items: dict[str, Item] = {}            # the live items as of the last sync (the pool's content)
         self.born: dict[str, list[tuple[float, str]]] = {"llm": [], "human": []}
         self.stale = 0
         self.synced_at = 0.0
@@ -337,7 +338,7 @@ class Retriever:
                 state.index.remove(dead)
         for item_id in dead:
             state.expires_at.pop(item_id, None)
-        self._track_births(state, live, dead)
+        self._track_items(state, live, dead)
         for it in live:
             if it.expires_at is not None:
                 state.expires_at[it.item_id] = it.expires_at
@@ -356,13 +357,14 @@ class Retriever:
         if due and state.index is not None:
             state.index.remove(due)
         if due:
-            self._track_births(state, [], due)
+            self._track_items(state, [], due)
         return len(due)
 
     @staticmethod
-    def _track_births(state: _State, live: list[Item], dead: list[str]) -> None:
+    def _track_items(state: _State, live: list[Item], dead: list[str]) -> None:
         added: dict[str, list[tuple[float, str]]] = {"llm": [], "human": []}
         for it in live:
+            state.items[it.item_id] = it
             entry = (float(it.created_at), "llm" if it.source == "llm" else "human")
             before = state.created.get(it.item_id)
             if before == entry:
@@ -371,6 +373,7 @@ class Retriever:
             state.created[it.item_id] = entry
             added[entry[1]].append((entry[0], it.item_id))
         for item_id in dead:
+            state.items.pop(item_id, None)
             state.stale += state.created.pop(item_id, None) is not None
         if state.stale > max(1000, len(state.created)):   # compact: rebuild from the live items
             for kind in added:
@@ -469,7 +472,7 @@ class Retriever:
                 lists[src.name] = got
         ids, sources, credited = fill_pool(plan, lists)
         t = time.perf_counter()
-        stored = self.corpus.get_many(ids, include_blocked=False, now=now)   # blocked / expired drop out here
+        stored = self._servable(state, ids, now)
         timings["corpus"] = (time.perf_counter() - t) * 1e3
         items, kept = [], []
         for item_id, srcs in zip(ids, sources):
@@ -480,6 +483,17 @@ class Retriever:
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return Pool(items, kept, {k: len(v) for k, v in lists.items()}, credited, unavailable,
                     {k: round(v, 3) for k, v in timings.items()})
+
+    def _servable(self, state: _State, ids: list[str], now: float) -> dict[str, Item]:
+        """The items of ``ids`` that the corpus holds unblocked and unexpired right now (a block since the
+        last sync counts at once), with their content as of the last sync; ids the sync has not seen
+        yet are read whole from the corpus."""
+        allowed = self.corpus.servable_ids(ids, now=now)
+        out = {i: state.items[i] for i in ids if i in allowed and i in state.items}
+        unseen = [i for i in ids if i in allowed and i not in out]
+        if unseen:
+            out.update(self.corpus.get_many(unseen, include_blocked=False, now=now))
+        return out
 
     def _search(self, state: _State, queries: np.ndarray, k: int, exclude: set) -> list[list[str]]:
         ids, _ = state.index.search(queries, min(k + len(exclude), max(k, 4 * k)))

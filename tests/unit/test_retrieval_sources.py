@@ -292,3 +292,38 @@ def test_the_fresh_memory_equals_the_corpus_through_writes_updates_blocks_and_ex
             times = [r._state.created[i][0] for i in got]
             assert times == sorted(times, reverse=True)
     assert r._state.stale <= max(1000, len(r._state.created))
+
+
+def test_a_block_after_the_last_sync_drops_out_at_once_and_unsynced_items_are_read_whole(corpus):
+    now = time.time()
+    write(corpus, now, n=10)
+    r = Retriever(RetrievalConfig(), corpus, store=MemoryStore())
+    r.sync()
+    fresh = RetrievalPlan((RetrievalSource("fresh", 10, llm_share=0.5, max_age_h=5.0),), 10)
+    before = [it.item_id for it in r.retrieve(fresh, {"user_id": "u"}, now=now).items]
+    assert "i1" in before and "i3" in before
+    corpus.upsert(parse_items({"items": [{"item_id": "i1", "source": "human", "blocked": True},
+                                         {"item_id": "i3", "source": "llm", "text": "rewritten"}]}))
+    pool = r.retrieve(fresh, {"user_id": "u"}, now=now)            # no sync in between
+    assert "i1" not in [it.item_id for it in pool.items]
+    assert next(it for it in pool.items if it.item_id == "i3").text == "word3 hello"   # content as last synced
+    r.sync()
+    assert next(it for it in r.retrieve(fresh, {"user_id": "u"}, now=now).items
+                if it.item_id == "i3").text == "rewritten"
+    write(corpus, now, n=12)                                          # i10, i11: written, not synced yet
+    assert set(r._servable(r._state, ["i11", "i1", "nope"], now)) == {"i11"}
+    assert r._servable(r._state, ["i11"], now)["i11"].text == "word4 hello"
+
+
+def test_an_item_retracted_by_a_past_expiry_leaves_the_index_and_the_fresh_lists(corpus):
+    now = time.time()
+    write(corpus, now, n=6)
+    r = Retriever(RetrievalConfig(), corpus)
+    r.sync()
+    assert "i1" in r._state.items
+    result = corpus.upsert(parse_items({"items": [{"item_id": "i1", "source": "human", "expires_at": now - 1}]}))
+    assert result.expired == 1 and result.updated == 0
+    assert corpus.get("i1") is None                        # hidden at once
+    r.sync()
+    assert "i1" not in r._state.items and "i1" not in r._youngest(r._state, "human", now - 86_400, 100, set())
+    assert corpus.purge(now) == 1                          # and deleted by the purge
