@@ -420,6 +420,7 @@ def run_feed(registry: Path, args) -> None:
         t = time.perf_counter()
         sections, bodies, n_items = feed_world(registry, tmp, args.feed_impressions, 200)
         events = sections.pop("_events")
+        sections["retrieval"]["gc_freeze"] = not args.no_gc_freeze
         print(f"living world: {n_items:,} items in the corpus, {len(events):,} feedback events, "
               f"{len(bodies)} users (set up in {time.perf_counter() - t:.0f} s)", flush=True)
         with stratarank_server(registry, args.model, args.workers, tmp, sections) as port:
@@ -431,7 +432,7 @@ def run_feed(registry: Path, args) -> None:
             feed_args = argparse.Namespace(**{**vars(args), "peer_rate": args.feed_rate})
             result = measure(port, bodies, feed_args, path="/v1/feed")
     print(f"/v1/feed: {n_items:,} items, {args.workers} gunicorn workers, the default retrieval section "
-          f"(400 candidates), load from another process")
+          f"(400 candidates), load from another process, gc_freeze {not args.no_gc_freeze}")
     print(f"closed loop     : {result['rps']:8.1f} req/s   p50 {result['p50']:6.1f} ms   p99 {result['p99']:6.1f} ms"
           f"   (concurrency {args.concurrency})")
     print(f"open loop       : p50 {result['rate_p50']:6.1f} ms   p99 {result['rate_p99']:6.1f} ms at "
@@ -628,6 +629,8 @@ def main() -> None:
                     help="open-loop rate of the peer comparison (req/s; below both servers' LightGBM capacity)")
     ap.add_argument("--feed", action="store_true", help="POST /v1/feed over the living world's corpus instead")
     ap.add_argument("--feed-rate", type=float, default=50.0, help="--feed: the open-loop rate (req/s)")
+    ap.add_argument("--no-gc-freeze", action="store_true",
+                    help="--feed: retrieval.gc_freeze false (the heap is not frozen after indexing: the comparison)")
     ap.add_argument("--feed-impressions", type=int, default=300_000,
                     help="--feed: impressions of the living world simulated (the corpus: the items alive at the end)")
     args = ap.parse_args()

@@ -10,7 +10,7 @@ from online.app import create_app
 from online.config import service_config_from_dict
 from online.corpus import Corpus, CorpusConfig
 from online.features import FeatureStore, MemoryStore
-from online.retrieval import RetrievalConfig, Retriever, fill_pool, interleave
+from online.retrieval import RetrievalConfig, Retriever, fill_pool, interleave, retrieval_config_from_dict
 from strategy import ValidationError, load_strategy, strategy_from_dict
 from strategy.items import parse_items
 from strategy.retrieval import DEFAULT_RETRIEVAL, RetrievalPlan, RetrievalSource, retrieval_from_dict
@@ -327,3 +327,26 @@ def test_an_item_retracted_by_a_past_expiry_leaves_the_index_and_the_fresh_lists
     r.sync()
     assert "i1" not in r._state.items and "i1" not in r._youngest(r._state, "human", now - 86_400, 100, set())
     assert corpus.purge(now) == 1                          # and deleted by the purge
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_the_heap_is_frozen_after_the_first_bulk_sync_only_when_configured(corpus, freeze):
+    import gc
+
+    write(corpus, time.time(), n=20)
+    gc.unfreeze()
+    r = Retriever(RetrievalConfig(gc_freeze=freeze), corpus).start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(r._state.items) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert len(r._state.items) == 20
+        assert (gc.get_freeze_count() > 0) is freeze
+    finally:
+        r.stop()
+        gc.unfreeze()
+    with pytest.raises(ValidationError, match="retrieval.gc_freeze"):
+        errs = Errors()
+        retrieval_config_from_dict(errs, {"gc_freeze": "yes"})
+        errs.raise_if_any()
