@@ -311,14 +311,15 @@ def server_process(cmd: list[str], env: dict, port: int, ready_path: str, what: 
 
 
 @contextlib.contextmanager
-def stratarank_server(registry: Path, model: str, workers: int, tmp: Path, sections: dict | None = None):
+def stratarank_server(registry: Path, model: str, workers: int, tmp: Path, sections: dict | None = None,
+                      gc_freeze: bool = True):
     """``stratarank serve`` of ``model`` alone with ``workers`` gunicorn workers (``sections``: more
-    service config sections); yields its port."""
+    service config sections; ``gc_freeze`` False: ``--no-gc-freeze``); yields its port."""
     config = tmp / f"{model}.yaml"
     config.write_text(json.dumps({**service_config(registry, model, tmp / model), **(sections or {})}))
     port = free_port()
     cmd = [sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config), "--port", str(port),
-           "--workers", str(workers)]
+           "--workers", str(workers)] + ([] if gc_freeze else ["--no-gc-freeze"])
     try:
         with server_process(cmd, dict(os.environ, OMP_NUM_THREADS="1"), port, "/readyz", "the scorer"):
             yield port
@@ -423,7 +424,7 @@ def run_feed(registry: Path, args) -> None:
         sections["retrieval"]["gc_freeze"] = not args.no_gc_freeze
         print(f"living world: {n_items:,} items in the corpus, {len(events):,} feedback events, "
               f"{len(bodies)} users (set up in {time.perf_counter() - t:.0f} s)", flush=True)
-        with stratarank_server(registry, args.model, args.workers, tmp, sections) as port:
+        with stratarank_server(registry, args.model, args.workers, tmp, sections, not args.no_gc_freeze) as port:
             post_events(port, events)
             indexed_s = wait_indexed(port, n_items, args.workers)
             print(f"every worker indexed the corpus {indexed_s:.0f} s after the events were posted", flush=True)
@@ -630,7 +631,8 @@ def main() -> None:
     ap.add_argument("--feed", action="store_true", help="POST /v1/feed over the living world's corpus instead")
     ap.add_argument("--feed-rate", type=float, default=50.0, help="--feed: the open-loop rate (req/s)")
     ap.add_argument("--no-gc-freeze", action="store_true",
-                    help="--feed: retrieval.gc_freeze false (the heap is not frozen after indexing: the comparison)")
+                    help="serve --no-gc-freeze (and with --feed retrieval.gc_freeze false): the heap is not frozen "
+                         "once the app is built and the corpus indexed (the comparison)")
     ap.add_argument("--feed-impressions", type=int, default=300_000,
                     help="--feed: impressions of the living world simulated (the corpus: the items alive at the end)")
     args = ap.parse_args()
@@ -658,7 +660,7 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        with stratarank_server(registry, args.model, args.workers, Path(tmp)) as port:
+        with stratarank_server(registry, args.model, args.workers, Path(tmp), gc_freeze=not args.no_gc_freeze) as port:
             run_load(port, bodies, 2.0, 2)  # warm-up: both workers loaded and JIT-free paths hot
             seq, seq_err, _ = run_load(port, bodies, args.seconds / 3, 1)
             lat, errors, wall = run_load(port, bodies, args.seconds, args.concurrency)
@@ -669,7 +671,8 @@ def main() -> None:
     stages = stage_times(registry, args.model, bodies, args.repeats)
     lat_ms = np.array(lat) * 1e3
     server_s = statistics.median(seq)
-    print(f"requests: {args.candidates} candidates ({args.llm_share:.0%} LLM), {args.workers} gunicorn workers, "
+    print(f"requests: {args.candidates} candidates ({args.llm_share:.0%} LLM), {args.workers} gunicorn workers "
+          f"(gc_freeze {not args.no_gc_freeze}), "
           f"load generator in another process, concurrency {args.concurrency}, {wall:.1f} s")
     print(f"throughput      : {len(lat) / wall:8.1f} req/s   {len(lat) * args.candidates / wall:10.0f} candidates/s"
           f"   (errors: {errors + seq_err})   goal >= 100 req/s")

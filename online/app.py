@@ -12,6 +12,7 @@ Everything a request needs is read once from ``Serving``, an immutable snapshot 
 from __future__ import annotations
 
 import codecs
+import gc
 import hmac
 import logging
 import os
@@ -710,7 +711,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
         scorer.follow_model()   # a new current version also loads without traffic (probes keep coming)
         chain = scorer.serving.chain
         body = {"ready": chain.ready, "model_version": chain.version, "load_errors": chain.load_errors,
-                "worker": os.getpid(),
+                "worker": os.getpid(), "gc_frozen": gc.get_freeze_count(),
                 "variant_models": {ref: c.version for ref, c in scorer.serving.variant_chains.items()}}
         if scorer.follower is not None:  # this worker's own near-line thread (memory store)
             err = scorer.follower.error

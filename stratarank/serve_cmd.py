@@ -6,6 +6,7 @@ shows the whole server.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import logging.config
 import os
@@ -94,7 +95,13 @@ def _serve(args) -> int:
 
             # /admin/reload swaps this worker in place, then SIGHUP makes the master replace the
             # other workers gracefully (in-flight requests finish; new ones see the new config).
-            return create_app(config, on_reload=lambda: os.kill(os.getppid(), signal.SIGHUP))
+            app = create_app(config, on_reload=lambda: os.kill(os.getppid(), signal.SIGHUP))
+            if not args.no_gc_freeze:
+                # the libraries, the model and the restored store are long-lived: exempt them from the
+                # cyclic collector, whose full passes over them would land in some request's latency
+                gc.collect()
+                gc.freeze()
+            return app
 
     logging.getLogger("stratarank.serve").info("stratarank scorer on http://%s:%s (%d workers)", host, port, workers)
     Server().run()
@@ -116,4 +123,6 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int)
     p.add_argument("--threads", type=int, default=1, help="threads per worker (gthread when > 1)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads per worker")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="do not gc.freeze() each worker's heap once its app is built (the comparison)")
     p.set_defaults(func=cmd_serve)

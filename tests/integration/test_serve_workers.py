@@ -31,7 +31,9 @@ def test_one_scrape_counts_the_requests_of_every_worker(tmp_path, root):
             assert call(port, "POST", "/v1/rank", body)[0] == 200
             sent += 1
             if i % 3 == 0:
-                workers.add(call(port, "GET", "/readyz")[1]["worker"])
+                ready = call(port, "GET", "/readyz")[1]
+                workers.add(ready["worker"])
+                assert ready["gc_frozen"] > 10_000   # serve froze the worker's heap once its app was built
         assert len(workers) == 2, "the requests did not reach both workers"
         # each scrape reaches one worker, and every one of them sees the whole server
         for _ in range(4):
