@@ -327,9 +327,10 @@ def stratarank_server(registry: Path, model: str, workers: int, tmp: Path, secti
         raise SystemExit(f"{exc} (is a model registered?)") from None
 
 
-def feed_world(registry: Path, tmp: Path, impressions: int, n_users: int) -> tuple[dict, list[bytes], int]:
-    """(the ``retrieval`` and ``corpus`` service sections, ``/v1/feed`` bodies, items in the corpus) of
-    the living world at the end of ``impressions`` logged impressions, moved to now."""
+def feed_world(registry: Path, tmp: Path, impressions: int,
+               n_users: int) -> tuple[dict, list[bytes], int, list[dict]]:
+    """(the ``retrieval`` and ``corpus`` service sections, ``/v1/feed`` bodies, items in the corpus, the
+    logged feedback events) of the living world at the end of ``impressions`` logged impressions, moved to now."""
     from feed_recall_bench import corpus_items, train_model
 
     from online.corpus import Corpus, CorpusConfig
@@ -359,9 +360,8 @@ def feed_world(registry: Path, tmp: Path, impressions: int, n_users: int) -> tup
     bodies = [json.dumps({"user_id": u}).encode() for u in rng.choice(users, size=min(n_users, len(users)),
                                                                     replace=False)]
     sections = {"retrieval": {"model": tt_name, "registry": tt_registry},
-                "corpus": {"path": str(folder / "corpus.db"), "synchronous": "normal"},
-                "_events": events}
-    return sections, bodies, len(writes)
+                "corpus": {"path": str(folder / "corpus.db"), "synchronous": "normal"}}
+    return sections, bodies, len(writes), events
 
 
 def post_events(port: int, events: list[dict], batch: int = 5000) -> None:
@@ -419,8 +419,7 @@ def run_feed(registry: Path, args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        sections, bodies, n_items = feed_world(registry, tmp, args.feed_impressions, 200)
-        events = sections.pop("_events")
+        sections, bodies, n_items, events = feed_world(registry, tmp, args.feed_impressions, 200)
         sections["retrieval"]["gc_freeze"] = not args.no_gc_freeze
         print(f"living world: {n_items:,} items in the corpus, {len(events):,} feedback events, "
               f"{len(bodies)} users (set up in {time.perf_counter() - t:.0f} s)", flush=True)

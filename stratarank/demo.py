@@ -392,6 +392,14 @@ def analyse(out: Path, bus_url: str, stats: LoopStats, experiments: Path = EXPER
             "exposures": len(exposures), "events": len(events) - n_impressions, "impressions": n_impressions}
 
 
+def write_report(out: Path, text: str) -> Path:
+    """Print the summary ``text`` and write it to ``out/report.txt``; returns that path."""
+    report = out / "report.txt"
+    report.write_text(text.lstrip() + "\n")
+    print(text)
+    return report
+
+
 def pct(x) -> str:
     return "   n/a" if x is None else f"{x * 100:+6.2f}%"
 
@@ -498,10 +506,7 @@ def run(args) -> int:
 
         say("5/5", "analysing the experiment and writing the dashboard")
         analysis = analyse(out, bus_url, stats)
-        text = summary_text(analysis, stats, models, time.perf_counter() - t0)
-        report = out / "report.txt"
-        report.write_text(text.lstrip() + "\n")
-        print(text)
+        report = write_report(out, summary_text(analysis, stats, models, time.perf_counter() - t0))
         print(f"\nwrote: dashboard {analysis['html']}\n       results {analysis['results']}/\n       report {report}"
               f"\n       models {registry}/  logs {logs}/  scorer log {scorer_log}")
         print(f"browse: .venv/bin/stratarank dashboard --results {analysis['results']}")

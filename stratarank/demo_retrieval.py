@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from .demo import (MODEL, ROOT, LoopStats, Processes, analyse, experiment_lines, free_port, nearline_records,
-                   post_events, say, scorer_client, service_yaml, simulate, train_models, wait_ready)
+                   post_events, say, scorer_client, service_yaml, simulate, train_models, wait_ready,
+                   write_report)
 
 WORLD = ROOT / "conf/sim/living.yaml"
 FEATURES = ROOT / "conf/features/living.yaml"
@@ -376,10 +377,7 @@ def run(args) -> int:
 
         say("5/5", "analysing the experiment and writing the dashboard")
         analysis = analyse(out, bus_url, stats, EXPERIMENTS)
-        text = summary_text(analysis, stats, models, time.perf_counter() - t0)
-        report = out / "report.txt"
-        report.write_text(text.lstrip() + "\n")
-        print(text)
+        report = write_report(out, summary_text(analysis, stats, models, time.perf_counter() - t0))
         print(f"\nwrote: dashboard {analysis['html']}\n       results {analysis['results']}/\n       report {report}"
               f"\n       models {registry}/  logs {logs}/  corpus {corpus_path}  scorer log {scorer_log}")
     except KeyboardInterrupt:
