@@ -152,7 +152,7 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
                                           f"(loaded: {', '.join(strategies)})", "unknown_strategy")])
     risk = load_risk(config.risk_file) if config.risk_file else RiskRules()
     if chain is None:
-        chain = RankerChain.load(config.registry, config.model_name, config.fallback_name)
+        chain = RankerChain.load(config.registry, config.model_name, config.fallback_name, config.model_quantized)
     if not config.experiments.get("file"):
         return Serving(strategies, default, risk, chain)
     from experiments.assignment import Assigner
@@ -164,7 +164,8 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
     signature = ramp_signature(ramps)
     assigner = Assigner(served_experiments(experiments, ramps))
     refs = {v.model for e in experiments.experiments for v in e.variants if v.model}
-    variant_chains = {ref: RankerChain.load(config.registry, ref, config.fallback_name) for ref in refs}
+    variant_chains = {ref: RankerChain.load(config.registry, ref, config.fallback_name, config.model_quantized)
+                      for ref in refs}
     return Serving(strategies, default, risk, chain, assigner, variant_chains, experiments, ramps, signature)
 
 
@@ -279,7 +280,7 @@ class Scorer:
     def _load_models(self, moved: dict) -> None:
         config = self.config
         for ref, pointer in moved.items():
-            chain = RankerChain.load(config.registry, ref, config.fallback_name)
+            chain = RankerChain.load(config.registry, ref, config.fallback_name, config.model_quantized)
             self._pointers[ref] = pointer
             serving = self.serving
             primary = ref == config.model_name
@@ -711,6 +712,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
         scorer.follow_model()   # a new current version also loads without traffic (probes keep coming)
         chain = scorer.serving.chain
         body = {"ready": chain.ready, "model_version": chain.version, "load_errors": chain.load_errors,
+                "model_quantized": getattr(chain.models[0], "quantized", None) if chain.models else None,
                 "worker": os.getpid(), "gc_frozen": gc.get_freeze_count(),
                 "variant_models": {ref: c.version for ref, c in scorer.serving.variant_chains.items()}}
         if scorer.follower is not None:  # this worker's own near-line thread (memory store)

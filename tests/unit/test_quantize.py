@@ -219,3 +219,28 @@ def test_serving_and_service_config_errors_name_file_and_line(tmp_path):
     (err,) = exc.value.errors
     assert (err.path, err.line) == ("model.quantized", 4) and "expected a string" in err.message
 
+
+
+@pytest.mark.parametrize("quantized", ["int8", "none"])
+def test_scorer_serves_the_configured_variant(registry, tmp_path, quantized):
+    """``model: {quantized: int8}`` in the service config reaches the scorer: /readyz names the tables it
+    serves, and the chain it ranks with scores with that variant (int8 differs from fp32 within its tolerance)."""
+    from online.app import create_app
+    from online.config import ServiceConfig
+    from online.nearline import BusConfig, NearlineConfig
+
+    reg, df = registry
+    config = ServiceConfig(registry=str(reg), model_name="tiny", model_quantized=quantized,
+                           nearline=NearlineConfig(bus=BusConfig(url=f"embedded://{tmp_path / 'bus'}")))
+    client = create_app(config).test_client()
+    ready = client.get("/readyz").get_json()
+    assert ready["model_version"] == "tiny@v1" and ready["model_quantized"] == quantized
+    assert ready["load_errors"] == []
+    rows = df.iloc[:20].drop(columns=["click", "like", "watch_time"])
+    served = client.application.extensions["stratarank"].serving.chain.models[0]
+    assert served.quantized == quantized
+    p, fp32 = served.loaded.predict(rows), load_model(reg, "tiny").predict(rows)
+    if quantized == "none":
+        np.testing.assert_array_equal(p, fp32)
+    else:
+        assert 0 < np.abs(p - fp32)[:, :2].max() < TOLERANCE[quantized]   # the binary objectives
