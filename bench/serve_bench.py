@@ -15,8 +15,9 @@ over ``--repeats`` requests) and the machine's load average (the machine may be 
 figures with it). Never fails on time.
 
 Against peers (``--peers mlflow litserve``, the default): the demo's LightGBM fallback served alone
-by ``stratarank serve`` (``/v1/rank``: features, strategy, guardrails, re-rank, impression log) and
-by each peer: MLflow's model server (``mlflow models serve``: ``/invocations``) and LitServe (a
+by ``stratarank serve`` (``/v1/rank``: features, strategy, guardrails, re-rank, impression log; once with
+``model.compile_trees``, its boosters compiled to native code, and once with LightGBM's own predict, which
+is what the peers run) and by each peer: MLflow's model server (``mlflow models serve``: ``/invocations``) and LitServe (a
 ``LitAPI`` on ``/predict``), both sent the same requests' feature rows as ``dataframe_split`` JSON;
 the same number of workers, the same load generator and settings, one server after the other:
 req/s, p50/p99 of each and Stratarank's ratios to each. Each peer is installed by the bench into
@@ -286,6 +287,16 @@ def answers(port: int, path: str) -> bool:
         return False
 
 
+def get_json(port: int, path: str) -> dict:
+    """The JSON body of ``GET path`` on loopback ``port`` (whatever its status)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read() or b"{}")
+    finally:
+        conn.close()
+
+
 @contextlib.contextmanager
 def server_process(cmd: list[str], env: dict, port: int, ready_path: str, what: str, seconds: float = 120.0):
     """A server started in a session of its own, ready once ``ready_path`` answers 200; on exit its
@@ -315,6 +326,7 @@ def stratarank_server(registry: Path, model: str, workers: int, tmp: Path, secti
                       gc_freeze: bool = True):
     """``stratarank serve`` of ``model`` alone with ``workers`` gunicorn workers (``sections``: more
     service config sections; ``gc_freeze`` False: ``--no-gc-freeze``); yields its port."""
+    tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / f"{model}.yaml"
     config.write_text(json.dumps({**service_config(registry, model, tmp / model), **(sections or {})}))
     port = free_port()
@@ -382,10 +394,7 @@ def wait_indexed(port: int, items: int, workers: int, seconds: float = 600.0) ->
     t0 = time.perf_counter()
     seen: dict[int, list[int]] = {}
     while time.perf_counter() - t0 < seconds:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("GET", "/readyz")
-        body = json.loads(conn.getresponse().read() or b"{}")
-        conn.close()
+        body = get_json(port, "/readyz")
         status = body.get("retrieval") or {}
         if status.get("error"):
             raise SystemExit(f"worker {body.get('worker')}: retrieval failed: {status['error']}")
@@ -459,6 +468,35 @@ def measure(port: int, bodies: list[bytes], args, path: str = "/v1/rank") -> dic
             "errors": errors + paced_err}
 
 
+def predict_lines(ranker, frame, tmp: Path) -> str:
+    """LightGBM's own predict vs the compiled trees on ``frame``'s feature rows (medians, alternating)."""
+    import pandas as pd
+
+    from ranking.compiled_trees import CompileError
+    from ranking.lgbm import LGBMMultiObjective
+
+    columns = ranker.model.feature_columns
+    compiled = LGBMMultiObjective(ranker.model.types)
+    compiled.boosters, compiled.feature_columns = ranker.model.boosters, columns
+    try:
+        t0 = time.perf_counter()
+        compiled.compile(tmp / "trees")
+        compile_s = time.perf_counter() - t0
+    except CompileError as exc:
+        return f"trees not compiled: {exc}"
+    rows = frame[columns].apply(pd.to_numeric, errors="coerce")
+    times = {"lightgbm": [], "compiled": []}
+    for _ in range(30):
+        for label, model in (("lightgbm", ranker.model), ("compiled", compiled)):
+            t0 = time.perf_counter()
+            model.predict(rows)
+            times[label].append(time.perf_counter() - t0)
+    diff = float(np.abs(compiled.predict(rows) - ranker.model.predict(rows)).max())
+    lg, co = (statistics.median(times[k]) * 1e3 for k in ("lightgbm", "compiled"))
+    return (f"LightGBM {lg:.2f} ms, compiled trees {co:.2f} ms ({lg / co:.1f}x; max |diff| {diff:.1e}; "
+            f"compiled or loaded in {compile_s:.1f} s)")
+
+
 def compare_with_peers(registry: Path, args, bodies: list[bytes], tmp: Path, names: list[str]) -> list[str]:
     """The report lines of Stratarank against the peers ``names`` (bench/peers.py) on the same LightGBM model.
 
@@ -480,6 +518,7 @@ def compare_with_peers(registry: Path, args, bodies: list[bytes], tmp: Path, nam
     lines = [f"peers           : the same LightGBM model ({name}@{ranker.version}: {len(ranker.objectives)} "
              f"objectives, {len(ranker.model.feature_columns)} features), {args.workers} workers each, "
              f"{args.candidates} rows per request, one server after the other"]
+    lines.append("  predict of one request's rows, this process, one thread: " + predict_lines(ranker, frames[0], tmp))
     ready = []
     for peer in map(peers.named, names):
         try:
@@ -488,9 +527,17 @@ def compare_with_peers(registry: Path, args, bodies: list[bytes], tmp: Path, nam
             ready.append((peer, requirements))
         except peers.PeerUnavailable as exc:
             lines.append(f"  {peer.name} peer not installed: {exc}")
-    with stratarank_server(registry, name, args.workers, tmp) as port:
-        ours = measure(port, bodies, args)
-    rows = [("stratarank", "stratarank /v1/rank", ours)]
+    rows = []
+    for compiled in (True, False):   # the serving choice, then LightGBM's own predict (what the peers run)
+        model = {"model": {**service_config(registry, name, tmp)["model"], "compile_trees": compiled,
+                           "trees_cache": str(tmp / "trees")}}
+        with stratarank_server(registry, name, args.workers, tmp / f"compiled-{compiled}", model) as port:
+            status = get_json(port, "/readyz")
+            if compiled and not status.get("compiled_trees", {}).get(f"{name}@{ranker.version}"):
+                lines.append(f"  trees did not compile: {status.get('load_errors')}")
+            rows.append(("stratarank" if compiled else "lightgbm-predict",
+                         "stratarank compiled" if compiled else "stratarank lgbm predict", measure(port, bodies, args)))
+    ours = rows[0][2]
     for peer, requirements in ready:
         port = free_port()
         try:
@@ -503,18 +550,18 @@ def compare_with_peers(registry: Path, args, bodies: list[bytes], tmp: Path, nam
                          f"on {len(frames[0])} rows)")
         except (peers.PeerUnavailable, ServerNotReady) as exc:
             lines.append(f"  {peer.name} peer not measured: {exc}")
-    if len(rows) == 1:
+    if len(rows) == 2:
         lines.append("  no peer measured -- Stratarank alone")
-    lines.append(f"  {'':22s} {'closed loop, concurrency ' + str(args.concurrency):>28s}   "
+    lines.append(f"  {'':24s} {'closed loop, concurrency ' + str(args.concurrency):>28s}   "
                  f"{'open loop at ' + format(args.peer_rate, 'g') + ' req/s':>19s}")
-    lines.append(f"  {'server':22s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}   {'p50 ms':>9s} {'p99 ms':>9s}"
+    lines.append(f"  {'server':24s} {'req/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}   {'p50 ms':>9s} {'p99 ms':>9s}"
                  "   errors")
     for _, label, m in rows:
-        lines.append(f"  {label:22s} {m['rps']:8.1f} {m['p50']:9.1f} {m['p99']:9.1f}   {m['rate_p50']:9.1f} "
+        lines.append(f"  {label:24s} {m['rps']:8.1f} {m['p50']:9.1f} {m['p99']:9.1f}   {m['rate_p50']:9.1f} "
                      f"{m['rate_p99']:9.1f}   {m['errors']}")
-    for peer_name, _, theirs in rows[1:]:
+    for peer_name, _, theirs in rows[1:]:   # the compiled trees against each
         r = {k: ours[k] / theirs[k] for k in ("rps", "p50", "p99", "rate_p50", "rate_p99")}
-        lines.append(f"  {'stratarank / ' + peer_name:22s} {r['rps']:7.2f}x {r['p50']:8.2f}x {r['p99']:8.2f}x   "
+        lines.append(f"  {'stratarank / ' + peer_name:24s} {r['rps']:7.2f}x {r['p50']:8.2f}x {r['p99']:8.2f}x   "
                      f"{r['rate_p50']:8.2f}x {r['rate_p99']:8.2f}x   goal: req/s >= 1.5x, p99 < 1x")
     return lines
 

@@ -152,7 +152,7 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
                                           f"(loaded: {', '.join(strategies)})", "unknown_strategy")])
     risk = load_risk(config.risk_file) if config.risk_file else RiskRules()
     if chain is None:
-        chain = RankerChain.load(config.registry, config.model_name, config.fallback_name, config.model_quantized)
+        chain = RankerChain.load(config.registry, config.model_name, config.fallback_name, **chain_options(config))
     if not config.experiments.get("file"):
         return Serving(strategies, default, risk, chain)
     from experiments.assignment import Assigner
@@ -164,9 +164,15 @@ def build_serving(config: ServiceConfig, chain: RankerChain | None = None) -> Se
     signature = ramp_signature(ramps)
     assigner = Assigner(served_experiments(experiments, ramps))
     refs = {v.model for e in experiments.experiments for v in e.variants if v.model}
-    variant_chains = {ref: RankerChain.load(config.registry, ref, config.fallback_name, config.model_quantized)
+    variant_chains = {ref: RankerChain.load(config.registry, ref, config.fallback_name, **chain_options(config))
                       for ref in refs}
     return Serving(strategies, default, risk, chain, assigner, variant_chains, experiments, ramps, signature)
+
+
+def chain_options(config: ServiceConfig) -> dict:
+    """How the scorer loads each ranker: TorchRec's table variant, LightGBM's compiled trees."""
+    return {"quantized": config.model_quantized, "compile_trees": config.compile_trees,
+            "trees_cache": config.trees_cache}
 
 
 def current_pointer(registry: str, ref: str | None):
@@ -280,7 +286,7 @@ class Scorer:
     def _load_models(self, moved: dict) -> None:
         config = self.config
         for ref, pointer in moved.items():
-            chain = RankerChain.load(config.registry, ref, config.fallback_name, config.model_quantized)
+            chain = RankerChain.load(config.registry, ref, config.fallback_name, **chain_options(config))
             self._pointers[ref] = pointer
             serving = self.serving
             primary = ref == config.model_name
@@ -713,6 +719,8 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
         chain = scorer.serving.chain
         body = {"ready": chain.ready, "model_version": chain.version, "load_errors": chain.load_errors,
                 "model_quantized": getattr(chain.models[0], "quantized", None) if chain.models else None,
+                "compiled_trees": {f"{m.name}@{m.version}": m.compiled_trees for m in chain.models
+                                   if hasattr(m, "compiled_trees")},
                 "worker": os.getpid(), "gc_frozen": gc.get_freeze_count(),
                 "variant_models": {ref: c.version for ref, c in scorer.serving.variant_chains.items()}}
         if scorer.follower is not None:  # this worker's own near-line thread (memory store)

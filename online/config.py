@@ -47,6 +47,8 @@ class ServiceConfig:
     follow_current: bool = False   # serve each new ``current`` version of the model without a restart
     model_poll_s: float = 1.0      # how often a worker looks at the ``current`` pointer
     model_quantized: str = "none"  # int8 | int4: serve the model's row-wise quantized tables (ranking/quantize.py)
+    compile_trees: bool = False    # LightGBM rankers predict from native code (ranking/compiled_trees.py)
+    trees_cache: str | None = None  # where compiled forests are kept (default ~/.cache/stratarank/trees)
     risk_file: str | None = None
     admin_token: str | None = None
     api_keys: frozenset = frozenset()
@@ -92,7 +94,8 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
         out["default_strategy"] = as_str(errs, strategies["default"], "strategies.default")
 
     model = as_dict(errs, obj.get("model") or {}, "model") or {}
-    check_keys(errs, model, "model", ("registry", "name", "fallback", "follow_current", "poll_s", "quantized"))
+    check_keys(errs, model, "model", ("registry", "name", "fallback", "follow_current", "poll_s", "quantized",
+                                      "compile_trees", "trees_cache"))
     if "registry" in model:
         out["registry"] = as_str(errs, model["registry"], "model.registry")
     if model.get("name") is not None:
@@ -105,6 +108,10 @@ def service_config_from_dict(data, source: str = "<dict>", lines=None, environ=N
         out["model_poll_s"] = as_number(errs, model["poll_s"], "model.poll_s", lo=0.05, hi=3600)
     if model.get("quantized") is not None:
         out["model_quantized"] = as_str(errs, model["quantized"], "model.quantized", choices=QUANTIZE)
+    if model.get("compile_trees") is not None:
+        out["compile_trees"] = as_bool(errs, model["compile_trees"], "model.compile_trees")
+    if model.get("trees_cache") is not None:
+        out["trees_cache"] = as_str(errs, model["trees_cache"], "model.trees_cache")
 
     if obj.get("risk") is not None:
         out["risk_file"] = as_str(errs, obj["risk"], "risk")

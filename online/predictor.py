@@ -101,16 +101,17 @@ class RankerChain:
 
     @classmethod
     def load(cls, registry: str, primary: str | None, fallback: str | None = None,
-             quantized: str = "none") -> "RankerChain":
+             quantized: str = "none", compile_trees: bool = False, trees_cache=None) -> "RankerChain":
         """Load the primary ranker and its fallback (TorchRec or LightGBM, told apart by the manifest;
-        ``quantized``: the TorchRec rankers' serving variant, see :func:`load_ranker`); load failures,
-        and quantized variants that did not load, are kept in ``load_errors`` and the service starts anyway."""
+        ``quantized``: the TorchRec rankers' serving variant, ``compile_trees``/``trees_cache``: the
+        LightGBM ones' native predict, see :func:`load_ranker`); load failures, and variants that did not
+        load, are kept in ``load_errors`` and the service starts anyway."""
         models, errors, primary_loaded = [], [], primary is None
         for ref, is_primary in ((primary, True), (fallback, False)):
             if not ref:
                 continue
             try:
-                model = load_ranker(registry, ref, quantized)
+                model = load_ranker(registry, ref, quantized, compile_trees, trees_cache)
                 models.append(model)
                 primary_loaded = primary_loaded or is_primary
                 if getattr(model, "load_warning", None):
@@ -147,12 +148,15 @@ class RankerChain:
         return Prediction(self.prior.predict(strategy, candidates, counters), "prior", degraded or "no_model")
 
 
-def load_ranker(registry: str, ref: str, quantized: str = "none"):
+def load_ranker(registry: str, ref: str, quantized: str = "none", compile_trees: bool = False, trees_cache=None):
     """A registered ranker: TorchRec (``ranking.artifacts.load_model``) or LightGBM (manifest ``kind``).
 
     ``quantized`` (int8 | int4): a TorchRec ranker serves that row-wise quantized variant of its tables
     (LightGBM has none and ignores it). A variant that is missing, corrupt or does not load is logged
-    and the version's fp32 weights serve instead; the ranker's ``load_warning`` says why."""
+    and the version's fp32 weights serve instead; the ranker's ``load_warning`` says why.
+    ``compile_trees``: a LightGBM ranker predicts from its boosters compiled to native code, cached in
+    ``trees_cache`` (``ranking.compiled_trees``; TorchRec ignores it); one that does not compile serves
+    LightGBM's own predict, with a ``load_warning``."""
     import json
 
     from ranking.artifacts import load_model
@@ -163,7 +167,7 @@ def load_ranker(registry: str, ref: str, quantized: str = "none"):
     if manifest.get("kind") == "lightgbm":
         from ranking.artifacts import load_registered_lgbm
 
-        return load_registered_lgbm(vdir)
+        return load_registered_lgbm(vdir, compile_trees, trees_cache)
     if quantized != "none":
         try:
             return TorchRecRanker(load_model(registry, str(vdir), quantized))

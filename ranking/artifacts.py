@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 FILES = ("weights.pt", "features.json", "objectives.json", "metrics.json", "manifest.json")
 LEAVES_DIR = "leaves"
 LGBM_DIR = "lightgbm"
+
+log = logging.getLogger(__name__)
 
 
 def _clean(obj):
@@ -292,6 +295,12 @@ class RegisteredLGBM:
     def __init__(self, model: LGBMMultiObjective, name: str, version: str):
         self.model, self.name, self.version = model, name, version
         self.objectives = tuple(model.objectives)
+        self.load_warning: str | None = None   # why the trees were asked to compile and did not
+
+    @property
+    def compiled_trees(self) -> bool:
+        """Whether every booster predicts from native code (:meth:`LGBMMultiObjective.compile`)."""
+        return bool(self.model.forests) and set(self.model.forests) == set(self.objectives)
 
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         frame = rows
@@ -321,11 +330,22 @@ def register_lgbm(registry_dir, name: str, model: LGBMMultiObjective, metrics: d
     return publish_version(registry_dir, name, write, make_current=make_current)
 
 
-def load_registered_lgbm(version_dir) -> RegisteredLGBM:
-    """The LightGBM fallback in ``version_dir`` (a version folder written by :func:`register_lgbm`)."""
+def load_registered_lgbm(version_dir, compile_trees: bool = False, trees_cache=None) -> RegisteredLGBM:
+    """The LightGBM fallback in ``version_dir`` (a version folder written by :func:`register_lgbm`);
+    ``compile_trees``: predict with its boosters compiled to native code (:mod:`ranking.compiled_trees`,
+    cached in ``trees_cache``). A forest that does not compile is logged and LightGBM's own predict
+    serves; the ranker's ``load_warning`` says why."""
+    from .compiled_trees import CompileError
     from .lgbm import LGBMMultiObjective
 
     version_dir = Path(version_dir)
     manifest = json.loads((version_dir / "manifest.json").read_text(encoding="utf-8"))
     model = LGBMMultiObjective.load(version_dir / LGBM_DIR)
-    return RegisteredLGBM(model, manifest["name"], manifest["version"])
+    ranker = RegisteredLGBM(model, manifest["name"], manifest["version"])
+    if compile_trees:
+        try:
+            model.compile(trees_cache)
+        except CompileError as exc:
+            ranker.load_warning = f"trees not compiled, serving LightGBM's own predict: {exc}"
+            log.error("model %s@%s: %s", ranker.name, ranker.version, ranker.load_warning)
+    return ranker

@@ -75,6 +75,7 @@ class LGBMMultiObjective:
         self.num_boost_round = int(num_boost_round)
         self.early_stopping_rounds = int(early_stopping_rounds)
         self.boosters: dict[str, lgb.Booster] = {}
+        self.forests: dict = {}   # name -> CompiledForest once compile() ran
         self.feature_columns: list[str] = []
 
     def _params_for(self, name: str) -> dict:
@@ -93,7 +94,7 @@ class LGBMMultiObjective:
         x = _matrix(train_df, self.feature_columns)
         xv = _matrix(valid_df, self.feature_columns) if valid_df is not None else None
         weight = train_df[weight_column].to_numpy(dtype=np.float64) if weight_column else None
-        self.boosters = {}
+        self.boosters, self.forests = {}, {}
         for name in self.objectives:
             y = train_df[name].to_numpy(dtype=np.float64)
             dtrain = lgb.Dataset(x, y, weight=weight, feature_name=self.feature_columns, free_raw_data=True)
@@ -112,10 +113,25 @@ class LGBMMultiObjective:
         x = _matrix(df, self.feature_columns)
         out = np.empty((len(df), len(self.objectives)), dtype=np.float64)
         for j, name in enumerate(self.objectives):
+            if name in self.forests:
+                out[:, j] = self.forests[name].predict(x)
+                continue
             booster = self.boosters[name]
-            best = booster.best_iteration if booster.best_iteration and booster.best_iteration > 0 else None
-            out[:, j] = booster.predict(x, num_iteration=best)
+            out[:, j] = booster.predict(x, num_iteration=_best(booster))
         return out
+
+    def compile(self, cache_dir=None) -> "LGBMMultiObjective":
+        """Predict from here on with each booster compiled to native code (:mod:`ranking.compiled_trees`:
+        the same values, ≈ 4x faster on one thread), cached in ``cache_dir``. Raises
+        :class:`ranking.compiled_trees.CompileError` (and keeps LightGBM's predict) when it cannot."""
+        from .compiled_trees import DEFAULT_CACHE, CompiledForest
+
+        if not self.boosters:
+            raise RuntimeError("LGBMMultiObjective is not fitted")
+        self.forests = {name: CompiledForest.compile(b.model_to_string(num_iteration=_best(b)),
+                                                     cache_dir or DEFAULT_CACHE)
+                        for name, b in self.boosters.items()}
+        return self
 
     def save(self, directory) -> Path:
         """Write ``<name>.txt`` per objective (LightGBM text format) and ``manifest.json``."""
@@ -145,6 +161,10 @@ class LGBMMultiObjective:
         model.boosters = {name: lgb.Booster(model_file=str(directory / fname))
                           for name, fname in manifest["files"].items()}
         return model
+
+
+def _best(booster: lgb.Booster) -> int | None:
+    return booster.best_iteration if booster.best_iteration and booster.best_iteration > 0 else None
 
 
 def _read_manifest(directory: Path, kind: str) -> dict:
