@@ -5,9 +5,10 @@ For each data set: the teacher (``conf/train/sim_mmoe.yaml``; ``conf/train/kuair
 GBDT leaf embeddings, distilled from LightGBM) and the student (``conf/train/sim_student.yaml``;
 ``conf/train/kuairand_student.yaml``: fewer experts, narrower towers, smaller or no embeddings, no leaves,
 ``distill_from`` the teacher) are trained into a temporary registry, plus the same student architecture
-trained on the labels alone (what the teacher's soft targets add). Serving cost is one request of 500
-test rows: ``LoadedModel.predict`` (GBDT leaves + encode + forward, as the scorer pays) and the module's
-forward alone, medians of ``--repeats`` runs, one thread. Goals (issue 16): forward <= 0.4 x the
+trained on the labels alone (what the teacher's soft targets add), and the student's int8 serving variant
+(its bytes against the teacher's: goal <= 10%). Serving cost is one request of 500 test rows:
+``LoadedModel.predict`` (GBDT leaves + encode + forward, as the scorer pays) and the module's forward alone,
+medians of ``--repeats`` rounds that time the four models in turn, one thread. Goals (issue 16): forward <= 0.4 x the
 teacher's, AUC loss <= 0.002 per objective. Never fails on a figure.
 
     .venv/bin/python bench/student_bench.py [--data sim kuairand] [--repeats 50] [--sim-impressions 1000000]
@@ -29,25 +30,27 @@ CONFIGS = {"sim": ("conf/train/sim_mmoe.yaml", "conf/train/sim_student.yaml"),
            "kuairand": ("conf/train/kuairand_hybrid.yaml", "conf/train/kuairand_student.yaml")}
 
 
-def timings(loaded, rows, repeats: int) -> tuple[float, float]:
-    """Median seconds of (the served predict: leaves + encode + forward, the module forward alone)."""
+def timings(models: list, rows, repeats: int) -> list[tuple[float, float]]:
+    """Per model, median seconds of (the served predict: leaves + encode + forward, the module forward
+    alone), the models timed in turn within each repeat so machine drift falls on all alike."""
     import torch
 
-    served, forward = [], []
-    batch = loaded.encoder.transform(loaded.with_leaves(rows), allow_missing=True)
+    batches = [m.encoder.transform(m.with_leaves(rows), allow_missing=True) for m in models]
+    served, forward = [[] for _ in models], [[] for _ in models]
     with torch.inference_mode():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            loaded.predict(rows, allow_missing=True)
-            served.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            loaded.module(batch.dense, batch.kjt)
-            forward.append(time.perf_counter() - t0)
-    return statistics.median(served), statistics.median(forward)
+        for _ in range(repeats + 5):   # 5 warm-up rounds
+            for k, (loaded, batch) in enumerate(zip(models, batches)):
+                t0 = time.perf_counter()
+                loaded.predict(rows, allow_missing=True)
+                served[k].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                loaded.module(batch.dense, batch.kjt)
+                forward[k].append(time.perf_counter() - t0)
+    return [(statistics.median(s[5:]), statistics.median(f[5:])) for s, f in zip(served, forward)]
 
 
 def run(name: str, registry: Path, args, data_path: str | None) -> list[dict]:
-    from ranking.artifacts import load_model
+    from ranking.artifacts import add_serving_variant, load_model
     from ranking.quantize import embedding_bytes, model_bytes
     from ranking.train import evaluate_registered, load_train_config, load_frames, train_from_config
 
@@ -58,19 +61,26 @@ def run(name: str, registry: Path, args, data_path: str | None) -> list[dict]:
     student_cfg = dataclasses.replace(student_cfg, registry=str(registry),
                                       distill_from=dataclasses.replace(student_cfg.distill_from, registry=str(registry)))
     labels_only = dataclasses.replace(student_cfg, name=f"{student_cfg.name}_labels_only", distill_from=None)
-    rows = []
+    rows, models = [], []
     for cfg in (teacher_cfg, student_cfg, labels_only):
         t0 = time.perf_counter()
         train_from_config(cfg, registry=str(registry), progress=False, log=lambda m: None)
         seconds = time.perf_counter() - t0
         loaded = load_model(registry, cfg.name)
         metrics = evaluate_registered(loaded, cfg, "test", log=lambda m: None)["metrics"]
-        _, _, test, _ = load_frames(cfg)
-        served, forward = timings(loaded, test.iloc[:500].reset_index(drop=True), args.repeats)
         emb, total = embedding_bytes(loaded.module), model_bytes(loaded.module)
-        rows.append({"model": cfg.name, "train_s": seconds, "served_ms": served * 1e3, "forward_ms": forward * 1e3,
-                     "embedding_bytes": emb, "bytes": total, "metrics": metrics})
+        rows.append({"model": cfg.name, "train_s": seconds, "embedding_bytes": emb, "bytes": total, "metrics": metrics})
+        models.append(loaded)
         print(f"  trained {cfg.name} in {seconds:.0f} s", flush=True)
+    add_serving_variant(registry, student_cfg.name, "int8")   # the student as served with int8 tables
+    int8 = load_model(registry, student_cfg.name, quantized="int8")
+    rows.append({"model": f"{student_cfg.name} int8", "train_s": 0.0, "embedding_bytes": embedding_bytes(int8.module),
+                 "bytes": model_bytes(int8.module),
+                 "metrics": evaluate_registered(int8, student_cfg, "test", log=lambda m: None)["metrics"]})
+    models.append(int8)
+    _, _, test, _ = load_frames(teacher_cfg)
+    for row, (served, forward) in zip(rows, timings(models, test.iloc[:500].reset_index(drop=True), args.repeats)):
+        row.update(served_ms=served * 1e3, forward_ms=forward * 1e3)
     return rows
 
 
@@ -91,6 +101,12 @@ def report(name: str, rows: list[dict]) -> None:
     print(f"  student vs teacher: served time x{student['served_ms'] / teacher['served_ms']:.2f}, forward "
           f"x{student['forward_ms'] / teacher['forward_ms']:.2f} (goal <= 0.4); AUC loss "
           + ", ".join(f"{k} {v:+.4f}" for k, v in loss.items()) + " (goal <= 0.002 each)")
+    served = rows[3]
+    loss = {k: teacher["metrics"][k]["auc"] - served["metrics"][k]["auc"] for k in objectives}
+    print(f"  student int8 vs teacher: whole model x{served['bytes'] / teacher['bytes']:.3f} of the teacher's bytes "
+          f"(goal <= 0.10), embeddings x{served['embedding_bytes'] / teacher['embedding_bytes']:.3f}; forward "
+          f"x{served['forward_ms'] / teacher['forward_ms']:.2f}; AUC loss "
+          + ", ".join(f"{k} {v:+.4f}" for k, v in loss.items()))
 
 
 def main(argv=None) -> int:
