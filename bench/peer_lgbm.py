@@ -1,7 +1,8 @@
 """The registered LightGBM model as the peers serve it: numpy + lightgbm only, no project import.
 
 Imported by the peers' servers in their own venvs (bench/peer_mlflow_model.py,
-bench/peer_litserve_server.py) and by the project's tests. One booster per objective, loaded from
+bench/peer_litserve_server.py, bench/peer_ray_server.py, bench/peer_bentoml_service.py) and by the
+project's tests. One booster per objective, loaded from
 LightGBM's text files (never pickle) and scored as ``ranking.lgbm.LGBMMultiObjective.predict``
 does (each booster's best iteration); the request is :func:`peers.invocation_body`'s
 ``dataframe_split`` JSON, the answer ``{"predictions": [{objective: score, ...}, ...]}``.

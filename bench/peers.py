@@ -8,8 +8,9 @@ built from the very candidates serve_bench sends to ``/v1/rank``), answers
 ``{"predictions": [{objective: score, ...}, ...]}``, and must predict what the booster predicts
 (:func:`check_predictions`) before it is timed.
 
-The peers themselves: bench/peer_mlflow.py (MLflow's model server) and bench/peer_litserve.py
-(LitServe); :func:`named` gives them by name.
+The peers themselves: bench/peer_mlflow.py (MLflow's model server), bench/peer_litserve.py
+(LitServe), bench/peer_ray.py (Ray Serve) and bench/peer_bentoml.py (BentoML); :func:`named` gives
+them by name.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_PACKAGES = ("lightgbm", "pandas", "numpy", "scipy")  # pinned as in requirements.lock
 INSTALLED = "stratarank-installed.txt"  # in a peer venv: the requirement lines it was made with
-NAMES = ("mlflow", "litserve")
+NAMES = ("mlflow", "litserve", "ray", "bentoml")
 
 
 class PeerUnavailable(RuntimeError):
@@ -128,6 +129,12 @@ def named(name: str) -> Peer:
     if name == "litserve":
         from peer_litserve import LitServePeer
         return LitServePeer()
+    if name == "ray":
+        from peer_ray import RayServePeer
+        return RayServePeer()
+    if name == "bentoml":
+        from peer_bentoml import BentoMLPeer
+        return BentoMLPeer()
     raise ValueError(f"unknown peer {name!r}: allowed {', '.join(NAMES)}")
 
 

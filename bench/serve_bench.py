@@ -14,17 +14,18 @@ the rest), the scorer's own overhead (the request minus the model's encode + for
 over ``--repeats`` requests) and the machine's load average (the machine may be shared: quote
 figures with it). Never fails on time.
 
-Against peers (``--peers mlflow litserve``, the default): the demo's LightGBM fallback served alone
+Against peers (``--peers mlflow litserve ray bentoml``, the default): the demo's LightGBM fallback served alone
 by ``stratarank serve`` (``/v1/rank``: features, strategy, guardrails, re-rank, impression log; once with
 ``model.compile_trees``, its boosters compiled to native code, and once with LightGBM's own predict, which
-is what the peers run) and by each peer: MLflow's model server (``mlflow models serve``: ``/invocations``) and LitServe (a
-``LitAPI`` on ``/predict``), both sent the same requests' feature rows as ``dataframe_split`` JSON;
-the same number of workers, the same load generator and settings, one server after the other:
-req/s, p50/p99 of each and Stratarank's ratios to each. Each peer is installed by the bench into
-its own venv ``bench/.peers/NAME/`` (bench/peers.py); one that cannot be is reported with the
-reason and the others go on. ``--peers none`` skips them.
+is what the peers run) and by each peer: MLflow's model server (``mlflow models serve``: ``/invocations``),
+LitServe (a ``LitAPI`` on ``/predict``), Ray Serve (a deployment of ``num_replicas`` replicas on
+``/predict``) and BentoML (a ``bentoml.service`` on ``/predict``), all sent the same requests' feature
+rows as ``dataframe_split`` JSON; the same number of workers, the same load generator and settings,
+one server after the other: req/s, p50/p99 of each and Stratarank's ratios to each. Each peer is
+installed by the bench into its own venv ``bench/.peers/NAME/`` (bench/peers.py); one that cannot be
+is reported with the reason and the others go on. ``--peers none`` skips them.
 
-    .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15] [--peers mlflow|litserve|none]
+    .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15] [--peers mlflow|litserve|ray|bentoml|none]
     .venv/bin/python bench/serve_bench.py --stages-only [--repeats 100]   # stages + overhead alone (seconds)
     .venv/bin/python bench/serve_bench.py --feed [--feed-rate 50]         # POST /v1/feed over the living world
 
@@ -671,9 +672,10 @@ def main() -> None:
     ap.add_argument("--stages-only", action="store_true", help="only the in-process per-stage timing (no server)")
     ap.add_argument("--repeats", type=int, default=100, help="requests timed in-process (stages and overhead)")
     ap.add_argument("--peers", nargs="+", choices=(*PEER_NAMES, "none"), default=list(PEER_NAMES),
-                    help="also serve the LightGBM model with these model servers and compare (none: skip)")
+                    help="also serve the LightGBM model with these model servers and compare: MLflow, LitServe, "
+                         "Ray Serve, BentoML, each in its own venv bench/.peers/NAME (none: skip)")
     ap.add_argument("--peer-rate", type=float, default=30.0,
-                    help="open-loop rate of the peer comparison (req/s; below both servers' LightGBM capacity)")
+                    help="open-loop rate of the peer comparison (req/s; below every server's LightGBM capacity)")
     ap.add_argument("--feed", action="store_true", help="POST /v1/feed over the living world's corpus instead")
     ap.add_argument("--feed-rate", type=float, default=50.0, help="--feed: the open-loop rate (req/s)")
     ap.add_argument("--no-gc-freeze", action="store_true",

@@ -1,7 +1,7 @@
-"""serve_bench's peers (bench/peers.py, peer_mlflow.py, peer_litserve.py, peer_lgbm.py): the parts
-that run in the project's venv.
+"""serve_bench's peers (bench/peers.py, peer_mlflow.py, peer_litserve.py, peer_ray.py, peer_bentoml.py,
+peer_lgbm.py): the parts that run in the project's venv.
 
-The peers themselves (mlflow, litserve in their own venvs) are not installed here; these check that
+The peers themselves (mlflow, litserve, ray, bentoml in their own venvs) are not installed here; these check that
 what they are sent is exactly what Stratarank's LightGBM ranker scores, that the model code they
 share decodes, scores and answers as the booster does (behind a real HTTP server), and that their
 venvs are made with the lock's pins and reused, never installed twice.
@@ -92,8 +92,19 @@ def test_each_peer_pins_its_server_and_the_locks_model_packages():
                                                                 ("lightgbm", "pandas", "numpy", "scipy"))]
     assert litserve.requirements() == ["litserve==0.2.19", *(f"{n}=={pins[n]}" for n in ("lightgbm", "numpy", "scipy"))]
     assert {mlflow.venv, litserve.venv} == {ROOT / "bench/.peers/mlflow", ROOT / "bench/.peers/litserve"}
-    with pytest.raises(ValueError, match="mlflow, litserve"):
-        peers.named("bentoml")
+    with pytest.raises(ValueError, match="mlflow, litserve, ray, bentoml"):
+        peers.named("torchserve")
+
+
+def test_ray_and_bentoml_pin_their_server_and_the_locks_model_packages_without_pandas():
+    pins = dict(line.split("==") for line in peers.lock_pins(("lightgbm", "numpy", "scipy")))
+    model = [f"{n}=={pins[n]}" for n in ("lightgbm", "numpy", "scipy")]
+    ray, bentoml = peers.named("ray"), peers.named("bentoml")
+    assert ray.requirements() == ["ray[serve]==2.60.0", *model]
+    assert bentoml.requirements() == ["bentoml==1.4.40", *model]
+    assert (ray.venv, bentoml.venv) == (ROOT / "bench/.peers/ray", ROOT / "bench/.peers/bentoml")
+    assert [peers.named(n).name for n in peers.NAMES] == ["mlflow", "litserve", "ray", "bentoml"]
+    assert (ray.label, bentoml.label) == ("ray /predict", "bentoml /predict")
 
 
 def test_serve_commands_run_in_the_peer_venv_with_the_scorers_worker_count(tmp_path):
@@ -108,6 +119,34 @@ def test_serve_commands_run_in_the_peer_venv_with_the_scorers_worker_count(tmp_p
     env = litserve.env()
     assert env["PATH"].split(":")[0] == str(ROOT / "bench/.peers/litserve/bin")
     assert env["OMP_NUM_THREADS"] == "1" and "PYTHONPATH" not in env
+
+
+def test_ray_serves_from_a_script_of_its_own_with_a_replica_per_worker_and_its_files_in_work(tmp_path):
+    lgbm_dir = tmp_path / "lightgbm"
+    ray = peers.named("ray")
+    assert ray.serve_command(lgbm_dir, tmp_path, 8123, 3) == [
+        str(ROOT / "bench/.peers/ray/bin/python"), str(ROOT / "bench/peer_ray_server.py"), str(lgbm_dir),
+        "--port", "8123", "--workers", "3", "--work", str(tmp_path / "ray")]
+    assert (ray.ready_path, ray.predict_path) == ("/health", "/predict")
+    assert (ROOT / "bench/peer_ray_server.py").exists()
+    env = ray.env()
+    assert env["PATH"].split(":")[0] == str(ROOT / "bench/.peers/ray/bin")
+    assert env["OMP_NUM_THREADS"] == "1" and "PYTHONPATH" not in env
+
+
+def test_bentoml_serves_the_service_file_with_the_model_and_worker_count_as_its_arguments(tmp_path):
+    lgbm_dir = tmp_path / "lightgbm"
+    bentoml = peers.named("bentoml")
+    cmd = bentoml.serve_command(lgbm_dir, tmp_path, 8123, 3)
+    assert cmd[:3] == [str(ROOT / "bench/.peers/bentoml/bin/bentoml"), "serve",
+                       "peer_bentoml_service:LightGBMService"]
+    assert cmd[cmd.index("--working-dir") + 1] == str(ROOT / "bench")
+    assert (ROOT / "bench/peer_bentoml_service.py").exists()
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "8123"
+    args = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--arg"]
+    assert args == [f"lgbm_dir={lgbm_dir}", "workers=3"]
+    assert "--do-not-track" in cmd
+    assert (bentoml.ready_path, bentoml.predict_path) == ("/readyz", "/predict")
 
 
 class Recorded(peers.Peer):
