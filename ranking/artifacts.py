@@ -300,7 +300,7 @@ class RegisteredLGBM:
     @property
     def compiled_trees(self) -> bool:
         """Whether every booster predicts from native code (:meth:`LGBMMultiObjective.compile`)."""
-        return bool(self.model.forests) and set(self.model.forests) == set(self.objectives)
+        return set(self.model.forests) == set(self.objectives)
 
     def predict(self, rows: pd.DataFrame) -> np.ndarray:
         frame = rows

@@ -14,6 +14,7 @@ and must be as trusted as the code: keep it on the serving machine, not in a sha
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -28,7 +29,10 @@ class CompileError(RuntimeError):
     """lleaves is missing or could not compile a forest: the caller keeps LightGBM's own predict."""
 
 
+@functools.cache
 def _toolchain() -> str:
+    """What a compiled forest depends on besides its text: the compiler's versions and the host CPU (once
+    per process)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:

@@ -111,6 +111,8 @@ class LGBMMultiObjective:
         if not self.boosters:
             raise RuntimeError("LGBMMultiObjective is not fitted")
         x = _matrix(df, self.feature_columns)
+        if self.forests:   # the compiled forests read C-ordered rows: one copy for all of them
+            x = np.ascontiguousarray(x)
         out = np.empty((len(df), len(self.objectives)), dtype=np.float64)
         for j, name in enumerate(self.objectives):
             if name in self.forests:
