@@ -567,15 +567,15 @@ def compare_with_peers(registry: Path, args, bodies: list[bytes], tmp: Path, nam
     return lines
 
 
-STAGES = ("decode", "validation", "lookup", "frame", "encode", "forward", "blend+rerank", "log", "response")
+STAGES = ("parse", "lookup", "frame", "encode", "forward", "blend+rerank", "log", "response")
 
 
 def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) -> dict[str, float]:
     """Median in-process seconds per stage of one ``POST /v1/rank`` through the app's test client.
 
     Runs the real Flask app (``create_app``: embedded bus, memory store, one torch thread) with
-    timers wrapped around its parts: the JSON decode of the body (``decode_json``), validation
-    (``parse_request``), real-time lookup, model-input rows (``Scorer._frame``), encode (the ranker's
+    timers wrapped around its parts: the JSON decode and validation of the body (``parse``: msgspec's
+    one pass ``parse_request_json``, or ``decode_json`` + ``parse_request`` where it declines), real-time lookup, model-input rows (``Scorer._frame``), encode (the ranker's
     predict minus the forward), the forward (``module.forward``), blend + guardrails + rerank
     (``strategy.rank`` and ``blend``), the impression log and the response (its JSON encode);
     ``other`` is the rest (Flask and werkzeug, assignment, risk rules, metrics), ``total`` the whole
@@ -611,10 +611,11 @@ def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) ->
         client = app.test_client()
         ranker = serving.chain.models[0]
         module = ranker.loaded.module
-        saved = {k: getattr(app_mod, k) for k in ("decode_json", "parse_request", "rank", "blend", response_fn)}
+        parsers = [k for k in ("parse_request_json", "decode_json", "parse_request") if hasattr(app_mod, k)]
+        saved = {k: getattr(app_mod, k) for k in parsers + ["rank", "blend", response_fn]}
         try:
-            app_mod.decode_json = timed("decode", saved["decode_json"])
-            app_mod.parse_request = timed("validation", saved["parse_request"])
+            for k in parsers:
+                setattr(app_mod, k, timed("parse", saved[k]))
             app_mod.rank = timed("blend+rerank", saved["rank"])
             app_mod.blend = timed("blend+rerank", saved["blend"])
             setattr(app_mod, response_fn, timed("response", saved[response_fn]))

@@ -19,6 +19,8 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from itertools import repeat
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from werkzeug.exceptions import HTTPException
 
 from strategy import ValidationError, load_strategy, parse_events, parse_request, rank
 from strategy.retrieval import DEFAULT_RETRIEVAL
-from strategy.schema import parse_feed, parse_retrieve
+from strategy.schema import parse_feed, parse_request_json, parse_retrieve
 from strategy.blend import blend
 from strategy.checks import nodes
 from strategy.errors import FieldError
@@ -208,6 +210,10 @@ def ramp_signature(ramps) -> tuple:
     return tuple(out)
 
 
+_ITEM_ID_OF, _SOURCE_OF, _CREATOR_OF, _TOPIC_OF, _TEXT_OF, _GENERATOR_OF, _FEATURES_OF = map(
+    attrgetter, ("item_id", "source", "creator_id", "topic", "text", "generator", "features"))
+
+
 class Scorer:
     """The request logic, separate from HTTP plumbing so benchmarks can time it directly."""
 
@@ -319,10 +325,20 @@ class Scorer:
         return self._variant_cache[key], chain
 
     def rank(self, body) -> dict:
+        """``POST /v1/rank`` of a decoded JSON body (validated here)."""
+        return self.rank_request(parse_request(body, max_candidates=self.config.max_candidates))
+
+    def rank_json(self, raw: bytes) -> dict:
+        """``POST /v1/rank`` of the raw body: msgspec's one-pass decode and validation where it
+        vouches for the body, else orjson and :func:`parse_request`, which report what is wrong."""
+        stripped = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+        req = parse_request_json(stripped, max_candidates=self.config.max_candidates)
+        return self.rank(decode_json(raw)) if req is None else self.rank_request(req)
+
+    def rank_request(self, req) -> dict:
         self.follow_ramps()
         self.follow_model()
         serving = self.serving
-        req = parse_request(body, max_candidates=self.config.max_candidates)
         assignments = serving.assigner.assign(req.user_id) if serving.assigner is not None else []
         strategy, chain = self._strategy_and_chain(serving, req, assignments)
         keep, dropped = serving.risk.screen(req.candidates)
@@ -489,21 +505,21 @@ class Scorer:
         (``RequestRows``; ``.frame()`` is the DataFrame, for models that read one)."""
         recent = realtime.get("recent_items") or []
         n = len(cands)
-        gens = [c.generator for c in cands]
+        gens = list(map(_GENERATOR_OF, cands))
+        feats = list(map(_FEATURES_OF, cands))
         rows = {
             "user_id": [req.user_id] * n,
-            "item_id": [c.item_id for c in cands],
-            "creator_id": [c.creator_id or "" for c in cands],
-            "topic": [c.topic or "" for c in cands],
-            "source": [c.source for c in cands],
+            "item_id": list(map(_ITEM_ID_OF, cands)),
+            "creator_id": [v or "" for v in map(_CREATOR_OF, cands)],
+            "topic": [v or "" for v in map(_TOPIC_OF, cands)],
+            "source": list(map(_SOURCE_OF, cands)),
             "generator": [g.model if g else "" for g in gens],
             "prior_score": [g.prior_score if g else np.nan for g in gens],
-            "text": [c.text or "" for c in cands],
+            "text": [v or "" for v in map(_TEXT_OF, cands)],
             "user_recent_items": [recent] * n,
         }
-        extra = {k for c in cands for k in c.features}
-        for key in sorted(extra - set(rows)):
-            rows[key] = [c.features.get(key, np.nan) for c in cands]
+        for key in sorted(set().union(*feats) - rows.keys()):
+            rows[key] = list(map(dict.get, feats, repeat(key, n), repeat(np.nan, n)))
         return RequestRows(rows, n)
 
     def _log_impressions(self, req, request_id, strategy_name, model_version, experiments, result, cands, realtime):
@@ -607,10 +623,13 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
                 raise ApiError(429, "rate_limited", "too many requests for this client", "",
                                headers={"Retry-After": str(max(1, int(np.ceil(wait))))})
 
-    def json_body():
+    def raw_json_body() -> bytes:
         if not request.is_json:
             raise ApiError(415, "unsupported_media_type", "send Content-Type: application/json", "headers.Content-Type")
-        return decode_json(request.get_data(cache=False))
+        return request.get_data(cache=False)
+
+    def json_body():
+        return decode_json(raw_json_body())
 
     @app.before_request
     def start_request():
@@ -663,7 +682,7 @@ def create_app(config: ServiceConfig | None = None, *, serving: Serving | None =
     @app.post("/v1/rank")
     def rank_endpoint():
         guard_public()
-        return json_response(scorer.rank(json_body()))
+        return json_response(scorer.rank_json(raw_json_body()))
 
     @app.post("/v1/events")
     def events_endpoint():

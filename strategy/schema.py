@@ -12,6 +12,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from itertools import chain, repeat
+from operator import attrgetter
+from typing import Annotated, Union
+
+import msgspec
+import orjson
 
 from .checks import (
     MAX_ID_LEN,
@@ -39,8 +44,15 @@ MAX_RETRIEVE = 1_000  # the most items one /v1/retrieve answers
 MAX_DEPTH = 8  # arrays and objects a body nests (the schema needs 5: body.candidates[i].features.x[j])
 
 
-@dataclass(frozen=True, slots=True)
-class Generator:
+# The wire constraints of a valid candidate, read by msgspec when a /v1/rank body is decoded
+# straight into Candidates (``parse_request_json``); building one in Python checks nothing.
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
+_FeatureName = Annotated[str, msgspec.Meta(max_length=FEATURE_KEY_MAX)]
+_FeatureScalar = Union[Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)], float,
+                       Annotated[str, msgspec.Meta(max_length=FEATURE_STR_MAX)]]
+
+
+class Generator(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where an LLM-generated candidate came from and the generator's own quality estimate.
 
     ``prior_score`` in [0, 1] is the generator's belief of where the item stands among the
@@ -48,18 +60,21 @@ class Generator:
     score towards that quantile while the item has few observed impressions.
     """
 
-    model: str
-    prior_score: float
+    model: Annotated[str, msgspec.Meta(max_length=256)]
+    prior_score: Annotated[float, msgspec.Meta(ge=0, le=1)]
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    item_id: str
+class Candidate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One candidate of a request. A frozen ``msgspec.Struct``, so a valid body decodes straight
+    into candidates; its annotations are the common case's wire constraints (list features and
+    ``predictions`` are valid too, through :func:`parse_request`)."""
+
+    item_id: _Id
     source: str
-    creator_id: str | None = None
-    topic: str | None = None
-    text: str | None = None
-    features: dict = field(default_factory=dict)
+    creator_id: _Id | None = None
+    topic: _Id | None = None
+    text: Annotated[str, msgspec.Meta(max_length=MAX_TEXT)] | None = None
+    features: dict[_FeatureName, _FeatureScalar] = {}
     generator: Generator | None = None
     predictions: dict | None = None
 
@@ -246,13 +261,7 @@ _INT64_LO, _INT64_HI = -(1 << 63), 1 << 63
 _LIST_ITEM_TYPES = frozenset((int, str))
 _SOURCES_SEEN: set = set()   # sources that matched SOURCE_RE (a regex match per candidate costs more)
 _SOURCES_SEEN_MAX = 1024
-_new = object.__new__
-# the slots' own setters: a frozen dataclass's __init__ goes through object.__setattr__ per field,
-# twice as slow, and the fast path builds hundreds of candidates per request
-(_set_item_id, _set_source, _set_creator, _set_topic, _set_text, _set_features, _set_generator,
- _set_predictions) = (getattr(Candidate, name).__set__ for name in Candidate.__slots__)
-_set_model, _set_prior = (getattr(Generator, name).__set__ for name in Generator.__slots__)
-assert Candidate.__slots__ == CANDIDATE_KEYS and Generator.__slots__ == ("model", "prior_score")
+assert Candidate.__struct_fields__ == CANDIDATE_KEYS and Generator.__struct_fields__ == ("model", "prior_score")
 
 
 def _fast_id(value):
@@ -332,10 +341,8 @@ def _fast_candidate(obj) -> Candidate | None:
             prior = float(prior)
         else:
             return None
-        generator = _new(Generator)
-        _set_model(generator, model)
-        _set_prior(generator, prior)
-    return _build_candidate(item_id, source, creator, topic, text, features, generator)
+        generator = Generator(model, prior)
+    return Candidate(item_id, source, creator, topic, text, features, generator)
 
 
 _NO_FEATURES = object()
@@ -344,26 +351,10 @@ _STR, _STR_OR_NONE, _DICT_OR_NONE = frozenset((str,)), frozenset((str, _NONE)), 
 _NUMBERS, _FEATURE_SCALARS = frozenset((int, float)), frozenset((int, float, str))
 
 
-def _build_candidate(item_id, source, creator, topic, text, features, generator) -> Candidate:
-    cand = _new(Candidate)
-    _set_item_id(cand, item_id)
-    _set_source(cand, source)
-    _set_creator(cand, creator)
-    _set_topic(cand, topic)
-    _set_text(cand, text)
-    _set_features(cand, features)
-    _set_generator(cand, generator)
-    _set_predictions(cand, None)
-    return cand
-
-
 def _build_generator(obj) -> Generator | None:
     if obj is None:
         return None
-    gen = _new(Generator)
-    _set_model(gen, obj["model"])
-    _set_prior(gen, float(obj["prior_score"]))
-    return gen
+    return Generator(obj["model"], float(obj["prior_score"]))
 
 
 def _ids_ok(values: list, optional: bool) -> bool:
@@ -472,7 +463,7 @@ def _fast_candidates(raw: list) -> list | None:
         if not (0 <= min(priors) and max(priors) <= 1):
             return None
         generators = list(map(_build_generator, generators))
-    return list(map(_build_candidate, item_ids, sources, creators, topics, texts, features, generators))
+    return list(map(Candidate, item_ids, sources, creators, topics, texts, features, generators))
 
 
 def parse_request(data, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> Request:
@@ -501,6 +492,58 @@ def parse_request(data, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> Request
                         candidates.append(cand)
     errs.raise_if_any()
     return Request(user_id, tuple(candidates), request_id, context or {}, slate_size, strategy)
+
+
+class _RankBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A ``/v1/rank`` body as msgspec decodes it: the candidates typed, the other fields kept as
+    their raw JSON for orjson and ``_request_fields`` (their checks and numbers exactly as the
+    full path's)."""
+
+    user_id: msgspec.Raw
+    candidates: list[Candidate]
+    request_id: msgspec.Raw = None
+    context: msgspec.Raw = None
+    slate_size: msgspec.Raw = None
+    strategy: msgspec.Raw = None
+
+
+_RANK_BODY = msgspec.json.Decoder(_RankBody)
+_RAW_FIELDS = ("request_id", "context", "slate_size", "strategy")
+_SOURCE_OF, _PREDICTIONS_OF = attrgetter("source"), attrgetter("predictions")
+
+
+def parse_request_json(raw: bytes, max_candidates: int = DEFAULT_MAX_CANDIDATES) -> Request | None:
+    """A ``/v1/rank`` body (UTF-8 JSON bytes, no byte order mark) decoded and validated in one pass,
+    straight into :class:`Candidate`s (msgspec, against the constraints in their annotations), or
+    None for anything it does not vouch for: invalid JSON, any invalid field, and valid but unusual
+    bodies (list features, ``predictions``, integers beyond 64 bits, an escaped NUL). The caller
+    then decodes the body with orjson and runs :func:`parse_request`, which reports the errors;
+    what this accepts, that path accepts too and builds the equal :class:`Request` from."""
+    if b"\\u0000" in raw:
+        return None
+    try:
+        body = _RANK_BODY.decode(raw)
+        fields = {"user_id": orjson.loads(memoryview(body.user_id))}
+        for name in _RAW_FIELDS:
+            value = getattr(body, name)
+            if value is not None:
+                fields[name] = orjson.loads(memoryview(value))
+    except (msgspec.MsgspecError, ValueError, RecursionError):   # orjson's errors and bad UTF-8 are ValueErrors
+        return None
+    cands = body.candidates
+    if len(cands) > max_candidates or list(map(_PREDICTIONS_OF, cands)).count(None) != len(cands):
+        return None
+    unseen = set(map(_SOURCE_OF, cands)) - _SOURCES_SEEN
+    if unseen:
+        if not all(map(SOURCE_RE.fullmatch, unseen)):
+            return None
+        if len(_SOURCES_SEEN) < _SOURCES_SEEN_MAX:
+            _SOURCES_SEEN.update(unseen)
+    errs = Errors()
+    user_id, request_id, context, slate_size, strategy = _request_fields(errs, fields)
+    if errs:
+        return None
+    return Request(user_id, tuple(cands), request_id, context or {}, slate_size, strategy)
 
 
 def _request_fields(errs: Errors, obj: dict) -> tuple:

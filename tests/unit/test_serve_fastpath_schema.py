@@ -1,4 +1,5 @@
-"""The candidate fast paths of ``parse_request`` accept and build exactly what the full checks do.
+"""The candidate fast paths of ``parse_request`` accept and build exactly what the full checks do,
+and so does the one-pass JSON decode of a ``/v1/rank`` body (``parse_request_json``).
 
 Every request is parsed three times: with both fast paths (the whole list at once,
 ``_fast_candidates``, then candidate by candidate, ``_fast_candidate``), with the per-candidate one
@@ -7,7 +8,9 @@ codes) in the same order.
 """
 import copy
 import itertools
+import json
 import math
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -210,3 +213,101 @@ def test_whole_requests_alike(monkeypatch, n):
         bad = copy.deepcopy(cands)
         bad[a]["source"], bad[b]["features"] = "BAD", {"x": None}
         parse_both({"user_id": "u", "candidates": bad}, monkeypatch)
+
+
+# --- the one-pass JSON path: parse_request_json(raw) -----------------------------------------------
+
+def parse_json_both(raw: bytes, max_candidates: int = schema.DEFAULT_MAX_CANDIDATES):
+    """The body's bytes through msgspec's one pass and through orjson + ``parse_request``: the one
+    pass declines (None) or builds the very Request (same types: compared by repr), and declines
+    whatever the full path refuses."""
+    from online.app import ApiError, decode_json
+
+    fast = schema.parse_request_json(raw, max_candidates)
+    try:
+        slow = "ok", parse_request(decode_json(raw), max_candidates)
+    except (ValidationError, ApiError) as exc:
+        slow = "error", str(exc)
+    if fast is not None:
+        assert slow[0] == "ok", (raw[:300], slow)
+        assert repr(fast) == repr(slow[1]) and fast == slow[1]
+    return fast, slow
+
+
+def to_json(body) -> bytes:
+    """JSON as any client may write it: Python's json, huge integers and NaN/Infinity included."""
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("base", [GOOD, PLAIN, BARE], ids=["good", "plain", "bare"])
+def test_each_edge_value_decodes_in_one_pass_as_the_full_path_does(base):
+    kinds = set()
+    for key, values in EDGES.items():
+        for value in values:
+            cand = dict(base, **{key: value})
+            for cands in ([base, cand, base], [{k: v for k, v in base.items() if k != key}], [cand] * 3):
+                fast, slow = parse_json_both(to_json({"user_id": "u", "candidates": cands}))
+                kinds.add((fast is not None, slow[0]))
+    assert kinds == {(True, "ok"), (False, "ok"), (False, "error")}
+    if base is not GOOD:   # the common candidates (no list feature) take the one pass
+        assert parse_json_both(to_json({"user_id": "u", "candidates": [base] * 3}))[0] is not None
+
+
+@settings(max_examples=400, deadline=None)
+@given(candidate_lists())
+def test_any_candidates_decode_alike_in_one_pass(cands):
+    parse_json_both(to_json({"user_id": "u", "candidates": cands}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["impressions", "duration", "s", "t"]), FEATURE_VALUES,
+                                max_size=4), min_size=1, max_size=6))
+def test_feature_values_decode_alike_in_one_pass(features):
+    parse_json_both(to_json({"user_id": "u", "candidates": [dict(PLAIN, item_id=f"i{i}", features=f)
+                                                            for i, f in enumerate(features)]}))
+
+
+def test_request_fields_decode_alike_in_one_pass():
+    accepted = 0
+    for key, values in REQUEST_EDGES.items():
+        for value in values:
+            for cands in ([PLAIN], [PLAIN, dict(PLAIN, item_id=3)], []):
+                fast, _ = parse_json_both(to_json({"user_id": "u", "candidates": cands, key: value}))
+                accepted += fast is not None
+    assert accepted > 0
+    cands = [dict(PLAIN, item_id=f"i{i}") for i in range(4)]
+    assert parse_json_both(to_json({"user_id": "u", "candidates": cands}), max_candidates=4)[0] is not None
+    assert parse_json_both(to_json({"user_id": "u", "candidates": cands}), max_candidates=3) == (None, ("error", ANY))
+
+
+# bodies as bytes: what json.dumps never writes
+RAW_EDGES = [
+    b'{"user_id":"u","candidates":[{"item_id":"i\x01","source":"llm"}]}',        # a raw control character
+    b'{"user_id":"u","candidates":[{"item_id":"i\\u0000","source":"llm"}]}',      # an escaped NUL
+    b'{"user_id":"u","candidates":[{"item_id":"\\ud800","source":"llm"}]}',       # a lone surrogate
+    b'{"user_id":"u","candidates":[{"item_id":"\xff","source":"llm"}]}',           # not UTF-8
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm"},]}',             # a trailing comma
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm"}]} x',            # trailing junk
+    b' \n{"user_id":"u","candidates":[{"item_id":"i","source":"llm"}]}\r\n\t',     # whitespace around
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","features":{"a":01}}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","features":{"a":1.}}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","features":{"a":1e400}}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","features":{"a":-1e-400}}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","features":{"a":1E2,"b":-0}}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","features":{"a":9223372036854775808}}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","item_id":"j"}]}',  # duplicate keys
+    b'{"user_id":"u","candidates":[],"candidates":[{"item_id":"i","source":"llm"}]}',
+    b'{"user_id":"u","user_id":7,"candidates":[]}',
+    b'{"user_id":"u","candidates":[{"item_id":"\\u00e9\\/","source":"llm","text":"\\ud83d\\ude00"}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","generator":{"model":"m","prior_score":1}}]}',
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","generator":null,"features":null}]}',
+    b'{"user_id":"u","context":' + b'[' * 40 + b']' * 40 + b',"candidates":[]}',  # too deep for the schema
+    b'{"user_id":"u","candidates":[{"item_id":"i","source":"llm","predictions":' + b'[' * 2000 + b']' * 2000 + b'}]}',
+    b'{"user_id":"u","candidates":' + b'[' * 5000 + b']' * 5000 + b'}',
+    b'[]', b'null', b'"u"', b'', b'{', b'{"user_id":"u"}', b'{"candidates":[]}', b'{"user_id":"u","candidates":{}}',
+]
+
+
+@pytest.mark.parametrize("raw", RAW_EDGES, ids=range(len(RAW_EDGES)))
+def test_raw_bodies_decode_alike_in_one_pass(raw):
+    parse_json_both(raw)
