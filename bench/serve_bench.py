@@ -574,8 +574,9 @@ def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) ->
     """Median in-process seconds per stage of one ``POST /v1/rank`` through the app's test client.
 
     Runs the real Flask app (``create_app``: embedded bus, memory store, one torch thread) with
-    timers wrapped around its parts: the JSON decode and validation of the body (``parse``: msgspec's
-    one pass ``parse_request_json``, or ``decode_json`` + ``parse_request`` where it declines), real-time lookup, model-input rows (``Scorer._frame``), encode (the ranker's
+    timers wrapped around its parts: the JSON decode and validation of the body (``parse``:
+    msgspec's one pass ``parse_request_json``, or ``decode_json`` + ``parse_request`` where it
+    declines), real-time lookup, model-input rows (``Scorer._frame``), encode (the ranker's
     predict minus the forward), the forward (``module.forward``), blend + guardrails + rerank
     (``strategy.rank`` and ``blend``), the impression log and the response (its JSON encode);
     ``other`` is the rest (Flask and werkzeug, assignment, risk rules, metrics), ``total`` the whole
@@ -611,8 +612,8 @@ def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) ->
         client = app.test_client()
         ranker = serving.chain.models[0]
         module = ranker.loaded.module
-        parsers = [k for k in ("parse_request_json", "decode_json", "parse_request") if hasattr(app_mod, k)]
-        saved = {k: getattr(app_mod, k) for k in parsers + ["rank", "blend", response_fn]}
+        parsers = ("parse_request_json", "decode_json", "parse_request")
+        saved = {k: getattr(app_mod, k) for k in parsers + ("rank", "blend", response_fn)}
         try:
             for k in parsers:
                 setattr(app_mod, k, timed("parse", saved[k]))

@@ -331,8 +331,8 @@ class Scorer:
     def rank_json(self, raw: bytes) -> dict:
         """``POST /v1/rank`` of the raw body: msgspec's one-pass decode and validation where it
         vouches for the body, else orjson and :func:`parse_request`, which report what is wrong."""
-        stripped = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
-        req = parse_request_json(stripped, max_candidates=self.config.max_candidates)
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+        req = parse_request_json(raw, max_candidates=self.config.max_candidates)
         return self.rank(decode_json(raw)) if req is None else self.rank_request(req)
 
     def rank_request(self, req) -> dict:

@@ -269,6 +269,18 @@ def _fast_id(value):
     return value if type(value) is str and 0 < len(value) <= _MAX_ID_LEN else None
 
 
+def _sources_ok(sources) -> bool:
+    """Whether every one of ``sources`` (strs) matches SOURCE_RE, each distinct one checked once
+    (and remembered in ``_SOURCES_SEEN`` while it has room)."""
+    unseen = set(sources) - _SOURCES_SEEN
+    if unseen:
+        if not all(map(SOURCE_RE.fullmatch, unseen)):
+            return False
+        if len(_SOURCES_SEEN) < _SOURCES_SEEN_MAX:
+            _SOURCES_SEEN.update(unseen)
+    return True
+
+
 def _fast_candidate(obj) -> Candidate | None:
     """The common, valid candidate built without the per-field error bookkeeping of ``_candidate``.
 
@@ -406,12 +418,8 @@ def _fast_candidates(raw: list) -> list | None:
     sources = list(map(dict.get, raw, keys("source", n)))
     if set(map(type, sources)) != _STR:
         return None
-    unseen = set(sources) - _SOURCES_SEEN
-    if unseen:
-        if not all(map(SOURCE_RE.fullmatch, unseen)):
-            return None
-        if len(_SOURCES_SEEN) < _SOURCES_SEEN_MAX:
-            _SOURCES_SEEN.update(unseen)
+    if not _sources_ok(sources):
+        return None
     creators = list(map(dict.get, raw, keys("creator_id", n)))
     topics = list(map(dict.get, raw, keys("topic", n)))
     if not (_ids_ok(creators, True) and _ids_ok(topics, True)):
@@ -533,12 +541,8 @@ def parse_request_json(raw: bytes, max_candidates: int = DEFAULT_MAX_CANDIDATES)
     cands = body.candidates
     if len(cands) > max_candidates or list(map(_PREDICTIONS_OF, cands)).count(None) != len(cands):
         return None
-    unseen = set(map(_SOURCE_OF, cands)) - _SOURCES_SEEN
-    if unseen:
-        if not all(map(SOURCE_RE.fullmatch, unseen)):
-            return None
-        if len(_SOURCES_SEEN) < _SOURCES_SEEN_MAX:
-            _SOURCES_SEEN.update(unseen)
+    if not _sources_ok(map(_SOURCE_OF, cands)):
+        return None
     errs = Errors()
     user_id, request_id, context, slate_size, strategy = _request_fields(errs, fields)
     if errs:
