@@ -13,7 +13,15 @@ blend (the default ``retrieval:`` section scaled to K), popularity (the alive it
 clicks) and the world's own candidate generator (``World.candidates``: its topic-personalised draws).
 Goal: blend >= 0.5, above popularity and the world's generator. Never fails on a figure.
 
-    .venv/bin/python bench/feed_recall_bench.py [--impressions 300000] [--users 300] [--k 500]
+Information ceilings (extra rows, not sources; ``--no-ceiling`` skips them): the K alive items an
+oracle-style score built from knowable parts ranks highest: the user's topic affinity + knowable quality
+(human: the creator's quality; LLM: the mean quality of the alive items of its generator and prior-score
+bin) + freshness + harm, with the world's effect weights. ``ceiling: true affinity`` takes the user's
+true affinity at T (a perfect user model), ``ceiling: clicks`` estimates it from the user's logged clicks
+per topic, ``ceiling: exposure`` from the user's logged impressions per topic (the logging policy's
+exposure): what a ranker could reach with what the logs can tell.
+
+    .venv/bin/python bench/feed_recall_bench.py [--impressions 300000] [--users 300] [--k 500] [--no-ceiling]
 """
 from __future__ import annotations
 
@@ -38,6 +46,10 @@ from strategy.retrieval import DEFAULT_RETRIEVAL, SOURCE_NAMES, RetrievalPlan, R
 from world import World  # noqa: E402
 
 GOAL = 0.5
+CEILINGS = ("ceiling: true affinity", "ceiling: clicks", "ceiling: exposure")
+CLICK_PRIOR = 5.0       # pseudo-impressions at the overall click rate in the clicks estimate
+EXPOSURE_PRIOR = 1.0    # pseudo-impressions per topic in the exposure estimate
+PRIOR_BINS = 20
 
 
 def corpus_items(world: World, ts: float) -> list[dict]:
@@ -49,6 +61,46 @@ def corpus_items(world: World, ts: float) -> list[dict]:
 def scaled(plan: RetrievalPlan, k: int) -> RetrievalPlan:
     f = k / plan.max_candidates
     return RetrievalPlan(tuple(replace(s, count=max(1, round(s.count * f))) for s in plan.sources), k)
+
+
+def ceiling_scorer(world: World, alive_idx: np.ndarray, ts: float, imp):
+    """``score(user_id) -> {ceiling: scores over alive_idx}``: the information ceilings' rankings.
+
+    Each score is the user's topic affinity + knowable quality + freshness + harm, weighted as in
+    ``World._parts``; the variants differ in the affinity: true at ``ts``, or estimated from the
+    user's logged clicks or impressions per topic in ``imp`` (counted once here, for every user).
+    """
+    e, lv = world.config.effects, world.config.living
+    topic, llm = world.item_topic[alive_idx], world.item_is_llm[alive_idx]
+    # knowable quality, optimistic: a model has to estimate creator quality (and these bins' means) from logs
+    known_q = world.creator_quality[world.item_creator[alive_idx]]
+    prior_bin = np.clip((np.nan_to_num(world.item_prior[alive_idx]) * PRIOR_BINS).astype(int), 0, PRIOR_BINS - 1)
+    cell = world.item_generator[alive_idx][llm] * PRIOR_BINS + prior_bin[llm]
+    cell_q = np.bincount(cell, weights=world.item_quality[alive_idx][llm]) / np.maximum(np.bincount(cell), 1)
+    known_q[llm] = cell_q[cell]
+    item_part = (e.quality * known_q + e.harm_click * world.item_harmful[alive_idx]
+                 + lv.freshness_weight * np.exp2(-np.maximum(world.age_hours(alive_idx, ts), 0.0)
+                                                 / lv.freshness_half_life_hours))
+
+    n_topics = world.config.n_topics
+    topic_of = {name: k for k, name in enumerate(world.topic_names)}
+    counts = imp.groupby(["user_id", "topic"])["click"].agg(["size", "sum"]).reset_index()
+    rows, cols = world.user_index(counts["user_id"].to_numpy()), counts["topic"].map(topic_of).to_numpy()
+    shown, clicked = np.zeros((world.config.n_users, n_topics)), np.zeros((world.config.n_users, n_topics))
+    shown[rows, cols], clicked[rows, cols] = counts["size"], counts["sum"]
+    rate = float(imp["click"].mean())
+
+    def score(user_id) -> dict[str, np.ndarray]:
+        u = int(world.user_index([user_id])[0])
+        n, c = shown[u], clicked[u]
+        affinity = {
+            CEILINGS[0]: e.affinity * world.affinity(np.full(len(alive_idx), u), topic, ts),
+            CEILINGS[1]: np.log((c + CLICK_PRIOR * rate) / (n + CLICK_PRIOR) / rate)[topic],
+            CEILINGS[2]: np.log((n + EXPOSURE_PRIOR) / (n.sum() + n_topics * EXPOSURE_PRIOR))[topic],
+        }
+        return {name: a + item_part for name, a in affinity.items()}
+
+    return score
 
 
 def train_model(args, imp, folder: Path) -> tuple[str, str]:
@@ -76,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=500)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the information-ceiling rows")
     args = ap.parse_args(argv)
 
     import torch
@@ -117,7 +170,8 @@ def main(argv=None) -> int:
 
     plans = {name: RetrievalPlan((RetrievalSource(name, args.k),), args.k) for name in SOURCE_NAMES}
     plans["blend"] = scaled(DEFAULT_RETRIEVAL, args.k)
-    rows = {name: [] for name in [*plans, "popularity", "world generator"]}
+    ceiling_scores = None if args.no_ceiling else ceiling_scorer(world, alive_idx, T, imp)
+    rows = {name: [] for name in [*plans, "popularity", "world generator", *(CEILINGS if ceiling_scores else ())]}
     sizes = {name: [] for name in rows}
     latency = []
     for user_id in tqdm(users, desc="users", unit="user"):
@@ -139,16 +193,28 @@ def main(argv=None) -> int:
         sizes["world generator"].append(len(gen))
         rows["popularity"].append(len(set(popular) & oracle) / args.top)
         sizes["popularity"].append(len(popular))
+        for name, s in (ceiling_scores(user_id) if ceiling_scores else {}).items():
+            top = set(alive_ids[np.argsort(-s, kind="stable")[: args.k]])
+            rows[name].append(len(top & oracle) / args.top)
+            sizes[name].append(len(top))
 
     print(f"\nliving world {Path(args.world).name}: {len(alive_ids):,} items alive at the end of {len(imp):,} "
           f"impressions, {len(users)} users; oracle: each user's top {args.top} by true P(click)")
-    print(f"{'source':<18}{'recall@' + str(args.k):>12}{'± se':>8}{'pool':>8}")
+    print(f"{'source':<24}{'recall@' + str(args.k):>12}{'± se':>8}{'pool':>8}")
     for name, values in rows.items():
         v = np.asarray(values)
-        print(f"{name:<18}{v.mean():>12.3f}{v.std(ddof=1) / np.sqrt(len(v)):>8.3f}{np.mean(sizes[name]):>8.0f}")
+        print(f"{name:<24}{v.mean():>12.3f}{v.std(ddof=1) / np.sqrt(len(v)):>8.3f}{np.mean(sizes[name]):>8.0f}")
+    if ceiling_scores:
+        true_a, from_clicks, from_exposure = (float(np.mean(rows[name])) for name in CEILINGS)
+        print(f"ceilings (not sources: every alive item ranked by affinity + knowable quality + freshness + harm, "
+              f"{len(imp) / imp['user_id'].nunique():.0f} impressions per user): goal {GOAL} vs {true_a:.3f} with "
+              f"the true affinity, {from_clicks:.3f} / {from_exposure:.3f} with it estimated from the logged "
+              "clicks / impressions per topic")
     blend = float(np.mean(rows["blend"]))
-    print(f"blend {blend:.3f} (goal >= {GOAL}): {blend / max(np.mean(rows['popularity']), 1e-9):.2f}x popularity, "
-          f"{blend / max(np.mean(rows['world generator']), 1e-9):.2f}x the world's generator")
+    print(f"blend {blend:.3f} (goal >= {GOAL}): " + ", ".join(
+        f"{blend / base:.2f}x {label}" if base > 0 else f"{label} found none"
+        for label, base in (("popularity", float(np.mean(rows["popularity"]))),
+                            ("the world's generator", float(np.mean(rows["world generator"]))))))
     lat = np.asarray(latency)
     print(f"blend retrieval per request: p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms "
           "(one thread, in process)")
