@@ -48,6 +48,38 @@ def auc(y, p) -> float:
     return float((r_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` in its own order, ties averaged."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = _tie_average_ranks(np.r_[True, xs[1:] != xs[:-1]])
+    return ranks
+
+
+def auc_difference(y, p_a, p_b) -> tuple[float, float]:
+    """``(AUC(p_a) - AUC(p_b), its standard error)`` of two scorings of the same rows, by DeLong et al.
+    (Biometrics 1988) in the O(n log n) form of Sun & Xu (IEEE SPL 2014): the paired variance counts the
+    two models' correlation, so a difference of 0.001 on the same test rows can be told from noise
+    (or not) without a bootstrap. ``(nan, nan)`` when ``y`` holds a single class."""
+    y, p_a, p_b = _as_1d(y, p_a, p_b)
+    y = y.astype(bool)
+    m, n = int(y.sum()), int((~y).sum())
+    if m == 0 or n == 0:
+        return float("nan"), float("nan")
+    v10, v01 = [], []   # per positive: share of negatives it outranks; per negative: share of positives above it
+    for p in (np.asarray(p_a, dtype=np.float64), np.asarray(p_b, dtype=np.float64)):
+        tz, tx, ty = _midranks(p), _midranks(p[y]), _midranks(p[~y])
+        v10.append((tz[y] - tx) / n)
+        v01.append(1.0 - (tz[~y] - ty) / m)
+    diff = float(v10[0].mean() - v10[1].mean())
+    if m < 2 or n < 2:
+        return diff, float("nan")
+    s10, s01 = np.cov(np.vstack(v10)), np.cov(np.vstack(v01))
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    return diff, float(np.sqrt(max(var, 0.0)))
+
+
 def group_aucs(y, p, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-group AUC: ``(keys, aucs, sizes)`` over every group (``nan`` AUC for single-class groups)."""
     y, p, groups = _as_1d(y, p, groups)

@@ -895,9 +895,11 @@ def synthetic_impressions(n: int = 2000, seed: int = 0, n_users: int = 200, n_it
 
 
 def evaluate_registered(loaded, cfg: TrainConfig, split: str = "test", group_column: str = "user_id",
-                        log=print, frame: pd.DataFrame | None = None) -> dict:
+                        log=print, frame: pd.DataFrame | None = None, keep_predictions: bool = False) -> dict:
     """Metrics of a registered model (``ranking.artifacts.LoadedModel``) on ``split`` of the config's data
-    (``frame``: those rows, when the caller has loaded them already, e.g. to score several models).
+    (``frame``: those rows, when the caller has loaded them already, e.g. to score several models;
+    ``keep_predictions``: the result also holds ``predictions`` and ``labels``, (N, K) in objective order,
+    e.g. to compare two models on the same rows with :func:`ranking.metrics.auc_difference`).
 
     Uses the model's own fitted encoder (``loaded.predict``), never a refit. Binary objectives:
     ``auc``, ``gauc`` (grouped by ``group_column`` where present), ``logloss``, ``ece``; regression:
@@ -934,5 +936,8 @@ def evaluate_registered(loaded, cfg: TrainConfig, split: str = "test", group_col
                  "mae": float(np.mean(np.abs(p[:, k] - y[:, k])))}
         m.update(mean_pred=float(p[:, k].mean()), mean_label=float(y[:, k].mean()))
         out[o.name] = m
-    return {"model": f"{loaded.name}@{loaded.version}", "split": split, "rows": len(frame),
-            "predict_seconds": round(seconds, 3), "metrics": out}
+    result = {"model": f"{loaded.name}@{loaded.version}", "split": split, "rows": len(frame),
+              "predict_seconds": round(seconds, 3), "metrics": out}
+    if keep_predictions:
+        result.update(predictions=p, labels=y)
+    return result

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
+from ranking import metrics as M
 from ranking.metrics import auc, ece, gauc, group_aucs, logloss, ndcg_at_k, reliability, reliability_plot
 
 
@@ -114,3 +115,51 @@ def test_reliability_plot_writes_png(tmp_path):
     out = reliability_plot(tmp_path / "plots" / "rel.png", {"model": (y, p), "shifted": (y, p ** 2)})
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _delong_by_definition(y, a, b):
+    """DeLong's paired variance straight from its definition: the kernel psi over every (positive, negative) pair."""
+    y = np.asarray(y, bool)
+    v10, v01 = [], []
+    for p in (a, b):
+        psi = (p[y][:, None] > p[~y][None, :]) + 0.5 * (p[y][:, None] == p[~y][None, :])
+        v10.append(psi.mean(axis=1))
+        v01.append(psi.mean(axis=0))
+    s10, s01 = np.cov(np.vstack(v10)), np.cov(np.vstack(v01))
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / y.sum() + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / (~y).sum()
+    return v10[0].mean() - v10[1].mean(), np.sqrt(var)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_difference_matches_delong_by_definition_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(400) < 0.25
+    a = np.round(y * 0.7 + rng.normal(0, 1, 400), 1)        # rounded: many tied scores
+    b = np.round(a + rng.normal(0, 0.8, 400), 1)
+    diff, se = M.auc_difference(y, a, b)
+    want_diff, want_se = _delong_by_definition(y, a, b)
+    assert diff == pytest.approx(M.auc(y, a) - M.auc(y, b), abs=1e-12)
+    assert diff == pytest.approx(want_diff, abs=1e-12)
+    assert se == pytest.approx(want_se, rel=1e-9)
+
+
+def test_auc_difference_se_agrees_with_a_paired_bootstrap():
+    rng = np.random.default_rng(7)
+    n = 4000
+    y = rng.random(n) < 0.1
+    a = y * 1.0 + rng.normal(0, 1, n)
+    b = a + rng.normal(0, 0.5, n)   # correlated with a: the paired se is well below the unpaired one
+    _, se = M.auc_difference(y, a, b)
+    boot = []
+    for _ in range(300):
+        i = rng.integers(0, n, n)
+        boot.append(M.auc(y[i], a[i]) - M.auc(y[i], b[i]))
+    assert se == pytest.approx(np.std(boot), rel=0.15)
+    unpaired = np.hypot(*(np.std([M.auc(y[i], p[i]) for i in (rng.integers(0, n, n) for _ in range(100))])
+                          for p in (a, b)))
+    assert se < 0.8 * unpaired
+
+
+def test_auc_difference_of_a_single_class_is_nan():
+    d, se = M.auc_difference([1, 1, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
+    assert np.isnan(d) and np.isnan(se)

@@ -223,3 +223,11 @@ def test_train_in_process_and_register(tmp_path, root):
     # the registered model, re-scored through its own encoder, reproduces the trainer's valid AUC
     assert ev["metrics"]["click"]["auc"] == pytest.approx(m["valid"]["click"]["auc"], abs=1e-6)
     assert {"gauc", "logloss", "ece"} <= set(ev["metrics"]["click"]) and "mae" in ev["metrics"]["watch_time"]
+    assert "predictions" not in ev
+    kept = evaluate_registered(loaded, load_train_config(tmp_path / "train.yaml"), split="valid", log=lines.append,
+                               keep_predictions=True)
+    # the kept rows are the scored ones: their AUC is the reported one
+    assert kept["predictions"].shape == kept["labels"].shape == (kept["rows"], 2)
+    from ranking.metrics import auc
+
+    assert auc(kept["labels"][:, 0], kept["predictions"][:, 0]) == pytest.approx(ev["metrics"]["click"]["auc"], abs=1e-12)
