@@ -28,6 +28,7 @@ is reported with the reason and the others go on. ``--peers none`` skips them.
     .venv/bin/python bench/serve_bench.py [--registry runs/bench/registry] [--seconds 15] [--peers mlflow|litserve|ray|bentoml|none]
     .venv/bin/python bench/serve_bench.py --stages-only [--repeats 100]   # stages + overhead alone (seconds)
     .venv/bin/python bench/serve_bench.py --feed [--feed-rate 50]         # POST /v1/feed over the living world
+    .venv/bin/python bench/serve_bench.py --student --peers none          # the int8 distilled student served
 
 ``--feed``: ``POST /v1/feed`` instead (retrieval from the engine's own corpus, then ``/v1/rank``'s
 path). The living world (conf/sim/living.yaml) is simulated for ``--feed-impressions``; a two-tower
@@ -36,6 +37,10 @@ model (conf/train/two_tower_living.yaml) is trained on those logs; the items ali
 times moved to now (the scorer runs on the wall clock). Once every worker has indexed the corpus,
 the same closed and open loops (``--feed-rate``, default the goal's 50 req/s) run on requests of
 users with a history, and the answers' own stage timings (retrieval sources, ranking) are reported.
+
+``--student``: the served model is a student distilled from ``--model`` (conf/train/sim_student.yaml on the
+bench's logs) with int8 tables (``--quantized``: any model's row-wise quantized variant, added to the
+registry when missing), as the scorer serves a cheaper model; every figure above is then the student's.
 
 Without a registered model it first simulates a small world and trains one (about a minute).
 """
@@ -87,11 +92,12 @@ def make_bodies(n_requests: int, n_candidates: int, llm_share: float, seed: int 
     return bodies
 
 
-def service_config(registry: Path, name: str, tmp: Path) -> dict:
-    """The bench's scorer config: model ``name`` alone, an embedded bus and a memory store in ``tmp``."""
+def service_config(registry: Path, name: str, tmp: Path, quantized: str = "none") -> dict:
+    """The bench's scorer config: model ``name`` alone (its ``quantized`` serving variant), an embedded bus
+    and a memory store in ``tmp``."""
     return {
         "strategies": {"files": [str(ROOT / "conf/objectives/feed.yaml")]},
-        "model": {"registry": str(registry), "name": name},
+        "model": {"registry": str(registry), "name": name, **({"quantized": quantized} if quantized != "none" else {})},
         "bus": {"url": f"embedded://{tmp}/bus", "fsync": "interval"},
         "store": {"url": "memory://"},
         "server": {"max_candidates": 2000},
@@ -110,6 +116,30 @@ def ensure_model(registry: Path, name: str) -> None:
     cfg = load_train_config(ROOT / "conf/train/sim_mmoe.yaml")
     cfg = replace(cfg, name=name, data=replace(cfg.data, path=str(logs)), training=replace(cfg.training, epochs=2))
     train_from_config(cfg, registry=str(registry), progress=False)
+
+
+def ensure_student(registry: Path, teacher: str) -> str:
+    """The name of a student of ``teacher`` (``conf/train/sim_student.yaml``: distilled from it on the
+    bench's simulated logs) in ``registry``, trained if missing."""
+    from ranking.registry import current_version
+    from ranking.train import load_train_config, train_from_config
+
+    name = f"{teacher}_student"
+    if not current_version(registry, name):
+        print(f"no model '{name}' in {registry}: distilling one from {teacher} ...", flush=True)
+        cfg = load_train_config(ROOT / "conf/train/sim_student.yaml")
+        cfg = replace(cfg, name=name, data=replace(cfg.data, path=str(simulate_logs(registry))),
+                      distill_from=replace(cfg.distill_from, model=teacher, registry=str(registry)))
+        train_from_config(cfg, registry=str(registry), progress=False)
+    return name
+
+
+def ensure_variant(registry: Path, name: str, quantized: str) -> None:
+    """Add the ``quantized`` serving variant of ``name``'s current version when it has none."""
+    from ranking.artifacts import add_serving_variant, load_model
+
+    if quantized != "none" and quantized not in load_model(registry, name).manifest.get("serving", []):
+        add_serving_variant(registry, name, quantized)
 
 
 def ensure_lgbm(registry: Path) -> str:
@@ -237,7 +267,8 @@ def run_load(port, bodies, seconds, concurrency, rate: float | None = None, path
     return result
 
 
-def bare_model_times(registry: Path, name: str, body: bytes, repeats: int) -> tuple[float, float, float]:
+def bare_model_times(registry: Path, name: str, body: bytes, repeats: int,
+                     quantized: str = "none") -> tuple[float, float, float]:
     """Median seconds of the ranker's predict on the scorer's request rows (the serving encode +
     forward), of ``LoadedModel.predict`` on the same rows as a DataFrame (the pandas encode +
     forward), and of the forward alone (a fresh KJT of a pre-encoded batch)."""
@@ -248,7 +279,7 @@ def bare_model_times(registry: Path, name: str, body: bytes, repeats: int) -> tu
     from strategy import parse_request
 
     torch.set_num_threads(1)
-    ranker = load_ranker(str(registry), name)
+    ranker = load_ranker(str(registry), name, quantized)
     model = ranker.loaded
     req = parse_request(json.loads(body))
     rows = Scorer._frame(req, list(req.candidates), {})
@@ -324,12 +355,12 @@ def server_process(cmd: list[str], env: dict, port: int, ready_path: str, what: 
 
 @contextlib.contextmanager
 def stratarank_server(registry: Path, model: str, workers: int, tmp: Path, sections: dict | None = None,
-                      gc_freeze: bool = True):
-    """``stratarank serve`` of ``model`` alone with ``workers`` gunicorn workers (``sections``: more
-    service config sections; ``gc_freeze`` False: ``--no-gc-freeze``); yields its port."""
+                      gc_freeze: bool = True, quantized: str = "none"):
+    """``stratarank serve`` of ``model`` alone (its ``quantized`` variant) with ``workers`` gunicorn workers
+    (``sections``: more service config sections; ``gc_freeze`` False: ``--no-gc-freeze``); yields its port."""
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / f"{model}.yaml"
-    config.write_text(json.dumps({**service_config(registry, model, tmp / model), **(sections or {})}))
+    config.write_text(json.dumps({**service_config(registry, model, tmp / model, quantized), **(sections or {})}))
     port = free_port()
     cmd = [sys.executable, "-m", "stratarank.cli", "serve", "--config", str(config), "--port", str(port),
            "--workers", str(workers)] + ([] if gc_freeze else ["--no-gc-freeze"])
@@ -570,7 +601,8 @@ def compare_with_peers(registry: Path, args, bodies: list[bytes], tmp: Path, nam
 STAGES = ("parse", "lookup", "frame", "encode", "forward", "blend+rerank", "log", "response")
 
 
-def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) -> dict[str, float]:
+def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int,
+                quantized: str = "none") -> dict[str, float]:
     """Median in-process seconds per stage of one ``POST /v1/rank`` through the app's test client.
 
     Runs the real Flask app (``create_app``: embedded bus, memory store, one torch thread) with
@@ -605,7 +637,7 @@ def stage_times(registry: Path, name: str, bodies: list[bytes], repeats: int) ->
     # the response encode: the rank path's own helper where there is one, else Flask's jsonify
     response_fn = "json_response" if hasattr(app_mod, "json_response") else "jsonify"
     with tempfile.TemporaryDirectory() as tmp:
-        config = service_config_from_dict(service_config(registry, name, Path(tmp)))
+        config = service_config_from_dict(service_config(registry, name, Path(tmp), quantized))
         serving = build_serving(config)
         app = create_app(config, serving=serving, bus=config.nearline.bus.open(), store=config.nearline.store.open())
         scorer = app.extensions["stratarank"]
@@ -662,6 +694,8 @@ def stage_lines(stages: dict[str, float], candidates: int, repeats: int) -> list
 def main() -> None:
     from peers import NAMES as PEER_NAMES
 
+    from ranking.quantize import QUANTIZE
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--registry", default=str(ROOT / "runs/bench/registry"))
     ap.add_argument("--model", default="feed_mmoe")
@@ -683,6 +717,12 @@ def main() -> None:
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="serve --no-gc-freeze (and with --feed retrieval.gc_freeze false): the heap is not frozen "
                          "once the app is built and the corpus indexed (the comparison)")
+    ap.add_argument("--student", action="store_true",
+                    help="serve a student distilled from --model (conf/train/sim_student.yaml, trained into the "
+                         "registry if missing) instead of --model itself; with --quantized int8 unless given")
+    ap.add_argument("--quantized", choices=QUANTIZE, default=None,
+                    help="serve the model's row-wise quantized tables (the variant is added to the registry if "
+                         "missing; default none, int8 with --student)")
     ap.add_argument("--feed-impressions", type=int, default=300_000,
                     help="--feed: impressions of the living world simulated (the corpus: the items alive at the end)")
     args = ap.parse_args()
@@ -698,29 +738,36 @@ def main() -> None:
     load_before = os.getloadavg()   # the machine is shared: report what else was running
     registry = Path(args.registry)
     ensure_model(registry, args.model)
+    if args.student:
+        args.model = ensure_student(registry, args.model)
+    quantized = args.quantized or ("int8" if args.student else "none")
+    ensure_variant(registry, args.model, quantized)
     if args.feed:
         run_feed(registry, args)
         return
     bodies = make_bodies(50, args.candidates, args.llm_share)
     if args.stages_only:
-        for line in stage_lines(stage_times(registry, args.model, bodies, args.repeats), args.candidates, args.repeats):
+        for line in stage_lines(stage_times(registry, args.model, bodies, args.repeats, quantized), args.candidates,
+                                args.repeats):
             print(line)
         print(f"load average    : before {' '.join(f'{x:.2f}' for x in load_before)}, after "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min; {os.cpu_count()} CPUs)")
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        with stratarank_server(registry, args.model, args.workers, Path(tmp), gc_freeze=not args.no_gc_freeze) as port:
+        with stratarank_server(registry, args.model, args.workers, Path(tmp), gc_freeze=not args.no_gc_freeze,
+                               quantized=quantized) as port:
             run_load(port, bodies, 2.0, 2)  # warm-up: both workers loaded and JIT-free paths hot
             seq, seq_err, _ = run_load(port, bodies, args.seconds / 3, 1)
             lat, errors, wall = run_load(port, bodies, args.seconds, args.concurrency)
             paced, paced_err, _ = run_load(port, bodies, args.seconds, 0, rate=args.rate)
         peers = compare_with_peers(registry, args, bodies, Path(tmp), args.peers) if args.peers else []
 
-    predict_s, pandas_s, forward_s = bare_model_times(registry, args.model, bodies[0], 30)
-    stages = stage_times(registry, args.model, bodies, args.repeats)
+    predict_s, pandas_s, forward_s = bare_model_times(registry, args.model, bodies[0], 30, quantized)
+    stages = stage_times(registry, args.model, bodies, args.repeats, quantized)
     lat_ms = np.array(lat) * 1e3
     server_s = statistics.median(seq)
+    print(f"model: {args.model} ({'fp32' if quantized == 'none' else quantized + ' tables'})")
     print(f"requests: {args.candidates} candidates ({args.llm_share:.0%} LLM), {args.workers} gunicorn workers "
           f"(gc_freeze {not args.no_gc_freeze}), "
           f"load generator in another process, concurrency {args.concurrency}, {wall:.1f} s")
