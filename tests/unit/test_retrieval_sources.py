@@ -340,7 +340,8 @@ def test_the_heap_is_frozen_after_the_first_bulk_sync_only_when_configured(corpu
         deadline = time.monotonic() + 10
         while len(r._state.items) < 20 and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.2)
+        r.stop(timeout=30)   # joins the sync thread: the iteration that indexed the items has also frozen (or not),
+        assert not r._thread.is_alive()   # however long its gc.collect() took on a busy machine
         assert len(r._state.items) == 20
         assert (gc.get_freeze_count() > 0) is freeze
     finally:
