@@ -97,7 +97,7 @@ def service_config(registry: Path, name: str, tmp: Path, quantized: str = "none"
     and a memory store in ``tmp``."""
     return {
         "strategies": {"files": [str(ROOT / "conf/objectives/feed.yaml")]},
-        "model": {"registry": str(registry), "name": name, **({"quantized": quantized} if quantized != "none" else {})},
+        "model": {"registry": str(registry), "name": name, "quantized": quantized},
         "bus": {"url": f"embedded://{tmp}/bus", "fsync": "interval"},
         "store": {"url": "memory://"},
         "server": {"max_candidates": 2000},
@@ -136,9 +136,11 @@ def ensure_student(registry: Path, teacher: str) -> str:
 
 def ensure_variant(registry: Path, name: str, quantized: str) -> None:
     """Add the ``quantized`` serving variant of ``name``'s current version when it has none."""
-    from ranking.artifacts import add_serving_variant, load_model
+    from ranking.artifacts import add_serving_variant
+    from ranking.registry import resolve
 
-    if quantized != "none" and quantized not in load_model(registry, name).manifest.get("serving", []):
+    manifest = json.loads((resolve(registry, name) / "manifest.json").read_text(encoding="utf-8"))
+    if quantized != "none" and quantized not in manifest.get("serving", {}):
         add_serving_variant(registry, name, quantized)
 
 

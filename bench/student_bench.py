@@ -64,13 +64,14 @@ def run(name: str, registry: Path, args, data_path: str | None) -> list[dict]:
     student_cfg = dataclasses.replace(student_cfg, registry=str(registry),
                                       distill_from=dataclasses.replace(student_cfg.distill_from, registry=str(registry)))
     labels_only = dataclasses.replace(student_cfg, name=f"{student_cfg.name}_labels_only", distill_from=None)
+    _, _, test, _ = load_frames(teacher_cfg)   # the student's data section is the teacher's: the same test rows
     rows, models = [], []
     for cfg in (teacher_cfg, student_cfg, labels_only):
         t0 = time.perf_counter()
         train_from_config(cfg, registry=str(registry), progress=False, log=lambda m: None)
         seconds = time.perf_counter() - t0
         loaded = load_model(registry, cfg.name)
-        scored = evaluate_registered(loaded, cfg, "test", log=lambda m: None, keep_predictions=True)
+        scored = evaluate_registered(loaded, cfg, "test", log=lambda m: None, frame=test, keep_predictions=True)
         emb, total = embedding_bytes(loaded.module), model_bytes(loaded.module)
         rows.append({"model": cfg.name, "train_s": seconds, "embedding_bytes": emb, "bytes": total, **scored_parts(scored)})
         models.append(loaded)
@@ -81,12 +82,11 @@ def run(name: str, registry: Path, args, data_path: str | None) -> list[dict]:
         print(f"  no int8 variant of {student_cfg.name}: {exc}", flush=True)
     else:
         int8 = load_model(registry, student_cfg.name, quantized="int8")
-        scored = evaluate_registered(int8, student_cfg, "test", log=lambda m: None, keep_predictions=True)
+        scored = evaluate_registered(int8, student_cfg, "test", log=lambda m: None, frame=test, keep_predictions=True)
         rows.append({"model": f"{student_cfg.name} int8", "train_s": 0.0,
                      "embedding_bytes": embedding_bytes(int8.module), "bytes": model_bytes(int8.module),
                      **scored_parts(scored)})
         models.append(int8)
-    _, _, test, _ = load_frames(teacher_cfg)
     for row, (served, forward) in zip(rows, timings(models, test.iloc[:500].reset_index(drop=True), args.repeats)):
         row.update(served_ms=served * 1e3, forward_ms=forward * 1e3)
     return rows
@@ -108,7 +108,7 @@ def auc_losses(teacher: dict, other: dict, objectives: list[str]) -> str:
     cells = []
     for k in objectives:
         j = order.index(k)
-        loss, se = auc_difference(teacher["labels"][:, j] > 0, teacher["predictions"][:, j], other["predictions"][:, j])
+        loss, se = auc_difference(teacher["labels"][:, j], teacher["predictions"][:, j], other["predictions"][:, j])
         cells.append(f"{k} {loss:+.4f} ± {1.96 * se:.4f}")
     return ", ".join(cells)
 

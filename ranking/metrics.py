@@ -40,11 +40,7 @@ def auc(y, p) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    ps = p[order]
-    start = np.r_[True, ps[1:] != ps[:-1]]
-    ranks = _tie_average_ranks(start)
-    r_pos = ranks[y[order]].sum()
+    r_pos = _midranks(p)[y].sum()
     return float((r_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
